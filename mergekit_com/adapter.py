@@ -1,0 +1,238 @@
+"""Fitting CoM into mergekit's planner and executor.
+
+mergekit plans one independent task per output tensor. For
+``merge_method: chain_of_merges`` the planner still plans them all (so
+loading, LoRA, vocabulary permutation, parameter filters and writing stay
+mergekit's), and then hands the whole plan to one ``ChainOfMergesTask``,
+which executes those per-tensor tasks itself, layer by layer in forward
+order, with the calibration walk in between.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from pydantic import BaseModel
+
+from mergekit.common import ModelReference
+from mergekit.graph import Task
+from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
+from mergekit.tokenizer import BuildTokenizer
+
+from mergekit_com.method import CHAINS, FALLBACKS, GLOBAL_ONLY, METHOD_NAME, OBJECTIVES, PARAMETERS
+
+
+class ChainConfigError(ValueError):
+    """A configuration CoM cannot run; the message names what to change."""
+
+
+class ChainLayout(BaseModel, frozen=True):
+    """Output tensor names in forward order: before, per layer, after the layers."""
+
+    pre: Tuple[str, ...]
+    layers: Tuple[Tuple[str, ...], ...]
+    post: Tuple[str, ...]
+    first_layer_weight: str
+
+
+class ChainOfMergesTask(Task[None]):
+    save_tasks: Tuple[SaveTensor, ...]
+    writer_task: TensorWriterTask
+    tokenizer_task: Optional[BuildTokenizer] = None
+    layout: ChainLayout
+    out_config: str
+    experts: Tuple[ModelReference, ...]
+    options: MergeOptions
+
+    def arguments(self) -> Dict[str, Task]:
+        args: Dict[str, Task] = {"writer": self.writer_task}
+        if self.tokenizer_task is not None:
+            args["tokenizer"] = self.tokenizer_task
+        return args
+
+    def main_thread_only(self) -> bool:
+        return True
+
+    def execute(self, writer, tokenizer=None) -> None:
+        from mergekit_com.engine import run_chain
+
+        run_chain(self, writer, tokenizer)
+        writer.finalize()
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _parameter_scopes(config) -> Iterable[Tuple[str, Dict[str, Any]]]:
+    """Every ``parameters:`` mapping a user can write, with where it sits."""
+    yield "parameters", config.parameters
+    for i, m in enumerate(config.models or []):
+        yield f"models[{i}] ({m.model})", m.parameters
+    for si, s in enumerate(config.slices or []):
+        yield f"slices[{si}]", s.parameters
+        for j, src in enumerate(s.sources):
+            yield f"slices[{si}].sources[{j}] ({src.model})", src.parameters
+    for name, mod in (config.modules or {}).items():
+        yield f"modules.{name}", mod.parameters
+        for i, m in enumerate(mod.models or []):
+            yield f"modules.{name}.models[{i}] ({m.model})", m.parameters
+        for si, s in enumerate(mod.slices or []):
+            yield f"modules.{name}.slices[{si}]", s.parameters
+            for j, src in enumerate(s.sources):
+                yield f"modules.{name}.slices[{si}].sources[{j}] ({src.model})", src.parameters
+
+
+def check_parameter_names(config) -> None:
+    valid = sorted(PARAMETERS)
+    for where, params in _parameter_scopes(config):
+        for name in params or {}:
+            if name not in PARAMETERS:
+                raise ChainConfigError(
+                    f"{where}: unknown parameter '{name}' for {METHOD_NAME}; "
+                    f"valid parameters: {', '.join(valid)}"
+                )
+
+
+def listed_models(config) -> List[ModelReference]:
+    """Models the user wrote under models:/slices:/modules: (before mergekit adds the base)."""
+    out: List[ModelReference] = []
+    for m in config.models or []:
+        out.append(m.model)
+    for s in config.slices or []:
+        out.extend(src.model for src in s.sources)
+    for mod in (config.modules or {}).values():
+        out.extend(m.model for m in mod.models or [])
+        for s in mod.slices or []:
+            out.extend(src.model for src in s.sources)
+    return list(dict.fromkeys(out))
+
+
+def _check_value(name: str, value: Any, tensor: str) -> None:
+    def bad(rule: str) -> ChainConfigError:
+        return ChainConfigError(f"parameter '{name}' = {value!r} (for {tensor}) {rule}")
+
+    if name == "alpha" and not 0.0 <= value <= 1.0:
+        raise bad("must be in [0, 1]")
+    if name in ("num_samples", "max_seq_len", "batch_size") and value <= 0:
+        raise bad("must be a positive integer")
+    if name in ("ridge", "weight") and value < 0:
+        raise bad("must be >= 0")
+    if name == "chain" and value not in CHAINS:
+        raise bad(f"must be one of {', '.join(CHAINS)}")
+    if name == "objective" and value not in OBJECTIVES:
+        raise bad(f"must be one of {', '.join(OBJECTIVES)}")
+    if name == "fallback" and value not in FALLBACKS:
+        raise bad(f"must be one of {', '.join(FALLBACKS)}")
+
+
+def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelReference], base) -> None:
+    """Range-check every resolved value (filters and gradients included)."""
+    first: Dict[str, Any] = {}
+    for save in save_tasks:
+        task = save.tensor_task
+        for name, value in task.parameters.items():
+            _check_value(name, value, save.tensor_name)
+            if name in GLOBAL_ONLY:
+                if first.setdefault(name, value) != value:
+                    raise ChainConfigError(
+                        f"parameter '{name}' must have one value for the whole merge; "
+                        f"got {first[name]!r} and {value!r} (at {save.tensor_name})"
+                    )
+            if name == "fallback" and value == "task_arithmetic" and base is None:
+                raise ChainConfigError(
+                    "fallback: task_arithmetic needs a base_model; set base_model or use "
+                    "fallback: average"
+                )
+        for model, params in task.input_parameters.items():
+            for name, value in params.items():
+                if value is not None:
+                    _check_value(name, value, save.tensor_name)
+    if not save_tasks:
+        return
+    params = save_tasks[0].tensor_task.input_parameters
+    for model in experts:
+        calibration = params.get(model, {}).get("calibration")
+        if not calibration:
+            raise ChainConfigError(
+                f"model {model} has no `calibration` parameter; give every expert a "
+                "calibration file (parameters: {calibration: path/to/data.jsonl})"
+            )
+        if not os.path.exists(os.path.abspath(os.path.expanduser(calibration))):
+            raise ChainConfigError(
+                f"calibration file {calibration} (for model {model}) does not exist"
+            )
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
+    config = planner.config
+    check_parameter_names(config)
+    listed = listed_models(config)
+    base = config.base_model
+    if len(planner.arch_info.modules) != 1:
+        raise ChainConfigError(
+            f"{METHOD_NAME} supports single-module causal LMs; "
+            f"{planner.arch_info.architectures[0]} has modules "
+            f"{', '.join(planner.arch_info.modules)}"
+        )
+
+    tasks = original(planner, out_path)
+    save_tasks = [t for t in tasks if isinstance(t, SaveTensor)]
+    finalize = next(t for t in tasks if isinstance(t, FinalizeModel))
+    tokenizer = next((t for t in tasks if isinstance(t, BuildTokenizer)), None)
+
+    models_in = [m for s in save_tasks for m in s.tensor_task.model_order]
+    experts = [m for m in dict.fromkeys(models_in) if m != base or m in listed]
+    if not experts:
+        raise ChainConfigError(f"{METHOD_NAME} needs at least one expert under models:")
+    check_planned_values(save_tasks, experts, base)
+
+    module_name = next(iter(planner.arch_info.modules))
+    arch = planner._out_module_arch(module_name)
+    planned = {s.tensor_name for s in save_tasks}
+
+    def names(weights) -> Tuple[str, ...]:
+        return tuple(w.name for w in weights if w.name in planned)
+
+    num_layers = planner._current_module_layers
+    layers = tuple(names(arch.layer_weights(i)) for i in range(num_layers))
+    if num_layers == 0 or not layers[0]:
+        raise ChainConfigError(f"{METHOD_NAME}: the output model has no decoder layers to walk")
+    layout = ChainLayout(
+        pre=names(arch.pre_weights()),
+        layers=layers,
+        post=names(arch.post_weights()),
+        first_layer_weight=layers[0][0],
+    )
+    chain = ChainOfMergesTask(
+        save_tasks=tuple(save_tasks),
+        writer_task=finalize.writer_task,
+        tokenizer_task=tokenizer,
+        layout=layout,
+        out_config=planner.out_model_config.to_json_string(use_diff=False),
+        experts=tuple(experts),
+        options=planner.options,
+    )
+    return [chain] + ([tokenizer] if tokenizer is not None else [])
+
+
+def patch_planner() -> None:
+    """Route chain_of_merges plans through the chain task; others untouched."""
+    if getattr(MergePlanner.plan_to_disk, "_mergekit_com", False):
+        return
+    original = MergePlanner.plan_to_disk
+
+    @functools.wraps(original)
+    def plan_to_disk(self: MergePlanner, out_path: str):
+        if self.config.merge_method != METHOD_NAME:
+            return original(self, out_path)
+        return _plan_chain(self, out_path, original)
+
+    plan_to_disk._mergekit_com = True
+    MergePlanner.plan_to_disk = plan_to_disk

@@ -1,0 +1,363 @@
+"""The Chain of Merges walk: merge layer l given the merged layers before it.
+
+For each decoder layer, in forward order:
+  1. load the K experts' tensors of that layer through mergekit's tasks;
+  2. merge its non-linear tensors (norms, ...) by the fallback rule;
+  3. for each group of linears sharing an input, in call order, accumulate
+     every expert's input Gram from the cached activations (``chain``
+     decides which weights produce them), solve, and install the merge;
+  4. write the layer and push the cached activations one layer forward.
+Then the same for the head (final norm, lm_head). The prefix is never re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import tqdm
+
+from mergekit.common import ModelReference, dtype_from_name
+from mergekit.graph import Executor, TaskUniverse
+
+from mergekit_com import linalg
+from mergekit_com.calibration import load_calibration, make_batches
+from mergekit_com.method import ChainContext, activate, deactivate
+from mergekit_com.walker import (
+    LayerCall,
+    ModelShell,
+    capture_inputs,
+    is_transposed,
+    linear_call_groups,
+    run_layer,
+)
+
+LOG = logging.getLogger(__name__)
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Settings:
+    chain: str
+    objective: str
+    num_samples: int
+    max_seq_len: int
+    batch_size: int
+    weights: Dict[ModelReference, float]
+    calibration: Dict[ModelReference, str]
+
+
+def read_settings(task) -> Settings:
+    first = task.save_tasks[0].tensor_task
+    p = first.parameters
+    return Settings(
+        chain=p["chain"],
+        objective=p["objective"],
+        num_samples=p["num_samples"],
+        max_seq_len=p["max_seq_len"],
+        batch_size=p["batch_size"],
+        weights={m: first.input_parameters[m]["weight"] for m in task.experts},
+        calibration={m: first.input_parameters[m]["calibration"] for m in task.experts},
+    )
+
+
+def load_out_config(text: str):
+    from transformers import AutoConfig
+
+    data = json.loads(text)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def model_tokenizer(model: ModelReference, options):
+    from transformers import AutoTokenizer
+
+    merged = model.merged(
+        cache_dir=options.lora_merge_cache,
+        trust_remote_code=options.trust_remote_code,
+        lora_merge_dtype=options.lora_merge_dtype,
+    )
+    return AutoTokenizer.from_pretrained(
+        merged.model.path,
+        revision=merged.model.revision,
+        trust_remote_code=options.trust_remote_code,
+    )
+
+
+class _Walk:
+    """State of one chain run: caches, the running merged tensors, the writer."""
+
+    def __init__(self, task, writer, tokenizer_info):
+        self.task = task
+        self.writer = writer
+        self.settings = read_settings(task)
+        self.device = torch.device(task.options.device or "cpu")
+        self.saves = {s.tensor_name: s for s in task.save_tasks}
+        self.experts: List[ModelReference] = list(task.experts)
+        self.expert_weights = [self.settings.weights[m] for m in self.experts]
+        self.ctx = ChainContext(experts=frozenset(self.experts))
+        self.universe = TaskUniverse()
+        self.cached = {}
+        if task.tokenizer_task is not None:
+            handle = self.universe.add_task(task.tokenizer_task)
+            self.cached[handle] = tokenizer_info
+        self.out_tokenizer = getattr(tokenizer_info, "tokenizer", None)
+        chain, objective = self.settings.chain, self.settings.objective
+        # merged-prefix activations (CoM / block) and each expert's own ones
+        self.need_merged = chain in ("module", "block")
+        self.need_own = chain == "none" or objective == "match_expert"
+
+    # ------------------------------------------------------------ tensors
+    def gather(self, names) -> Dict[str, Dict[ModelReference, torch.Tensor]]:
+        """Every input model's tensor for ``names``, via mergekit's loaders."""
+        wanted = {}
+        for n in names:
+            handle = self.universe.add_task(self.saves[n].tensor_task.gather_tensors)
+            wanted[handle] = n
+        out = {}
+        executor = Executor(list(wanted), math_device=self.device,
+                            storage_device=self.device, cached_values=self.cached)
+        for handle, value in executor._run(quiet=True):
+            out[wanted[handle]] = value
+        return out
+
+    def finish(self, name: str, tensors) -> torch.Tensor:
+        """Merge (via the mergekit task), write, and return the value as written."""
+        save = self.saves[name]
+        value = save.tensor_task.execute(tensors=tensors)
+        save.execute(writer=self.writer, tensor=value)
+        if save.dtype:
+            value = value.to(dtype_from_name(save.dtype))
+        return value.to(device=self.device, dtype=torch.float32)
+
+    # ------------------------------------------------------------ calibration
+    def load_batches(self) -> Dict[ModelReference, List[Batch]]:
+        s = self.settings
+        out = {}
+        for model in tqdm.tqdm(self.experts, desc="Loading calibration", disable=self.task.options.quiet):
+            tok = self.out_tokenizer or model_tokenizer(model, self.task.options)
+            cal = load_calibration(s.calibration[model], tok, s.num_samples, s.max_seq_len)
+            LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens, cal.path)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            out[model] = make_batches(cal.sequences, s.batch_size, pad_id=pad)
+        return out
+
+    # ------------------------------------------------------------ the walk
+    def run(self) -> None:
+        layout = self.task.layout
+        config = load_out_config(self.task.out_config)
+        shell = ModelShell(config, layout.first_layer_weight, self.device)
+        batches = self.load_batches()
+
+        pre = self.gather(layout.pre)
+        for name in layout.pre:
+            shell.set_tensor(name, self.finish(name, pre[name]))
+        if getattr(config, "tie_word_embeddings", False):
+            shell.tie_embeddings()
+        own_pre = {m: self._own_params(pre, m) for m in self.experts} if self.need_own else {}
+
+        merged_h, own_h, calls = {}, {}, {}
+        for m in self.experts:
+            merged_h[m], own_h[m], calls[m] = [], [], []
+            for ids, mask in batches[m]:
+                if self.need_merged:
+                    h, c = shell.embed(ids, mask)
+                    merged_h[m].append(h)
+                if self.need_own:
+                    h, c = shell.embed(ids, mask, overrides=own_pre[m])
+                    own_h[m].append(h)
+                calls[m].append(c)
+        masks = {m: [mask.to(self.device).bool() for _, mask in batches[m]] for m in self.experts}
+        self.caches = (merged_h, own_h, calls, masks)
+
+        for index in tqdm.tqdm(range(shell.num_layers), desc="Chain of Merges", disable=self.task.options.quiet):
+            self.merge_layer(shell, index, layout.layers[index])
+        shell.release()
+        self.merge_head(shell, batches)
+
+    def _own_params(self, gathered, model, prefix: str = "") -> Dict[str, torch.Tensor]:
+        return {
+            n[len(prefix):]: t[model].to(device=self.device, dtype=torch.float32)
+            for n, t in gathered.items()
+            if model in t and t[model].is_floating_point()
+        }
+
+    def _accumulate(self, layer, groups, linears, params_for, inputs_for, stop_at, biased):
+        """Mean Grams (and X^T Z for match_expert) per group of shared-input linears."""
+        merged_h, own_h, calls, masks = self.caches
+        match = self.settings.objective == "match_expert"
+        targets = {g[0]: linears[g[0]] for g in groups}
+        moments = {g[0]: {m: linalg.Moments() for m in self.experts} for g in groups}
+        for m in self.experts:
+            for b, valid in enumerate(masks[m]):
+                call = calls[m][b][self._layer_index]
+                xs = capture_inputs(layer, params_for(m), inputs_for(m)[b], call, targets, stop_at)
+                zs = (capture_inputs(layer, self._expert_params[m], own_h[m][b], call, targets, stop_at)
+                      if match else {})
+                for key in targets:
+                    x = self._rows(xs[key], valid, biased[key])
+                    z = self._rows(zs[key], valid, biased[key]) if match else None
+                    moments[key][m].add(x, z)
+        return {
+            key: linalg.SharedInputStats(
+                grams={m: mo.mean_gram() for m, mo in per.items()},
+                crosses={m: mo.mean_cross() for m, mo in per.items()} if match else {},
+            )
+            for key, per in moments.items()
+        }
+
+    @staticmethod
+    def _rows(x: torch.Tensor, valid: torch.Tensor, biased: bool) -> torch.Tensor:
+        x = x[valid].to(torch.float32)
+        return linalg.with_ones_column(x) if biased else x
+
+    def _solve_group(self, group, stats, linears, names_of, gathered, biased):
+        """Solve every linear of one shared-input group; returns local name -> merged tensor."""
+        installed = {}
+        for key in group:
+            weight_name, bias_name = names_of[key]
+            params = self.saves[weight_name].tensor_task.parameters
+            transposed = is_transposed(linears[key])
+            targets = []
+            for m in self.experts:
+                w = gathered[weight_name][m].to(self.device, torch.float64)
+                w = w.T if transposed else w
+                if biased[group[0]]:
+                    b = (gathered[bias_name][m].to(self.device, torch.float64) if bias_name
+                         else w.new_zeros(w.shape[0]))
+                    w = torch.cat([w, b[:, None]], dim=1)
+                targets.append(w)
+            merged = linalg.solve_linear(
+                stats, self.experts, self.expert_weights, targets,
+                alpha=params["alpha"], ridge=params["ridge"],
+                objective=self.settings.objective, name=weight_name,
+            )
+            if biased[group[0]]:
+                merged, bias = merged[:, :-1], merged[:, -1]
+                if bias_name:
+                    self.ctx.solutions[bias_name] = bias.to(torch.float32)
+            self.ctx.solutions[weight_name] = (merged.T if transposed else merged).to(torch.float32)
+            for n in (weight_name, bias_name):
+                if n:
+                    installed[n] = self.finish(n, gathered[n])
+        return installed
+
+    def merge_layer(self, shell: ModelShell, index: int, names) -> None:
+        self._layer_index = index
+        merged_h, own_h, calls, masks = self.caches
+        prefix = shell.layer_prefix(index)
+        gathered = self.gather(names)
+        layer = shell.layer(index)
+        linears = {k: v for k, v in shell.linear_modules(index).items() if f"{prefix}{k}.weight" in gathered}
+        names_of = {
+            k: (f"{prefix}{k}.weight", f"{prefix}{k}.bias" if f"{prefix}{k}.bias" in gathered else None)
+            for k in linears
+        }
+        linear_names = {n for pair in names_of.values() for n in pair if n}
+        missing = [k for k, _ in layer.named_parameters() if f"{prefix}{k}" not in gathered]
+        if missing:
+            raise ValueError(
+                f"layer {index}: mergekit's architecture definition does not list "
+                f"{', '.join(prefix + k for k in missing)}; CoM cannot run a layer it cannot load"
+            )
+        self._expert_params = {m: self._own_params(gathered, m, prefix) for m in self.experts}
+
+        try:
+            merged = {
+                n[len(prefix):]: self.finish(n, gathered[n]) for n in names if n not in linear_names
+            }
+            # Not-yet-merged linears never influence an earlier linear's input;
+            # expert 0's weights just make the module callable.
+            current = dict(self._expert_params[self.experts[0]])
+            current.update(merged)
+            first = self.experts[0]
+            h0 = (merged_h if self.need_merged else own_h)[first][0]
+            groups = linear_call_groups(layer, current, h0, calls[first][0][index], linears)
+            biased = {g[0]: any(names_of[k][1] for k in g) for g in groups}
+            chain = self.settings.chain
+            if chain == "module":
+                for group in groups:
+                    stats = self._accumulate(
+                        layer, [group], linears, lambda m: current, lambda m: merged_h[m],
+                        stop_at=group[0], biased=biased,
+                    )[group[0]]
+                    done = self._solve_group(group, stats, linears, names_of, gathered, biased)
+                    current.update({n[len(prefix):]: v for n, v in done.items()})
+            else:
+                source = merged_h if chain == "block" else own_h
+                stats = self._accumulate(
+                    layer, groups, linears, lambda m: self._expert_params[m], lambda m: source[m],
+                    stop_at=groups[-1][0], biased=biased,
+                )
+                for group in groups:
+                    done = self._solve_group(group, stats[group[0]], linears, names_of, gathered, biased)
+                    current.update({n[len(prefix):]: v for n, v in done.items()})
+        finally:
+            self.ctx.solutions.clear()
+
+        for m in self.experts:
+            for b in range(len(masks[m])):
+                call = calls[m][b][index]
+                if self.need_merged:
+                    merged_h[m][b] = run_layer(layer, current, merged_h[m][b], call)
+                if self.need_own:
+                    own_h[m][b] = run_layer(layer, self._expert_params[m], own_h[m][b], call)
+        del gathered, self._expert_params
+
+    def merge_head(self, shell: ModelShell, batches) -> None:
+        """Final norm(s) by the fallback rule; an untied lm_head by the solve."""
+        from mergekit_com.walker import LINEAR_TYPES
+
+        merged_h, own_h, calls, masks = self.caches
+        post = self.task.layout.post
+        gathered = self.gather(post)
+        config_tied = getattr(load_out_config(self.task.out_config), "tie_word_embeddings", False)
+        heads = [
+            n for n in post
+            if n.endswith(".weight") and not config_tied
+            and isinstance(shell.model.get_submodule(n.rpartition(".")[0]), LINEAR_TYPES)
+        ]
+        try:
+            for n in post:
+                if n not in heads and not (n.endswith(".bias") and n[:-5] + ".weight" in heads):
+                    shell.set_tensor(n, self.finish(n, gathered[n]))
+            own_post = {m: self._own_params(gathered, m) for m in self.experts}
+            for weight_name in heads:
+                module_name = weight_name.rpartition(".")[0]
+                head = shell.model.get_submodule(module_name)
+                bias_name = f"{module_name}.bias" if f"{module_name}.bias" in gathered else None
+                key = module_name
+                match = self.settings.objective == "match_expert"
+                moments = {m: linalg.Moments() for m in self.experts}
+                for m in self.experts:
+                    ids_masks = batches[m]
+                    for b, valid in enumerate(masks[m]):
+                        ids, mask = ids_masks[b]
+                        chain = self.settings.chain
+                        hidden = merged_h[m][b] if chain != "none" else own_h[m][b]
+                        overrides = None if chain == "module" else own_post[m]
+                        x = shell.head_inputs(hidden, ids, mask, head, overrides)
+                        z = (shell.head_inputs(own_h[m][b], ids, mask, head, own_post[m])
+                             if match else None)
+                        moments[m].add(self._rows(x, valid, bool(bias_name)),
+                                       self._rows(z, valid, bool(bias_name)) if match else None)
+                stats = linalg.SharedInputStats(
+                    grams={m: mo.mean_gram() for m, mo in moments.items()},
+                    crosses={m: mo.mean_cross() for m, mo in moments.items()} if match else {},
+                )
+                self._solve_group([key], stats, {key: head},
+                                  {key: (weight_name, bias_name)}, gathered, {key: bool(bias_name)})
+        finally:
+            self.ctx.solutions.clear()
+
+
+def run_chain(task, writer, tokenizer_info=None) -> None:
+    walk = _Walk(task, writer, tokenizer_info)
+    token = activate(walk.ctx)
+    try:
+        walk.run()
+    finally:
+        deactivate(token)

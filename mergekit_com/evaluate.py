@@ -1,0 +1,202 @@
+"""Exact-match accuracy and answer loss of a causal LM on zoo task files.
+
+Task files are JSONL with ``{"prompt": ..., "answer": ...}`` records, found as
+``<data_dir>/<task>.<split>.jsonl`` (a zoo dir with a ``data/`` folder works too).
+Works with any HF causal LM; only ``model.generate`` and ``model(...).logits`` are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+DataSource = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]]]
+
+
+def _data_dir(source: Union[str, os.PathLike]) -> Path:
+    path = Path(source)
+    return path / "data" if (path / "data").is_dir() else path
+
+
+def task_files(source: DataSource, tasks: Optional[Sequence[str]] = None, split: str = "eval") -> Dict[str, Path]:
+    """Map task name -> JSONL file, from a {task: file} mapping or a zoo/data dir."""
+    if isinstance(source, Mapping):
+        files = {t: Path(p) for t, p in source.items()}
+    else:
+        suffix = f".{split}.jsonl"
+        files = {p.name[: -len(suffix)]: p for p in sorted(_data_dir(source).glob(f"*{suffix}"))}
+    if tasks is not None:
+        missing = [t for t in tasks if t not in files]
+        if missing:
+            raise FileNotFoundError(f"no {split} data for tasks {missing} in {source}")
+        files = {t: files[t] for t in tasks}
+    if not files:
+        raise FileNotFoundError(f"no *.{split}.jsonl task files in {source}")
+    return files
+
+
+def load_records(path: Union[str, os.PathLike], limit: Optional[int] = None) -> List[dict]:
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return records[:limit] if limit else records
+
+
+def _pad(rows: List[List[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def score_records(model, tokenizer, records: Sequence[dict], device="cpu", batch_size: int = 128,
+                  max_new_tokens: Optional[int] = None) -> Dict[str, float]:
+    """Greedy exact-match accuracy and mean answer-token cross-entropy."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+    prompts = [tokenizer(r["prompt"]).input_ids for r in records]
+    answers = [tokenizer(r["answer"], add_special_tokens=False).input_ids for r in records]
+    if max_new_tokens is None:  # room for the longest answer, its EOS and a little slack
+        max_new_tokens = max(len(a) for a in answers) + 2
+
+    correct, nll, n_tokens = 0, 0.0, 0
+    for start in range(0, len(records), batch_size):
+        sl = slice(start, start + batch_size)
+        # generation: left padding so every prompt ends where generation starts
+        ids, mask = _pad(prompts[sl], pad_id, left=True)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad_id, eos_token_id=eos_id)
+        for row, rec in zip(out[:, ids.shape[1]:].tolist(), records[sl]):
+            if eos_id in row:
+                row = row[: row.index(eos_id)]
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            correct += text.strip() == rec["answer"].strip()
+
+        # loss: right padding, cross-entropy on the answer tokens only
+        rows = [p + a for p, a in zip(prompts[sl], answers[sl])]
+        ids, mask = _pad(rows, pad_id, left=False)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        target = torch.full_like(ids, -100)
+        for i, (p, a) in enumerate(zip(prompts[sl], answers[sl])):
+            target[i, len(p): len(p) + len(a)] = torch.tensor(a)
+        target = target.to(logits.device)
+        nll += torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        n_tokens += int((target[:, 1:] != -100).sum())
+    return {"accuracy": correct / len(records), "loss": nll / max(n_tokens, 1), "n": len(records)}
+
+
+def load_model(path: Union[str, os.PathLike], device="cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    return model.eval(), AutoTokenizer.from_pretrained(str(path))
+
+
+def evaluate_model(
+    model,
+    data: DataSource,
+    tasks: Optional[Sequence[str]] = None,
+    split: str = "eval",
+    device="cpu",
+    batch_size: int = 128,
+    tokenizer=None,
+    limit: Optional[int] = None,
+) -> Dict[str, Dict[str, float]]:
+    """Score a model (HF dir or loaded model + tokenizer) on each task's split.
+
+    Returns {task: {"accuracy": exact match in [0, 1], "loss": mean answer-token CE, "n": count}}.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        model, loaded_tok = load_model(model, device)
+        tokenizer = tokenizer or loaded_tok
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= when evaluating an already loaded model")
+    files = task_files(data, tasks, split)
+    return {
+        task: score_records(model, tokenizer, load_records(path, limit), device, batch_size)
+        for task, path in files.items()
+    }
+
+
+def _acc(value) -> float:
+    return float(value["accuracy"] if isinstance(value, Mapping) else value)
+
+
+def normalized_accuracy(merged_acc: Mapping, expert_acc: Mapping) -> float:
+    """Mean over tasks of merged accuracy / the task's own expert accuracy.
+
+    Both arguments map task -> accuracy (or -> an evaluate_model result). Tasks whose
+    expert scores 0 are skipped (the ratio is undefined); nan if none remain.
+    """
+    ratios = [_acc(merged_acc[t]) / _acc(expert_acc[t]) for t in expert_acc if _acc(expert_acc[t]) > 0]
+    return sum(ratios) / len(ratios) if ratios else math.nan
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Mapping]], key: str = "accuracy") -> str:
+    """Rows = models, columns = tasks (+ mean); results is {model: evaluate_model(...)}."""
+    tasks = list(next(iter(results.values())))
+    fmt = (lambda v: f"{100 * v:.1f}") if key == "accuracy" else (lambda v: f"{v:.3f}")
+    lines = [
+        "| model | " + " | ".join(tasks) + " | mean |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
+    for name, res in results.items():
+        vals = [res[t][key] for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(sum(vals) / len(vals))} |")
+    return "\n".join(lines)
+
+
+def _expert_accuracies(zoo: Path, split: str) -> Optional[Dict[str, float]]:
+    manifest = zoo / "zoo.json"
+    if not manifest.exists():
+        return None
+    table = json.loads(manifest.read_text()).get("results", {}).get(split, {})
+    experts = {t: table.get(f"expert_{t}", {}).get(t) for t in json.loads(manifest.read_text())["tasks"]}
+    return {t: r["accuracy"] for t, r in experts.items() if r} or None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m mergekit_com.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="HF model dirs to score")
+    ap.add_argument("--zoo", required=True, help="zoo dir (or a dir of <task>.<split>.jsonl files)")
+    ap.add_argument("--split", default="eval", choices=["eval", "val"])
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N records per task")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    tasks = args.tasks.split(",") if args.tasks else None
+    results = {
+        m: evaluate_model(m, args.zoo, tasks, args.split, args.device, args.batch_size, limit=args.limit)
+        for m in args.models
+    }
+    print(markdown_table(results, "accuracy"))
+    print()
+    print(markdown_table(results, "loss").replace("| model |", "| model (loss) |"))
+    experts = _expert_accuracies(Path(args.zoo), args.split)
+    if experts:
+        print()
+        for m, res in results.items():
+            common = {t: experts[t] for t in res if t in experts}
+            print(f"normalized accuracy of {m}: {100 * normalized_accuracy(res, common):.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Zoo presets: every setting that shapes the built models, in one hashable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class ZooPreset:
+    name: str
+    builder: str = "scratch_llama"  # key of MODEL_BUILDERS
+    tasks: Tuple[str, ...] = ("add", "reverse", "sort", "upper", "parity")
+    # model shape (scratch builders)
+    hidden_size: int = 64
+    num_layers: int = 4
+    intermediate_size: int = 192
+    num_heads: int = 4
+    # training; fine-tuning is deliberately gentle so experts stay in the base's basin
+    batch_size: int = 64
+    pretrain_steps: int = 1500
+    pretrain_lr: float = 3e-3
+    pretrain_weight_decay: float = 0.01
+    finetune_steps: int = 300
+    finetune_lr: float = 1e-3
+    multitask_steps: int = 600
+    multitask_lr: float = 1e-3
+    # data sizes per task (train is a pool sampled with replacement)
+    n_train: int = 4000
+    n_calib: int = 128
+    n_val: int = 200
+    n_eval: int = 200
+    seed: int = 0
+
+    def settings(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _scratch_llama(preset: ZooPreset, tokenizer) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(preset.seed)
+    return LlamaForCausalLM(config)
+
+
+MODEL_BUILDERS: Dict[str, Callable[[ZooPreset, object], torch.nn.Module]] = {
+    "scratch_llama": _scratch_llama,
+}
+
+PRESETS: Dict[str, ZooPreset] = {
+    "tiny": ZooPreset("tiny"),
+    # a seconds-long zoo for tests: wrong-but-valid models with the real layout
+    "quick": ZooPreset(
+        "quick", tasks=("add", "reverse"), hidden_size=32, num_layers=1, intermediate_size=64,
+        num_heads=2, batch_size=16, pretrain_steps=8, finetune_steps=4, multitask_steps=4,
+        n_train=64, n_calib=8, n_val=8, n_eval=8,
+    ),
+}
+
+# Announced but not built yet: fine-tunes of a real Hub base need weights we can't fetch offline.
+PLANNED = {"smollm2": "SmolLM2-135M experts (needs the base weights; not yet available)"}
+
+
+def get_preset(name: str, **overrides) -> ZooPreset:
+    if name in PLANNED:
+        raise NotImplementedError(f"zoo preset {name!r} is not yet available: {PLANNED[name]}")
+    if name not in PRESETS:
+        raise KeyError(f"unknown zoo preset {name!r}; available: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)

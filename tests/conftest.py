@@ -1,0 +1,30 @@
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models on 2 shared cores: one thread is far faster than the default.
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pico  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def zoo2(tmp_path_factory):
+    """base + 2 experts (all tensors perturbed), 2 layers, hidden 32."""
+    return pico.build_experts(str(tmp_path_factory.mktemp("zoo2")), n_experts=2, layers=2)
+
+
+@pytest.fixture(scope="session")
+def zoo_linear_only(tmp_path_factory):
+    """Experts that differ from the base only in their linear weights."""
+    return pico.build_experts(
+        str(tmp_path_factory.mktemp("zoo_lin")), n_experts=2, layers=2,
+        only=pico.is_linear_weight,
+    )
