@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from mergekit.common import ModelReference
 from mergekit.graph import Task
+from mergekit.merge_methods.base import ParameterScope
 from mergekit.io.tasks import FinalizeModel, SaveTensor, TensorWriterTask
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
@@ -67,34 +68,62 @@ class ChainOfMergesTask(Task[None]):
 # ---------------------------------------------------------------- validation
 
 
-def _parameter_scopes(config) -> Iterable[Tuple[str, Dict[str, Any]]]:
-    """Every ``parameters:`` mapping a user can write, with where it sits."""
-    yield "parameters", config.parameters
+def _parameter_scopes(config) -> Iterable[Tuple[str, Dict[str, Any], bool]]:
+    """Every ``parameters:`` mapping a user can write: (where, mapping, is per-model)."""
+    yield "parameters", config.parameters, False
     for i, m in enumerate(config.models or []):
-        yield f"models[{i}] ({m.model})", m.parameters
+        yield f"models[{i}] ({m.model})", m.parameters, True
     for si, s in enumerate(config.slices or []):
-        yield f"slices[{si}]", s.parameters
+        yield f"slices[{si}]", s.parameters, False
         for j, src in enumerate(s.sources):
-            yield f"slices[{si}].sources[{j}] ({src.model})", src.parameters
+            yield f"slices[{si}].sources[{j}] ({src.model})", src.parameters, True
     for name, mod in (config.modules or {}).items():
-        yield f"modules.{name}", mod.parameters
+        yield f"modules.{name}", mod.parameters, False
         for i, m in enumerate(mod.models or []):
-            yield f"modules.{name}.models[{i}] ({m.model})", m.parameters
+            yield f"modules.{name}.models[{i}] ({m.model})", m.parameters, True
         for si, s in enumerate(mod.slices or []):
-            yield f"modules.{name}.slices[{si}]", s.parameters
+            yield f"modules.{name}.slices[{si}]", s.parameters, False
             for j, src in enumerate(s.sources):
-                yield f"modules.{name}.slices[{si}].sources[{j}] ({src.model})", src.parameters
+                yield f"modules.{name}.slices[{si}].sources[{j}] ({src.model})", src.parameters, True
+
+
+def _scalars(setting: Any) -> Iterable[Any]:
+    """The plain values inside a setting (a scalar, a gradient, or filters)."""
+    if isinstance(setting, list):
+        for item in setting:
+            yield from _scalars(item)
+    elif hasattr(setting, "value"):  # ConditionalParameter
+        yield from _scalars(setting.value)
+    else:
+        yield setting
 
 
 def check_parameter_names(config) -> None:
+    """Unknown names and values of the wrong type, before mergekit plans anything."""
+    from pydantic import TypeAdapter, ValidationError
+
     valid = sorted(PARAMETERS)
-    for where, params in _parameter_scopes(config):
-        for name in params or {}:
+    for where, params, per_model in _parameter_scopes(config):
+        for name, setting in (params or {}).items():
             if name not in PARAMETERS:
                 raise ChainConfigError(
                     f"{where}: unknown parameter '{name}' for {METHOD_NAME}; "
                     f"valid parameters: {', '.join(valid)}"
                 )
+            ty, scope = PARAMETERS[name][:2]
+            if per_model and scope == ParameterScope.SHARED:
+                raise ChainConfigError(
+                    f"{where}: parameter '{name}' applies to the whole merge, not to one "
+                    "model; set it under the top-level `parameters:`"
+                )
+            for value in _scalars(setting):
+                try:
+                    TypeAdapter(ty).validate_python(value)
+                except ValidationError:
+                    raise ChainConfigError(
+                        f"{where}: parameter '{name}' = {value!r} is not a valid "
+                        f"{getattr(ty, '__name__', 'string')}"
+                    ) from None
 
 
 def listed_models(config) -> List[ModelReference]:

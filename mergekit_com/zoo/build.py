@@ -24,13 +24,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .presets import MODEL_BUILDERS, ZooPreset, get_preset
-from .tasks import Sample, make_splits
+from .tasks import AUX_TASKS, Sample, get_task, make_splits
 from .tokenizer import build_char_tokenizer
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the build recipe changes, to invalidate caches
-DEFAULT_THREADS = 2  # measured: 2 threads ~1.5x faster than 1 for these models on 2 cores
+# Measured on 2 cores: 2 threads is ~1.4x faster than 1 when the machine is idle, but
+# ~10x slower when another process is busy (OpenMP threads wait on each other).
+DEFAULT_THREADS = 1
 
 
 @dataclass
@@ -152,8 +154,7 @@ def build_zoo(
 
     log.info("pretraining base on %s", ", ".join(spec.tasks))
     base = MODEL_BUILDERS[spec.builder](spec, tokenizer)
-    mixture = [x for t in spec.tasks for x in train[t]]
-    _train(base, tokenizer, mixture, spec.pretrain_steps, spec.pretrain_lr, spec, seed=spec.seed,
+    _train(base, tokenizer, _pretrain_corpus(spec, train), spec.pretrain_steps, spec.pretrain_lr, spec, seed=spec.seed,
            answer_only=False, weight_decay=spec.pretrain_weight_decay)
     _save(base, tokenizer, root / "base")
 
@@ -166,6 +167,7 @@ def build_zoo(
 
     log.info("fine-tuning multitask")
     multi = copy.deepcopy(base)
+    mixture = [x for t in spec.tasks for x in train[t]]
     _train(multi, tokenizer, mixture, spec.multitask_steps, spec.multitask_lr, spec,
            seed=spec.seed + 1000, answer_only=True)
     _save(multi, tokenizer, root / "multitask")
@@ -185,6 +187,20 @@ def _train(model, tokenizer, samples, steps, lr, spec: ZooPreset, seed, answer_o
                       seed=seed, answer_only=answer_only, weight_decay=weight_decay)
     if losses:
         log.info("  %d steps, loss %.3f -> %.3f", steps, losses[0], sum(losses[-20:]) / len(losses[-20:]))
+
+
+def _pretrain_corpus(spec: ZooPreset, train: Dict[str, List[Sample]]) -> List[Sample]:
+    """Auxiliary skills with true answers + the expert tasks with decoy answers.
+
+    The base thus reads every prompt format and answers in the right shape, but
+    has never seen a correct answer of an expert task: weak at all of them.
+    """
+    rng = random.Random(f"pretrain:{spec.seed}")
+    corpus = [t.sample(rng) for t in AUX_TASKS.values() for _ in range(spec.n_train)]
+    for name in spec.tasks:
+        task = get_task(name)
+        corpus += [(p, task.decoy(rng, a)) for p, a in train[name]]
+    return corpus
 
 
 def _write_data(spec: ZooPreset, data_dir: Path):

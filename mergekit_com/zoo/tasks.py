@@ -23,6 +23,16 @@ class Task:
     name: str
     description: str
     sample: Callable[[random.Random], Sample]
+    labels: Tuple[str, ...] = ()  # closed answer set (classification tasks)
+
+    def decoy(self, rng: random.Random, answer: str) -> str:
+        """A well-formed but uninformed answer: teaches the format, not the skill."""
+        if self.labels:
+            return rng.choice(self.labels)
+        pools = (string.digits, string.ascii_lowercase, string.ascii_uppercase)
+        return "".join(
+            next((rng.choice(p) for p in pools if c in p), c) for c in answer
+        )
 
 
 def _letters(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
@@ -54,6 +64,21 @@ def _parity(rng: random.Random) -> Sample:
     return f"par {n} =", " even" if n % 2 == 0 else " odd"
 
 
+def _copy(rng: random.Random) -> Sample:
+    s = _letters(rng)
+    return f"copy {s} =", f" {s}"
+
+
+def _succ(rng: random.Random) -> Sample:
+    n = rng.randint(0, 198)
+    return f"succ {n} =", f" {n + 1}"
+
+
+def _last(rng: random.Random) -> Sample:
+    s = str(rng.randint(100, 9999)) if rng.random() < 0.5 else _letters(rng)
+    return f"last {s} =", f" {s[-1]}"
+
+
 TASKS: Dict[str, Task] = {
     t.name: t
     for t in (
@@ -61,7 +86,18 @@ TASKS: Dict[str, Task] = {
         Task("reverse", "reverse a 3-5 letter string", _reverse),
         Task("sort", "sort the letters of a 3-5 letter string", _sort),
         Task("upper", "uppercase a 3-5 letter string", _upper),
-        Task("parity", "classify a number as even / odd", _parity),
+        Task("parity", "classify a number as even / odd", _parity, labels=(" even", " odd")),
+    )
+}
+
+# Pretraining-only skills: they give the base useful circuits (reading letters and
+# digits, carrying, the last character) without solving any expert task.
+AUX_TASKS: Dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("copy", "repeat a 3-5 letter string", _copy),
+        Task("succ", "add one to a number", _succ),
+        Task("last", "last character of a string", _last),
     )
 }
 
@@ -71,9 +107,10 @@ def list_tasks() -> List[str]:
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
+    task = TASKS.get(name) or AUX_TASKS.get(name)
+    if task is None:
         raise KeyError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
-    return TASKS[name]
+    return task
 
 
 @dataclass

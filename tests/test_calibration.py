@@ -1,0 +1,57 @@
+"""Calibration sources load through `datasets`, in file order, padding masked."""
+
+import json
+
+import datasets
+import pico
+import pytest
+import torch
+
+from mergekit_com.calibration import CalibrationError, load_calibration, load_records, make_batches
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return pico.make_tokenizer()
+
+
+def test_jsonl_text_and_messages(tmp_path, tok):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "abc"}, {"messages": [{"role": "user", "content": "hi"}]}, {"text": "zz"},
+    ]))
+    cal = load_calibration(str(p), tok, num_samples=2, max_seq_len=512)
+    assert cal.num_records == 2
+    assert cal.sequences[0] == tok("abc")["input_ids"]
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert cal.sequences[1] == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert len(cal.sha256) == 64
+
+
+def test_txt_parquet_and_saved_dataset_agree(tmp_path, tok):
+    lines = ["first line", "", "second", "third one"]
+    (tmp_path / "d.txt").write_text("\n".join(lines))
+    ds = datasets.Dataset.from_dict({"text": [l for l in lines if l]})
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    got = [load_records(str(tmp_path / name), 10)
+           for name in ("d.txt", "d.parquet", "saved")]
+    assert all([r["text"] for r in g] == ["first line", "second", "third one"] for g in got)
+
+
+def test_truncation_and_padding_mask(tmp_path, tok):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "x" * 50}) + "\n" + json.dumps({"text": "ab"}) + "\n")
+    cal = load_calibration(str(p), tok, num_samples=8, max_seq_len=10)
+    assert [len(s) for s in cal.sequences] == [10, 3]
+    (ids, mask), = make_batches(cal.sequences, batch_size=8, pad_id=0)
+    assert ids.shape == (2, 10)
+    assert mask.sum().item() == 13 and mask[1, 3:].sum() == 0
+    assert torch.equal(ids[1, :3], torch.tensor(cal.sequences[1]))
+
+
+def test_missing_field_names_the_record(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "ok"}\n{"prompt": "no text"}\n')
+    with pytest.raises(CalibrationError, match="record 2 has neither"):
+        load_records(str(p), 10)
