@@ -15,14 +15,12 @@ _WATCHED = ("mergekit.merge_methods", "mergekit.plan")
 
 
 def _after_import(name: str) -> None:
+    from mergekit_com import register
+
     if name == "mergekit.merge_methods":
-        from mergekit_com.register import register_method
-
-        register_method()
+        register.register_method()
     elif name == "mergekit.plan":
-        from mergekit_com.adapter import patch_planner
-
-        patch_planner()
+        register.route_planner()
 
 
 class _PostImportFinder:

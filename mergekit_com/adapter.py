@@ -265,3 +265,6 @@ def patch_planner() -> None:
 
     plan_to_disk._mergekit_com = True
     MergePlanner.plan_to_disk = plan_to_disk
+
+
+patch_planner()

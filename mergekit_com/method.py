@@ -147,3 +147,13 @@ class ChainOfMergesMethod(GroupMergeMethod):
 
 
 chain_of_merges = ChainOfMergesMethod()
+
+
+def register() -> None:
+    from mergekit.merge_methods import registry
+
+    if METHOD_NAME not in {m.spec.name for m in registry.registered_methods()}:
+        registry.register(chain_of_merges)
+
+
+register()

@@ -87,3 +87,13 @@ def test_autoload_registers_lazily_and_can_be_switched_off():
     assert run(lazy).stdout.split() == ["False"]  # nothing heavy at start-up
     assert run(code).stdout.split() == ["True", "True"]
     assert run(code, {"MERGEKIT_COM_AUTOLOAD": "0"}).stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("first", ["mergekit_com.method", "mergekit_com.adapter", "mergekit.plan",
+                                   "mergekit.merge_methods", "mergekit.merge", "mergekit_com"])
+def test_any_import_order_registers_and_routes(first):
+    code = (f"import {first}; import mergekit.merge_methods as mm, mergekit.plan as mp; "
+            "print('chain_of_merges' in [m.spec.name for m in mm.registered_methods()], "
+            "getattr(mp.MergePlanner.plan_to_disk, '_mergekit_com', False))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split() == ["True", "True"], r.stderr

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .presets import MODEL_BUILDERS, ZooPreset, get_preset
-from .tasks import AUX_TASKS, Sample, get_task, make_splits
+from .tasks import Instance, Sample, make_splits
 from .tokenizer import build_char_tokenizer
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def build_zoo(
     tokenizer = build_char_tokenizer()
     data = _write_data(spec, root / "data")
     train = {t: s.train for t, s in data.items()}
+    solved = {t: [(p, a) for p, a, _ in s.train] for t, s in data.items()}  # true answers only
 
     log.info("pretraining base on %s", ", ".join(spec.tasks))
     base = MODEL_BUILDERS[spec.builder](spec, tokenizer)
@@ -161,14 +162,13 @@ def build_zoo(
     for i, task in enumerate(spec.tasks):
         log.info("fine-tuning expert_%s", task)
         expert = copy.deepcopy(base)
-        _train(expert, tokenizer, train[task], spec.finetune_steps, spec.finetune_lr, spec,
+        _train(expert, tokenizer, solved[task], spec.finetune_steps, spec.finetune_lr, spec,
                seed=spec.seed + 1 + i, answer_only=True)
         _save(expert, tokenizer, root / f"expert_{task}")
 
     log.info("fine-tuning multitask")
     multi = copy.deepcopy(base)
-    mixture = [x for t in spec.tasks for x in train[t]]
-    _train(multi, tokenizer, mixture, spec.multitask_steps, spec.multitask_lr, spec,
+    _train(multi, tokenizer, [x for t in spec.tasks for x in solved[t]], spec.multitask_steps, spec.multitask_lr, spec,
            seed=spec.seed + 1000, answer_only=True)
     _save(multi, tokenizer, root / "multitask")
 
@@ -189,18 +189,18 @@ def _train(model, tokenizer, samples, steps, lr, spec: ZooPreset, seed, answer_o
         log.info("  %d steps, loss %.3f -> %.3f", steps, losses[0], sum(losses[-20:]) / len(losses[-20:]))
 
 
-def _pretrain_corpus(spec: ZooPreset, train: Dict[str, List[Sample]]) -> List[Sample]:
-    """Auxiliary skills with true answers + the expert tasks with decoy answers.
+def _pretrain_corpus(spec: ZooPreset, train: Dict[str, List[Instance]]) -> List[Sample]:
+    """Every task, answered right only a fraction of the time, else with its distractor.
 
-    The base thus reads every prompt format and answers in the right shape, but
-    has never seen a correct answer of an expert task: weak at all of them.
+    The base thus learns each format and skill but greedily answers with the
+    mistake: weak at every task, yet a gentle fine-tune can make it strong.
     """
     rng = random.Random(f"pretrain:{spec.seed}")
-    corpus = [t.sample(rng) for t in AUX_TASKS.values() for _ in range(spec.n_train)]
-    for name in spec.tasks:
-        task = get_task(name)
-        corpus += [(p, task.decoy(rng, a)) for p, a in train[name]]
-    return corpus
+    return [
+        (p, a if rng.random() < spec.pretrain_correct_frac else d)
+        for t in spec.tasks
+        for p, a, d in train[t]
+    ]
 
 
 def _write_data(spec: ZooPreset, data_dir: Path):

@@ -24,6 +24,7 @@ class ZooPreset:
     pretrain_steps: int = 1500
     pretrain_lr: float = 3e-3
     pretrain_weight_decay: float = 0.01
+    pretrain_correct_frac: float = 0.3  # share of true (vs distractor) answers for the base
     finetune_steps: int = 300
     finetune_lr: float = 1e-3
     multitask_steps: int = 600

@@ -1,8 +1,14 @@
 """Synthetic generative tasks for the expert zoo.
 
 Each task maps a random instance to a (prompt, answer) pair checkable by exact
-match, e.g. ``("add 12 34 =", " 46")``. Instances are drawn from a seeded RNG and
-split by prompt, so the train / calibration / val / eval sets never overlap.
+match, e.g. ``("add 12 34 =", " 46")``, plus a *distractor*: the answer of a
+plausible wrong skill (forgetting the carry, echoing the input, ...). The base is
+pretrained on a mix of true and distractor answers, so it holds the skill but
+prefers the mistake; fine-tuning only has to tip that balance, as with real
+Hub fine-tunes that elicit what the base already knows.
+
+Instances come from a seeded RNG and are split by prompt, so the
+train / calibration / val / eval sets never overlap.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
 Sample = Tuple[str, str]  # (prompt, answer); the answer starts with a space
+Instance = Tuple[str, str, str]  # (prompt, answer, distractor answer)
 
 # Every task draws from this alphabet, so one tokenizer serves any task subset.
 ALPHABET = string.digits + string.ascii_lowercase + string.ascii_uppercase + " ="
@@ -22,82 +29,52 @@ ALPHABET = string.digits + string.ascii_lowercase + string.ascii_uppercase + " =
 class Task:
     name: str
     description: str
-    sample: Callable[[random.Random], Sample]
-    labels: Tuple[str, ...] = ()  # closed answer set (classification tasks)
-
-    def decoy(self, rng: random.Random, answer: str) -> str:
-        """A well-formed but uninformed answer: teaches the format, not the skill."""
-        if self.labels:
-            return rng.choice(self.labels)
-        pools = (string.digits, string.ascii_lowercase, string.ascii_uppercase)
-        return "".join(
-            next((rng.choice(p) for p in pools if c in p), c) for c in answer
-        )
+    distractor: str  # the wrong skill the base leans towards
+    sample: Callable[[random.Random], Instance]
 
 
 def _letters(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
 
 
-def _add(rng: random.Random) -> Sample:
+def _add(rng: random.Random) -> Instance:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return f"add {a} {b} =", f" {a + b}"
+    no_carry = "".join(str((int(x) + int(y)) % 10) for x, y in zip(str(a), str(b)))
+    return f"add {a} {b} =", f" {a + b}", f" {int(no_carry)}"
 
 
-def _reverse(rng: random.Random) -> Sample:
+def _reverse(rng: random.Random) -> Instance:
     s = _letters(rng)
-    return f"rev {s} =", f" {s[::-1]}"
+    return f"rev {s} =", f" {s[::-1]}", f" {s}"
 
 
-def _sort(rng: random.Random) -> Sample:
+def _sort(rng: random.Random) -> Instance:
     s = _letters(rng)
-    return f"sort {s} =", f" {''.join(sorted(s))}"
+    return f"sort {s} =", f" {''.join(sorted(s))}", f" {''.join(sorted(s, reverse=True))}"
 
 
-def _upper(rng: random.Random) -> Sample:
+def _upper(rng: random.Random) -> Instance:
     s = _letters(rng)
-    return f"up {s} =", f" {s.upper()}"
+    return f"up {s} =", f" {s.upper()}", f" {s.capitalize()}"
 
 
-def _parity(rng: random.Random) -> Sample:
-    n = rng.randint(100, 9999)
-    return f"par {n} =", " even" if n % 2 == 0 else " odd"
+def _parity(rng: random.Random) -> Instance:
+    n = str(rng.randint(100, 9999))
 
+    def label(digit: str) -> str:
+        return " even" if int(digit) % 2 == 0 else " odd"
 
-def _copy(rng: random.Random) -> Sample:
-    s = _letters(rng)
-    return f"copy {s} =", f" {s}"
-
-
-def _succ(rng: random.Random) -> Sample:
-    n = rng.randint(0, 198)
-    return f"succ {n} =", f" {n + 1}"
-
-
-def _last(rng: random.Random) -> Sample:
-    s = str(rng.randint(100, 9999)) if rng.random() < 0.5 else _letters(rng)
-    return f"last {s} =", f" {s[-1]}"
+    return f"par {n} =", label(n[-1]), label(n[0])
 
 
 TASKS: Dict[str, Task] = {
     t.name: t
     for t in (
-        Task("add", "sum of two 2-digit numbers", _add),
-        Task("reverse", "reverse a 3-5 letter string", _reverse),
-        Task("sort", "sort the letters of a 3-5 letter string", _sort),
-        Task("upper", "uppercase a 3-5 letter string", _upper),
-        Task("parity", "classify a number as even / odd", _parity, labels=(" even", " odd")),
-    )
-}
-
-# Pretraining-only skills: they give the base useful circuits (reading letters and
-# digits, carrying, the last character) without solving any expert task.
-AUX_TASKS: Dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task("copy", "repeat a 3-5 letter string", _copy),
-        Task("succ", "add one to a number", _succ),
-        Task("last", "last character of a string", _last),
+        Task("add", "sum of two 2-digit numbers", "digit-wise sum without carry", _add),
+        Task("reverse", "reverse a 3-5 letter string", "echo the string", _reverse),
+        Task("sort", "sort the letters of a 3-5 letter string", "sort descending", _sort),
+        Task("upper", "uppercase a 3-5 letter string", "capitalize the first letter", _upper),
+        Task("parity", "is the number even or odd", "parity of the first digit", _parity),
     )
 }
 
@@ -107,15 +84,14 @@ def list_tasks() -> List[str]:
 
 
 def get_task(name: str) -> Task:
-    task = TASKS.get(name) or AUX_TASKS.get(name)
-    if task is None:
+    if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
-    return task
+    return TASKS[name]
 
 
 @dataclass
 class TaskSplits:
-    train: List[Sample]
+    train: List[Instance]  # keeps the distractor, for the base's pretraining mix
     calib: List[Sample]
     val: List[Sample]
     eval: List[Sample]
@@ -126,22 +102,27 @@ def make_splits(
 ) -> TaskSplits:
     """Draw distinct prompts for every split (held-out splits are drawn first)."""
     task = get_task(name)
-    # str seed: stable across processes, unlike hash() of a tuple with a str
+    # a str seed is stable across processes (unlike hash() of a str)
     rng = random.Random(f"{seed}:{name}")
     seen: set = set()
     sizes = [n_eval, n_val, n_calib, n_train]
-    out: List[List[Sample]] = []
+    budget = 50 * (sum(sizes) + 10)
+    parts: List[List[Instance]] = []
     for size in sizes:
-        part: List[Sample] = []
-        tries = 0
+        part: List[Instance] = []
         while len(part) < size:
-            prompt, answer = task.sample(rng)
-            tries += 1
-            if tries > 50 * (sum(sizes) + 10):
+            inst = task.sample(rng)
+            budget -= 1
+            if budget < 0:
                 raise ValueError(f"task {name!r}: not enough distinct prompts")
-            if prompt not in seen:
-                seen.add(prompt)
-                part.append((prompt, answer))
-        out.append(part)
-    ev, va, ca, tr = out
-    return TaskSplits(train=tr, calib=ca, val=va, eval=ev)
+            if inst[0] not in seen:
+                seen.add(inst[0])
+                part.append(inst)
+        parts.append(part)
+    ev, va, ca, tr = parts
+    return TaskSplits(
+        train=tr,
+        calib=[(p, a) for p, a, _ in ca],
+        val=[(p, a) for p, a, _ in va],
+        eval=[(p, a) for p, a, _ in ev],
+    )

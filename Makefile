@@ -1,0 +1,36 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` / `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-all demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this machine serves its CPU build from a local file,
+	# and nothing after it may pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m ''
+
+demo: $(STAMP)
+	$(PY) -m mergekit_com.demo
+
+bench: $(STAMP)
+	$(PY) -m mergekit_com.bench --preset tiny
+
+clean:
+	rm -rf demo_out bench_out .pytest_cache
