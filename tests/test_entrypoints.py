@@ -97,3 +97,17 @@ def test_any_import_order_registers_and_routes(first):
             "getattr(mp.MergePlanner.plan_to_disk, '_mergekit_com', False))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.split() == ["True", "True"], r.stderr
+
+
+def test_relative_calibration_paths_resolve_from_the_working_directory(zoo2, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copy(zoo2["expert0_data"], tmp_path / "e0.jsonl")
+    shutil.copy(zoo2["expert1_data"], tmp_path / "e1.jsonl")
+    monkeypatch.chdir(tmp_path)
+    models = [{"model": zoo2["expert0"], "calibration": "e0.jsonl"},
+              {"model": zoo2["expert1"], "calibration": "./e1.jsonl"}]
+    relative = merge(com_config(models), "rel")
+    absolute = merge(com_config(experts(zoo2)), str(tmp_path / "abs"))
+    for name in absolute:
+        torch.testing.assert_close(relative[name], absolute[name], rtol=0, atol=0)
