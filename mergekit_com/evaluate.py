@@ -31,6 +31,9 @@ def task_files(source: DataSource, tasks: Optional[Sequence[str]] = None, split:
     else:
         suffix = f".{split}.jsonl"
         files = {p.name[: -len(suffix)]: p for p in sorted(_data_dir(source).glob(f"*{suffix}"))}
+        manifest = Path(source) / "zoo.json"
+        if tasks is None and manifest.exists():  # keep the zoo's task order
+            tasks = [t for t in json.loads(manifest.read_text())["tasks"] if t in files]
     if tasks is not None:
         missing = [t for t in tasks if t not in files]
         if missing:
@@ -115,13 +118,19 @@ def evaluate_model(
     tokenizer=None,
     limit: Optional[int] = None,
 ) -> Dict[str, Dict[str, float]]:
-    """Score a model (HF dir or loaded model + tokenizer) on each task's split.
+    """Score a model (HF dir, or a loaded model already on `device`) on each task's split.
+
+    A loaded model's tokenizer is read from its ``name_or_path`` unless given.
 
     Returns {task: {"accuracy": exact match in [0, 1], "loss": mean answer-token CE, "n": count}}.
     """
     if isinstance(model, (str, os.PathLike)):
         model, loaded_tok = load_model(model, device)
         tokenizer = tokenizer or loaded_tok
+    if tokenizer is None and os.path.isdir(getattr(model, "name_or_path", "") or ""):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     if tokenizer is None:
         raise ValueError("pass tokenizer= when evaluating an already loaded model")
     files = task_files(data, tasks, split)
@@ -160,11 +169,13 @@ def markdown_table(results: Mapping[str, Mapping[str, Mapping]], key: str = "acc
 
 
 def _expert_accuracies(zoo: Path, split: str) -> Optional[Dict[str, float]]:
+    """Each expert's accuracy on its own task, from the zoo manifest (if any)."""
     manifest = zoo / "zoo.json"
     if not manifest.exists():
         return None
-    table = json.loads(manifest.read_text()).get("results", {}).get(split, {})
-    experts = {t: table.get(f"expert_{t}", {}).get(t) for t in json.loads(manifest.read_text())["tasks"]}
+    m = json.loads(manifest.read_text())
+    table = m.get("results", {}).get(split, {})
+    experts = {t: table.get(f"expert_{t}", {}).get(t) for t in m["tasks"]}
     return {t: r["accuracy"] for t, r in experts.items() if r} or None
 
 
@@ -176,11 +187,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--limit", type=int, default=None, help="score only the first N records per task")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on shared cores)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",") if args.tasks else None
     results = {
@@ -190,7 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(markdown_table(results, "accuracy"))
     print()
     print(markdown_table(results, "loss").replace("| model |", "| model (loss) |"))
-    experts = _expert_accuracies(Path(args.zoo), args.split)
+    # the manifest's expert scores cover the whole split: not comparable under --limit
+    experts = None if args.limit else _expert_accuracies(Path(args.zoo), args.split)
     if experts:
         print()
         for m, res in results.items():

@@ -28,3 +28,13 @@ def test_example_configs_are_valid_chain_of_merges_configs():
         config = MergeConfiguration.model_validate(yaml.safe_load(open(path)))
         assert config.merge_method == "chain_of_merges"
         check_parameter_names(config)
+
+
+def test_zoo_example_config_merges_every_tiny_task():
+    from mergekit_com.zoo import get_preset
+
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "example_configs", "tiny_zoo_com.yml")))
+    tasks = get_preset("tiny").tasks
+    assert [m["model"] for m in cfg["models"]] == [f"zoo_cache/tiny/expert_{t}" for t in tasks]
+    assert [m["parameters"]["calibration"] for m in cfg["models"]] == [
+        f"zoo_cache/tiny/data/{t}.calib.jsonl" for t in tasks]

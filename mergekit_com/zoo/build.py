@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .presets import MODEL_BUILDERS, ZooPreset, get_preset
-from .tasks import Instance, Sample, make_splits
+from .tasks import Instance, Sample, get_task, make_splits
 from .tokenizer import build_char_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class ZooManifest:
     build_seconds: float = 0.0
     # {split: {model name: {task: {"accuracy", "loss", "n"}}}}; model names as in model_dirs
     results: Dict[str, Dict[str, Dict[str, dict]]] = field(default_factory=dict)
+    # same shape, for stock mergekit merges of the experts (see zoo.baselines)
+    baselines: Dict[str, Dict[str, Dict[str, dict]]] = field(default_factory=dict)
     cached: bool = False  # True when build_zoo reused an existing build
 
     @property
@@ -78,6 +80,14 @@ class ZooManifest:
         d["data"] = {t: {s: str(self.data_file(t, s).relative_to(self.root)) for s in ("calib", "val", "eval")}
                      for t in self.tasks}
         return d
+
+    def save(self) -> None:
+        (self.root / "zoo.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def accuracy_table(self, split: str = "eval") -> Dict[str, Dict[str, float]]:
+        """{model: {task: accuracy}} for the zoo's models (and any baselines)."""
+        rows = {**self.results.get(split, {}), **self.baselines.get(split, {})}
+        return {m: {t: r["accuracy"] for t, r in res.items()} for m, res in rows.items()}
 
     @classmethod
     def load(cls, root) -> "ZooManifest":
@@ -134,15 +144,26 @@ def build_zoo(
     spec: ZooPreset = get_preset("quick" if quick else preset, **overrides)
     if tasks is not None:
         spec = dataclasses.replace(spec, tasks=tuple(tasks))
-    settings = spec.settings()
-    digest = _hash(settings)
+    if not spec.tasks:
+        raise ValueError("a zoo needs at least one task")
+    for name in spec.tasks:
+        get_task(name)  # fail before any training on a typo
+    digest = _hash(spec.settings())
     root = Path(out_dir)
     if not force and (hit := _cached(root, digest)) is not None:
         log.info("zoo cache hit: %s", root)
         return hit
 
-    t0 = time.time()
+    prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _build(spec, root, digest)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _build(spec: ZooPreset, root: Path, digest: str) -> ZooManifest:
+    t0 = time.time()
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -155,8 +176,8 @@ def build_zoo(
 
     log.info("pretraining base on %s", ", ".join(spec.tasks))
     base = MODEL_BUILDERS[spec.builder](spec, tokenizer)
-    _train(base, tokenizer, _pretrain_corpus(spec, train), spec.pretrain_steps, spec.pretrain_lr, spec, seed=spec.seed,
-           answer_only=False, weight_decay=spec.pretrain_weight_decay)
+    _train(base, tokenizer, _pretrain_corpus(spec, train), spec.pretrain_steps, spec.pretrain_lr,
+           spec, seed=spec.seed, answer_only=False, weight_decay=spec.pretrain_weight_decay)
     _save(base, tokenizer, root / "base")
 
     for i, task in enumerate(spec.tasks):
@@ -168,15 +189,16 @@ def build_zoo(
 
     log.info("fine-tuning multitask")
     multi = copy.deepcopy(base)
-    _train(multi, tokenizer, [x for t in spec.tasks for x in solved[t]], spec.multitask_steps, spec.multitask_lr, spec,
-           seed=spec.seed + 1000, answer_only=True)
+    _train(multi, tokenizer, [x for t in spec.tasks for x in solved[t]], spec.multitask_steps,
+           spec.multitask_lr, spec, seed=spec.seed + 1000, answer_only=True)
     _save(multi, tokenizer, root / "multitask")
 
-    manifest = ZooManifest(root=root, preset=spec.name, tasks=list(spec.tasks), settings=settings,
-                           settings_hash=digest)
+    manifest = ZooManifest(root=root, preset=spec.name, tasks=list(spec.tasks),
+                           settings=spec.settings(), settings_hash=digest)
+    log.info("scoring the zoo")
     manifest.results = _score_all(manifest)
     manifest.build_seconds = round(time.time() - t0, 1)
-    (root / "zoo.json").write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    manifest.save()
     return manifest
 
 

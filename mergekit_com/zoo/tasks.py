@@ -43,6 +43,11 @@ def _add(rng: random.Random) -> Instance:
     return f"add {a} {b} =", f" {a + b}", f" {int(no_carry)}"
 
 
+def _max(rng: random.Random) -> Instance:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"max {a} {b} =", f" {max(a, b)}", f" {min(a, b)}"
+
+
 def _reverse(rng: random.Random) -> Instance:
     s = _letters(rng)
     return f"rev {s} =", f" {s[::-1]}", f" {s}"
@@ -70,11 +75,14 @@ def _parity(rng: random.Random) -> Instance:
 TASKS: Dict[str, Task] = {
     t.name: t
     for t in (
-        Task("add", "sum of two 2-digit numbers", "digit-wise sum without carry", _add),
+        Task("max", "larger of two 2-digit numbers", "the smaller one", _max),
         Task("reverse", "reverse a 3-5 letter string", "echo the string", _reverse),
         Task("sort", "sort the letters of a 3-5 letter string", "sort descending", _sort),
         Task("upper", "uppercase a 3-5 letter string", "capitalize the first letter", _upper),
         Task("parity", "is the number even or odd", "parity of the first digit", _parity),
+        # Registered but not in the tiny preset: a 3-layer model needs ~1000 steps of
+        # addition alone to learn the carry, far beyond the tiny build budget.
+        Task("add", "sum of two 2-digit numbers", "digit-wise sum without carry", _add),
     )
 }
 

@@ -1,0 +1,72 @@
+"""CLI: python -m mergekit_com.zoo --preset tiny --out DIR [--check-merge]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m mergekit_com.zoo",
+                                 description="Build (or reuse) an offline expert zoo.")
+    ap.add_argument("--preset", default="tiny", help="tiny (default), quick; smollm2 is planned")
+    ap.add_argument("--out", default=None, help="output dir (default zoo_cache/<preset>)")
+    ap.add_argument("--tasks", default=None, help="comma-separated task subset (default: the preset's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
+    ap.add_argument("--check-merge", action="store_true",
+                    help="also merge the experts with mergekit task_arithmetic / linear and score them")
+    ap.add_argument("--list-tasks", action="store_true", help="print the available tasks and exit")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not args.quiet:  # our progress only, not mergekit's chatter
+        logging.getLogger("mergekit_com").setLevel(logging.INFO)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+    import torch
+
+    from ..evaluate import normalized_accuracy
+    from .build import DEFAULT_THREADS, build_zoo
+    from .tasks import TASKS
+
+    if args.list_tasks:
+        for t in TASKS.values():
+            print(f"{t.name:8s} {t.description}  (base's mistake: {t.distractor})")
+        return
+    threads = args.threads or DEFAULT_THREADS
+    torch.set_num_threads(threads)  # for the merges and scoring after the build too
+    tasks = args.tasks.split(",") if args.tasks else None
+    try:
+        zoo = build_zoo(args.preset, args.out or f"zoo_cache/{args.preset}", tasks,
+                        threads=threads, force=args.force)
+    except (NotImplementedError, KeyError) as e:
+        sys.exit(f"error: {e.args[0] if e.args else e}")
+    if args.check_merge:
+        from .baselines import check_merges
+
+        check_merges(zoo)
+
+    how = "cache hit" if zoo.cached else "built"
+    print(f"zoo {zoo.preset!r} at {zoo.root} ({how}; build took {zoo.build_seconds:.0f}s)\n")
+    table = zoo.accuracy_table("eval")
+    experts = {t: table[f"expert_{t}"][t] for t in zoo.tasks}
+    print("| model | " + " | ".join(zoo.tasks) + " | mean | normalized |")
+    print("|---" * (len(zoo.tasks) + 3) + "|")
+    for name, acc in table.items():
+        cells = [f"{100 * acc[t]:.1f}" for t in zoo.tasks]
+        mean = sum(acc.values()) / len(acc)
+        print(f"| {name} | " + " | ".join(cells)
+              + f" | {100 * mean:.1f} | {100 * normalized_accuracy(acc, experts):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Expert zoo and evaluation: a seconds-long miniature zoo and stub-model scoring."""
+
+import json
+import math
+import os
+import random
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mergekit_com.evaluate import evaluate_model, normalized_accuracy  # noqa: E402
+from mergekit_com.zoo import build_zoo, get_preset, list_tasks  # noqa: E402
+from mergekit_com.zoo.tasks import get_task, make_splits  # noqa: E402
+from mergekit_com.zoo.tokenizer import build_char_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)  # 2 threads on 2 shared cores can be ~10x slower
+
+
+@pytest.fixture(scope="module")
+def quick_zoo(tmp_path_factory):
+    return build_zoo(out_dir=tmp_path_factory.mktemp("zoo"), quick=True)
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_quick_zoo_layout(quick_zoo):
+    root = quick_zoo.root
+    assert quick_zoo.tasks == ["max", "reverse"] and not quick_zoo.cached
+    for name in ["base", "expert_max", "expert_reverse", "multitask"]:
+        for f in ["config.json", "model.safetensors", "tokenizer.json"]:
+            assert (root / name / f).exists(), f"{name}/{f}"
+    manifest = json.loads((root / "zoo.json").read_text())
+    assert manifest["models"]["expert_max"] == "expert_max"
+    assert manifest["build_seconds"] > 0
+    for split in ("val", "eval"):
+        for model in ["base", "expert_max", "expert_reverse", "multitask"]:
+            assert set(manifest["results"][split][model]) == {"max", "reverse"}
+    for task in quick_zoo.tasks:
+        calib = _read(quick_zoo.data_file(task, "calib"))
+        val = _read(quick_zoo.data_file(task, "val"))
+        ev = _read(quick_zoo.data_file(task, "eval"))
+        assert calib and set(calib[0]) == {"text"}
+        assert set(val[0]) == {"prompt", "answer"}
+        prompts = [{r["prompt"] for r in val}, {r["prompt"] for r in ev},
+                   {r["text"].split("=")[0] + "=" for r in calib}]
+        assert sum(map(len, prompts)) == len(set.union(*prompts)), "splits overlap"
+
+
+def test_quick_zoo_cache(quick_zoo):
+    stamp = (quick_zoo.root / "zoo.json").stat().st_mtime_ns
+    again = build_zoo(out_dir=quick_zoo.root, quick=True)
+    assert again.cached and again.settings_hash == quick_zoo.settings_hash
+    assert (quick_zoo.root / "zoo.json").stat().st_mtime_ns == stamp
+    assert again.results == quick_zoo.results
+
+
+def test_changed_settings_miss_the_cache(quick_zoo):
+    from mergekit_com.zoo.build import _cached, _hash
+
+    other = get_preset("quick", finetune_steps=5).settings()
+    assert _cached(quick_zoo.root, _hash(other)) is None
+
+
+def test_real_model_scores_match_manifest(quick_zoo):
+    res = evaluate_model(quick_zoo.experts["reverse"], quick_zoo.root, split="eval", batch_size=3)
+    for task, r in res.items():
+        expected = quick_zoo.results["eval"]["expert_reverse"][task]
+        assert r["accuracy"] == expected["accuracy"] and r["n"] == expected["n"]
+        assert math.isclose(r["loss"], expected["loss"], rel_tol=1e-4)
+
+
+def test_splits_are_deterministic_and_correct():
+    a = make_splits("reverse", 20, 5, 5, 5, seed=3)
+    assert a == make_splits("reverse", 20, 5, 5, 5, seed=3)
+    for prompt, answer in a.eval:
+        assert answer == " " + prompt.split()[1][::-1]
+    for prompt, _, distractor in a.train:  # the base's mistake for reverse: echoing
+        assert distractor == " " + prompt.split()[1]
+    assert set(list_tasks()) >= {"max", "reverse", "sort", "upper", "parity", "add"}
+    assert get_task("max").sample(random.Random(0)) == ("max 59 63 =", " 63", " 59")
+
+
+def test_planned_preset_is_refused():
+    with pytest.raises(NotImplementedError, match="not yet available"):
+        build_zoo("smollm2", "/nonexistent")
+
+
+def test_tokenizer_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+
+    build_char_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok("sort dbA =").input_ids
+    assert ids[0] == tok.bos_token_id and len(ids) == 1 + len("sort dbA =")
+    assert tok.decode(ids, skip_special_tokens=True) == "sort dbA ="
+    chat = [{"role": "user", "content": "up ab ="}, {"role": "assistant", "content": " AB"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == "<s>up ab = AB</s>"
+
+
+class StubLM:
+    """Answers each prompt from a lookup table, through the real scoring code path.
+
+    generate() emits `answer + EOS + junk` (the junk must be cut at EOS) or, when
+    wrong=True, the answer with one character appended. Logits put all mass on the
+    true next token (oracle) or are uniform (wrong).
+    """
+
+    def __init__(self, tokenizer, table, wrong=False):
+        self.tok, self.table, self.wrong = tokenizer, table, wrong
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **_):
+        assert bool(attention_mask[:, -1].all()), "prompts must be left-padded"
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            prompt = self.tok.decode(ids[mask.bool()], skip_special_tokens=True)
+            answer = self.table[prompt] + ("x" if self.wrong else "")
+            new = self.tok(answer, add_special_tokens=False).input_ids + [eos_token_id]
+            new = (new + self.tok(" junk", add_special_tokens=False).input_ids)[:max_new_tokens]
+            rows.append(new + [pad_token_id] * (max_new_tokens - len(new)))
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+    def __call__(self, input_ids, attention_mask):
+        logits = torch.zeros(*input_ids.shape, len(self.tok))
+        if not self.wrong:
+            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 100.0)
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+def _stub_case(tmp_path):
+    tok = build_char_tokenizer()
+    files, table = {}, {}
+    for task in ["max", "reverse", "parity"]:
+        recs = [{"prompt": p, "answer": a} for p, a in make_splits(task, 0, 0, 0, 7).eval]
+        table.update({r["prompt"]: r["answer"] for r in recs})
+        files[task] = tmp_path / f"{task}.eval.jsonl"
+        files[task].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return tok, table, files
+
+
+def test_evaluation_oracle_and_wrong_model(tmp_path):
+    tok, table, files = _stub_case(tmp_path)
+    right = evaluate_model(StubLM(tok, table), files, tokenizer=tok, batch_size=3)
+    wrong = evaluate_model(StubLM(tok, table, wrong=True), tmp_path, tokenizer=tok, batch_size=4)
+    assert set(right) == set(wrong) == {"max", "reverse", "parity"}
+    for task in right:
+        assert right[task]["accuracy"] == 1.0 and right[task]["n"] == 7
+        assert right[task]["loss"] < 1e-6
+        assert wrong[task]["accuracy"] == 0.0
+        assert math.isclose(wrong[task]["loss"], math.log(len(tok)), rel_tol=1e-5)
+
+
+def test_normalized_accuracy():
+    experts = {"a": 0.8, "b": 0.5, "c": 0.0}
+    assert math.isclose(normalized_accuracy({"a": 0.4, "b": 0.5, "c": 0.3}, experts), 0.75)
+    as_results = {t: {"accuracy": v, "loss": 0.0, "n": 1} for t, v in experts.items()}
+    assert math.isclose(normalized_accuracy(as_results, as_results), 1.0)
+    assert math.isnan(normalized_accuracy({"c": 1.0}, {"c": 0.0}))
