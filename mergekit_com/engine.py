@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import tqdm
@@ -27,7 +27,6 @@ from mergekit_com import linalg
 from mergekit_com.calibration import load_calibration, make_batches
 from mergekit_com.method import ChainContext, activate, deactivate
 from mergekit_com.walker import (
-    LayerCall,
     ModelShell,
     capture_inputs,
     is_transposed,
@@ -176,7 +175,7 @@ class _Walk:
         for index in tqdm.tqdm(range(shell.num_layers), desc="Chain of Merges", disable=self.task.options.quiet):
             self.merge_layer(shell, index, layout.layers[index])
         shell.release()
-        self.merge_head(shell, batches)
+        self.merge_head(shell, batches, getattr(config, "tie_word_embeddings", False))
 
     def _own_params(self, gathered, model, prefix: str = "") -> Dict[str, torch.Tensor]:
         return {
@@ -307,14 +306,13 @@ class _Walk:
                     own_h[m][b] = run_layer(layer, self._expert_params[m], own_h[m][b], call)
         del gathered, self._expert_params
 
-    def merge_head(self, shell: ModelShell, batches) -> None:
+    def merge_head(self, shell: ModelShell, batches, config_tied: bool) -> None:
         """Final norm(s) by the fallback rule; an untied lm_head by the solve."""
         from mergekit_com.walker import LINEAR_TYPES
 
         merged_h, own_h, calls, masks = self.caches
         post = self.task.layout.post
         gathered = self.gather(post)
-        config_tied = getattr(load_out_config(self.task.out_config), "tie_word_embeddings", False)
         heads = [
             n for n in post
             if n.endswith(".weight") and not config_tied

@@ -6,17 +6,14 @@ import pico
 import pytest
 import torch
 from closed_form import assert_close, captured_inputs, match_expert, regmean, texts_of
-from merging import com_config, experts, merge, read_tensors
+from merging import com_config, experts, merge
 from safetensors.torch import load_file
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def module_of(name: str) -> str:
-    for part in ("self_attn", "mlp"):
-        if name in LINEARS and part == ("self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"):
-            return part
-    raise KeyError(name)
+    return "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
 
 
 def linear_modules(layers: int):
