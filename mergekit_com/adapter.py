@@ -69,8 +69,11 @@ class ChainOfMergesTask(Task[None]):
     def execute(self, writer, tokenizer=None) -> None:
         from mergekit_com.engine import run_chain
 
+        from mergekit_com import distributed
+
         run_chain(self, writer, tokenizer)
-        writer.finalize()
+        if distributed.is_writer():
+            writer.finalize()
 
 
 # ---------------------------------------------------------------- validation

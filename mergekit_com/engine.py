@@ -23,7 +23,7 @@ import tqdm
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Executor, TaskUniverse
 
-from mergekit_com import linalg
+from mergekit_com import distributed, linalg
 from mergekit_com.activations import ActivationStore, CachedList, resolve_budget, resolve_dtype
 from mergekit_com.calibration import load_calibration, make_batches
 from mergekit_com.method import ChainContext, activate, deactivate
@@ -135,7 +135,8 @@ class _Walk:
         save = self.saves[name]
         with PHASES.phase("write"):
             value = save.tensor_task.execute(tensors=tensors)
-            save.execute(writer=self.writer, tensor=value)
+            if distributed.is_writer():
+                save.execute(writer=self.writer, tensor=value)
         if save.dtype:
             value = value.to(dtype_from_name(save.dtype))
         return value.to(device=self.device, dtype=torch.float32)
@@ -150,11 +151,14 @@ class _Walk:
                 cal = load_calibration(s.calibration[model], tok, s.num_samples, s.max_seq_len)
             LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens, cal.path)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            out[model] = make_batches(cal.sequences, s.batch_size, pad_id=pad)
+            # under torchrun each rank calibrates on its own disjoint share of the samples
+            sequences = distributed.shard(cal.sequences, f"expert {model}")
+            out[model] = make_batches(sequences, s.batch_size, pad_id=pad)
         return out
 
     # ------------------------------------------------------------ the walk
     def run(self) -> None:
+        distributed.setup(self.device)
         PHASES.reset(self.device)
         s = self.settings
         self.store = ActivationStore(self.device, resolve_dtype(s.activation_dtype, self.device),
@@ -224,6 +228,7 @@ class _Walk:
                         x = self._rows(xs[key], valid, biased[key])
                         z = self._rows(zs[key], valid, biased[key]) if match else None
                         moments[key][m].add(x, z)
+        distributed.all_reduce_moments(mo for per in moments.values() for mo in per.values())
         return {
             key: linalg.SharedInputStats(
                 grams={m: mo.mean_gram() for m, mo in per.items()},
@@ -371,6 +376,7 @@ class _Walk:
                         with PHASES.phase("gram"):
                             moments[m].add(self._rows(x, valid, bool(bias_name)),
                                            self._rows(z, valid, bool(bias_name)) if match else None)
+                distributed.all_reduce_moments(moments.values())
                 stats = linalg.SharedInputStats(
                     grams={m: mo.mean_gram() for m, mo in moments.items()},
                     crosses={m: mo.mean_cross() for m, mo in moments.items()} if match else {},
