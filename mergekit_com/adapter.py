@@ -63,13 +63,13 @@ class ChainOfMergesTask(Task[None]):
 
     def execute(self, writer, tokenizer=None) -> None:
         from mergekit_com.engine import run_chain
-        from mergekit_com.output import copy_generation_config
+        from mergekit_com.output import copy_generation_config, copy_remote_code
 
         run_chain(self, writer, tokenizer)
         writer.finalize()
-        copy_generation_config(
-            [self.config_source, *self.experts], self.writer_task.out_path, self.options
-        )
+        out_path = self.writer_task.out_path
+        copy_generation_config([self.config_source, *self.experts], out_path, self.options)
+        copy_remote_code(self.config_source, out_path, self.options)
 
 
 # ---------------------------------------------------------------- validation
@@ -286,10 +286,15 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
     layers = tuple(names(arch.layer_weights(i)) for i in range(num_layers))
     if num_layers == 0 or not layers[0]:
         raise ChainConfigError(f"{METHOD_NAME}: the output model has no decoder layers to walk")
+    pre, post = names(arch.pre_weights()), names(arch.post_weights())
+    # The output head is solved after the layers; mergekit's inferred
+    # architectures (no JSON definition) list every non-layer tensor as "pre".
+    head = _module_name(model, model.get_output_embeddings())
+    moved = tuple(n for n in pre if head and n.rpartition(".")[0] == head)
     layout = ChainLayout(
-        pre=names(arch.pre_weights()),
+        pre=tuple(n for n in pre if n not in moved),
         layers=layers,
-        post=names(arch.post_weights()),
+        post=post + moved,
         first_layer_weight=layers[0][0],
     )
     from mergekit_com.walker import find_layer_list
@@ -316,6 +321,10 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
 
     card.remember_run(config, out_path)
     return [chain] + ([tokenizer] if tokenizer is not None else [])
+
+
+def _module_name(model, module) -> Optional[str]:
+    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
 
 
 def patch_planner() -> None:

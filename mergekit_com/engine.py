@@ -227,6 +227,7 @@ class _Walk:
             if getattr(config, "tie_word_embeddings", False):
                 shell.tie_embeddings()
             own_pre = {m: self._own_params(pre, m) for m in self.experts}
+            self._own_pre = own_pre
 
             merged_h, own_h, calls = {}, {}, {}
             for m in self.experts:
@@ -424,7 +425,8 @@ class _Walk:
             for n in post:
                 if n not in heads and not (n.endswith(".bias") and n[:-5] + ".weight" in heads):
                     shell.set_tensor(n, self.finish(n, gathered[n]))
-            own_post = {m: self._own_params(gathered, m) for m in self.experts}
+            # all non-layer tensors: an inferred architecture may list the final norm as "pre"
+            own_post = {m: {**self._own_pre[m], **self._own_params(gathered, m)} for m in self.experts}
             for weight_name in heads:
                 module_name = weight_name.rpartition(".")[0]
                 head = shell.model.get_submodule(module_name)

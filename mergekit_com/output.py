@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -39,3 +40,23 @@ def copy_generation_config(sources: Iterable[ModelReference], out_path: str, opt
             LOG.info("Copying %s from %s", GENERATION_CONFIG, ref)
             shutil.copy(path, os.path.join(out_path, GENERATION_CONFIG))
             return
+
+
+def copy_remote_code(source: ModelReference, out_path: str, options) -> None:
+    """The Python modules of a ``trust_remote_code`` model, so the output loads too.
+
+    ``config.save_pretrained`` copies only the configuration's module; the
+    modeling code (and whatever it imports relatively) lives next to it.
+    """
+    if not getattr(source.config(trust_remote_code=options.trust_remote_code), "auto_map", None):
+        return
+    local = source.merged(
+        cache_dir=options.lora_merge_cache,
+        trust_remote_code=options.trust_remote_code,
+        lora_merge_dtype=options.lora_merge_dtype,
+    ).local_path(cache_dir=options.transformers_cache)
+    for path in glob.glob(os.path.join(local, "*.py")):
+        target = os.path.join(out_path, os.path.basename(path))
+        if not os.path.exists(target):
+            LOG.info("Copying %s from %s", os.path.basename(path), source)
+            shutil.copy(path, target)

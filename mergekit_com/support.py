@@ -9,6 +9,7 @@ the output model, never a per-architecture table.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, List, Tuple
 
 import torch
@@ -54,8 +55,9 @@ def meta_model(config, trust_remote_code: bool) -> nn.Module:
     name = architecture_name(config)
     try:
         with torch.device("meta"):
+            # a copy: from_config writes the dtype into the configuration it is given
             model = AutoModelForCausalLM.from_config(
-                config, trust_remote_code=trust_remote_code, dtype=torch.float32
+                copy.deepcopy(config), trust_remote_code=trust_remote_code, dtype=torch.float32
             )
     except ValueError as e:
         raise ChainConfigError(
