@@ -87,9 +87,8 @@ class MergeReport:
             self._shift[layer] = [_Ratio() for _ in self.experts]
 
     def set_calibration(self, index: int, cal, weight: Any) -> None:
-        self.calibration[index] = {
+        self.calibration[index] = {  # no local path: the report ships with the model
             "file": os.path.basename(cal.path),
-            "path": cal.path,
             "sha256": cal.sha256,
             "samples": cal.num_records,
             "tokens": cal.num_tokens,
