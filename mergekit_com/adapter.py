@@ -24,9 +24,10 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from mergekit.tokenizer import BuildTokenizer
 
-from mergekit_com import support
+from mergekit_com import card, support
 from mergekit_com.errors import ChainConfigError
 from mergekit_com.method import CHAINS, FALLBACKS, GLOBAL_ONLY, METHOD_NAME, OBJECTIVES, PARAMETERS
+from mergekit_com.walker import find_layer_list
 
 __all__ = ["ChainConfigError", "ChainOfMergesTask", "patch_planner"]
 
@@ -179,12 +180,12 @@ def check_options(options: MergeOptions) -> None:
         device = torch.device(options.device or "cpu")
     except (RuntimeError, ValueError):
         raise ChainConfigError(f"--device {options.device!r} is not a torch device") from None
-    backend = getattr(torch, device.type, None)
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps
     if device.type not in ("cpu", "meta") and hasattr(backend, "is_available"):
-        count = backend.device_count() if hasattr(backend, "device_count") else 1
-        if not backend.is_available() or (device.index or 0) >= count:
+        count = backend.device_count() if backend.is_available() else 0
+        if (device.index or 0) >= count:
             raise ChainConfigError(
-                f"--device {options.device} (or --cuda): torch sees {count if backend.is_available() else 'no'} "
+                f"--device {options.device} (or --cuda): torch sees {count or 'no'} "
                 f"{device.type} device(s); use --device cpu or --device auto"
             )
 
@@ -289,16 +290,14 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
     pre, post = names(arch.pre_weights()), names(arch.post_weights())
     # The output head is solved after the layers; mergekit's inferred
     # architectures (no JSON definition) list every non-layer tensor as "pre".
-    head = _module_name(model, model.get_output_embeddings())
-    moved = tuple(n for n in pre if head and n.rpartition(".")[0] == head)
+    head = _head_name(model)
+    moved = tuple(n for n in pre if n.rpartition(".")[0] == head)
     layout = ChainLayout(
         pre=tuple(n for n in pre if n not in moved),
         layers=layers,
         post=post + moved,
         first_layer_weight=layers[0][0],
     )
-    from mergekit_com.walker import find_layer_list
-
     layers_name, decoder_layers = find_layer_list(model, layout.first_layer_weight)
     support.check_layers(model, decoder_layers, layers_name)
     support.check_coverage(model, layout.layers, layout.pre + layout.post,
@@ -317,22 +316,20 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
         chat_template=config.chat_template,
         options=planner.options,
     )
-    from mergekit_com import card
-
     card.remember_run(config, out_path)
     return [chain] + ([tokenizer] if tokenizer is not None else [])
 
 
-def _module_name(model, module) -> Optional[str]:
-    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+def _head_name(model) -> Optional[str]:
+    """The module name of the output embeddings (``lm_head``), if the model has one."""
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None)
 
 
 def patch_planner() -> None:
     """Route chain_of_merges plans through the chain task (and its cards through
     ``card.py``); other methods untouched."""
-    from mergekit_com.card import patch_card
-
-    patch_card()
+    card.patch_card()
     if getattr(MergePlanner.plan_to_disk, "_mergekit_com", False):
         return
     original = MergePlanner.plan_to_disk

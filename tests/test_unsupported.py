@@ -1,6 +1,5 @@
 """What CoM cannot walk is refused at planning, naming the architecture, before any output."""
 
-import os
 
 import pico
 import pytest
