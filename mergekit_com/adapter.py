@@ -14,6 +14,7 @@ import functools
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+import torch
 from pydantic import BaseModel
 
 from mergekit.common import ModelReference
@@ -174,8 +175,6 @@ def check_options(options: MergeOptions) -> None:
             "sequential (each layer needs the merged layers before it); run it on one "
             "device with --cuda or --device cuda:N"
         )
-    import torch
-
     try:
         device = torch.device(options.device or "cpu")
     except (RuntimeError, ValueError):

@@ -106,10 +106,13 @@ class MergeReport:
         """``target``/``merged``: ``[out, in]`` (bias column included); ``gram``: ``[in, in]``."""
         self._layer(layer)
         ratios = self._residual[layer].setdefault(linear, [_Ratio() for _ in self.experts])
-        gram = gram.double()
-        diff = merged.double() - target.double()
-        num = ((diff @ gram) * diff).sum().item()
-        den = ((target.double() @ gram) * target.double()).sum().item()
+        # Diagnostic precision is enough: float32 products (the difference is taken
+        # first, so nothing cancels), float64 sums.
+        gram = gram.to(torch.float32)
+        diff = (merged.double() - target.double()).to(torch.float32)
+        target = target.to(torch.float32)
+        num = ((diff @ gram) * diff).sum(dtype=torch.float64).item()
+        den = ((target @ gram) * target).sum(dtype=torch.float64).item()
         ratios[index].add(num, den)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -150,9 +150,12 @@ def remote_code_copy(src: str, dst) -> str:
 def test_trust_remote_code(zoo2, tmp_path, reference):
     from transformers import AutoModelForCausalLM
 
+    import uuid
+
     models = experts(zoo2)
     for i, m in enumerate(models):
-        m["model"] = remote_code_copy(m["model"], tmp_path / f"remote{i}")
+        # transformers caches remote code by folder name in ~/.cache: keep it unique
+        m["model"] = remote_code_copy(m["model"], tmp_path / f"pico_remote_{uuid.uuid4().hex[:8]}")
     with pytest.raises(ValueError, match="trust_remote_code"):
         merge(com_config(models), str(tmp_path / "refused"))
     out = tmp_path / "out"
