@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("mergekit.chain_of_merges.calibration")  # under mergekit's logger
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
