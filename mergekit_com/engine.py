@@ -27,6 +27,7 @@ import tqdm
 
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Executor, TaskUniverse
+from mergekit.io.tasks import LoaderCache
 
 from mergekit_com import distributed, linalg
 from mergekit_com.activations import ActivationStore, CachedList, resolve_budget, resolve_dtype
@@ -435,6 +436,9 @@ class _Walk:
                     call = calls[m][b][index]
                     merged_h[m][b] = run_layer(layer, current, merged_h[m][b], call)
                     own_h[m][b] = run_layer(layer, self._expert_params[m], own_h[m][b], call)
+        # Unmap this layer's weight files: mmapped pages would otherwise stay resident
+        # and make memory grow with depth (they are re-opened for the next layer).
+        LoaderCache().flush_all()
         del gathered, self._expert_params
         return current
 
