@@ -58,11 +58,18 @@ class Method:
         return cfg
 
 
-def methods(quick: bool = False) -> List[Method]:
-    """Every row of the benchmark. quick=True shrinks the grids (tests)."""
-    lam_mk = (0.5, 1.0) if quick else MERGEKIT_LAMBDAS
-    lam_ours = (0.5,) if quick else OUR_LAMBDAS
-    alphas = (0.9,) if quick else OUR_ALPHAS
+# Smaller grids where every merge and score costs minutes (name -> (mergekit lambdas,
+# our lambdas, our alphas)). smollm2 keeps alpha at 1, the best value of tiny's ablation.
+GRIDS = {
+    "full": (MERGEKIT_LAMBDAS, OUR_LAMBDAS, OUR_ALPHAS),
+    "smollm2": ((0.5, 1.0, 2.0), (0.2, 1.0), (1.0,)),
+    "quick": ((0.5, 1.0), (0.5,), (0.9,)),
+}
+
+
+def methods(quick: bool = False, grid: str = "full") -> List[Method]:
+    """Every row of the benchmark. quick=True (tests) or grid= shrinks the tuning grids."""
+    lam_mk, lam_ours, alphas = GRIDS["quick" if quick else grid]
     ours = {"fallback": "task_arithmetic"}
     return [
         Method("linear", "linear", {"normalize": True}),
@@ -85,6 +92,13 @@ def describe(knobs: Knobs) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in knobs.items()) or "-"
 
 
-def ablation_grid(quick: bool = False) -> Tuple[Sequence[float], Sequence[int]]:
+ABLATIONS = {
+    "full": ((0.5, 0.75, 0.9, 0.99, 1.0), (16, 32, 64, 128)),
+    "smollm2": ((0.9, 1.0), (16, 64)),
+    "quick": ((0.9, 1.0), (4, 8)),
+}
+
+
+def ablation_grid(quick: bool = False, grid: str = "full") -> Tuple[Sequence[float], Sequence[int]]:
     """(alphas, num_samples) for CoM's sensitivity table."""
-    return ((0.9, 1.0), (4, 8)) if quick else ((0.5, 0.75, 0.9, 0.99, 1.0), (16, 32, 64, 128))
+    return ABLATIONS["quick" if quick else grid]
