@@ -10,7 +10,9 @@ order, with the calibration walk in between.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import math
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -24,10 +26,11 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from mergekit.tokenizer import BuildTokenizer
 
+from mergekit_com.errors import MergeInputError
 from mergekit_com.method import CHAINS, FALLBACKS, GLOBAL_ONLY, METHOD_NAME, OBJECTIVES, PARAMETERS
 
 
-class ChainConfigError(ValueError):
+class ChainConfigError(MergeInputError):
     """A configuration CoM cannot run; the message names what to change."""
 
 
@@ -48,6 +51,8 @@ class ChainOfMergesTask(Task[None]):
     out_config: str
     experts: Tuple[ModelReference, ...]
     options: MergeOptions
+    # where completed layers are checkpointed (None: not resumable)
+    checkpoint_dir: Optional[str] = None
 
     def arguments(self) -> Dict[str, Task]:
         args: Dict[str, Task] = {"writer": self.writer_task}
@@ -106,9 +111,11 @@ def check_parameter_names(config) -> None:
     for where, params, per_model in _parameter_scopes(config):
         for name, setting in (params or {}).items():
             if name not in PARAMETERS:
+                close = difflib.get_close_matches(str(name), valid, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ChainConfigError(
                     f"{where}: unknown parameter '{name}' for {METHOD_NAME}; "
-                    f"valid parameters: {', '.join(valid)}"
+                    f"{hint}valid parameters: {', '.join(valid)}"
                 )
             ty, scope = PARAMETERS[name][:2]
             if per_model and scope == ParameterScope.SHARED:
@@ -140,10 +147,12 @@ def listed_models(config) -> List[ModelReference]:
     return list(dict.fromkeys(out))
 
 
-def _check_value(name: str, value: Any, tensor: str) -> None:
+def _check_value(name: str, value: Any, where: str) -> None:
     def bad(rule: str) -> ChainConfigError:
-        return ChainConfigError(f"parameter '{name}' = {value!r} (for {tensor}) {rule}")
+        return ChainConfigError(f"parameter '{name}' = {value!r} {where} {rule}")
 
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad("must be a finite number")
     if name == "alpha" and not 0.0 <= value <= 1.0:
         raise bad("must be in [0, 1]")
     if name in ("num_samples", "max_seq_len", "batch_size") and value <= 0:
@@ -164,7 +173,7 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
     for save in save_tasks:
         task = save.tensor_task
         for name, value in task.parameters.items():
-            _check_value(name, value, save.tensor_name)
+            _check_value(name, value, f"(at {save.tensor_name})")
             if name in GLOBAL_ONLY:
                 if first.setdefault(name, value) != value:
                     raise ChainConfigError(
@@ -179,7 +188,7 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
         for model, params in task.input_parameters.items():
             for name, value in params.items():
                 if value is not None:
-                    _check_value(name, value, save.tensor_name)
+                    _check_value(name, value, f"of model {model}")
     if not save_tasks:
         return
     params = save_tasks[0].tensor_task.input_parameters
@@ -192,7 +201,8 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
             )
         if not os.path.exists(os.path.abspath(os.path.expanduser(calibration))):
             raise ChainConfigError(
-                f"calibration file {calibration} (for model {model}) does not exist"
+                f"calibration file {calibration} (for model {model}) does not exist; fix the "
+                "path (relative paths are resolved from the working directory)"
             )
 
 
@@ -200,8 +210,14 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
 
 
 def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
+    from mergekit_com import preflight
+    from mergekit_com.workdir import ACTIVE
+
     config = planner.config
+    work = ACTIVE.get()
     check_parameter_names(config)
+    if work is None:  # planned outside mergekit_com.run (which checked them already)
+        preflight.check_models(config, planner.options)
     listed = listed_models(config)
     base = config.base_model
     if len(planner.arch_info.modules) != 1:
@@ -221,6 +237,16 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
     if not experts:
         raise ChainConfigError(f"{METHOD_NAME} needs at least one expert under models:")
     check_planned_values(save_tasks, experts, base)
+    first = save_tasks[0].tensor_task
+    preflight.check_calibration(
+        experts,
+        {m: first.input_parameters.get(m, {}).get("calibration") for m in experts},
+        first.parameters["num_samples"],
+        first.parameters["max_seq_len"],
+        planner.options,
+        shared_tokenizer=tokenizer is not None,
+    )
+    preflight.scan_weights(preflight.ordered_models(config), planner.options)
 
     module_name = next(iter(planner.arch_info.modules))
     arch = planner._out_module_arch(module_name)
@@ -247,6 +273,7 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
         out_config=planner.out_model_config.to_json_string(use_diff=False),
         experts=tuple(experts),
         options=planner.options,
+        checkpoint_dir=work.checkpoints.path if work is not None else None,
     )
     return [chain] + ([tokenizer] if tokenizer is not None else [])
 

@@ -7,7 +7,11 @@ For each decoder layer, in forward order:
      every expert's input Gram from the cached activations (``chain``
      decides which weights produce them), solve, and install the merge;
   4. write the layer and push the cached activations one layer forward.
-Then the same for the head (final norm, lm_head). The prefix is never re-run.
+Then the same for the head (final norm, lm_head). The prefix is never re-run,
+except on resume: the tensors written for every completed layer are kept in
+a checkpoint; a resumed walk writes them again and runs the merged prefix on
+the calibration data to rebuild the cached activations (the very same
+computation, so the result is bit-identical on CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mergekit.graph import Executor, TaskUniverse
 from mergekit_com import linalg
 from mergekit_com.calibration import load_calibration, make_batches
 from mergekit_com.method import ChainContext, activate, deactivate
+from mergekit_com.workdir import LayerCheckpoints, Record
 from mergekit_com.walker import (
     ModelShell,
     capture_inputs,
@@ -86,12 +91,30 @@ def model_tokenizer(model: ModelReference, options):
     )
 
 
+class _RecordingWriter:
+    """Passes tensors to mergekit's writer and remembers them for the checkpoint."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.records: List[Record] = []
+
+    def save_tensor(self, name: str, tensor: torch.Tensor, clone: bool = False) -> None:
+        self.writer.save_tensor(name=name, tensor=tensor, clone=clone)
+        self.records.append((name, tensor, clone))
+
+    def take(self) -> List[Record]:
+        records, self.records = self.records, []
+        return records
+
+
 class _Walk:
     """State of one chain run: caches, the running merged tensors, the writer."""
 
     def __init__(self, task, writer, tokenizer_info):
         self.task = task
-        self.writer = writer
+        self.writer = _RecordingWriter(writer)
+        self.checkpoints = LayerCheckpoints(task.checkpoint_dir) if task.checkpoint_dir else None
+        self._warned_rank = set()
         self.settings = read_settings(task)
         self.device = torch.device(task.options.device or "cpu")
         self.saves = {s.tensor_name: s for s in task.save_tasks}
@@ -130,7 +153,25 @@ class _Walk:
         save.execute(writer=self.writer, tensor=value)
         if save.dtype:
             value = value.to(dtype_from_name(save.dtype))
-        return value.to(device=self.device, dtype=torch.float32)
+        return self._installed(value)
+
+    def _installed(self, written: torch.Tensor) -> torch.Tensor:
+        """What the running model uses: the tensor as written, in float32."""
+        return written.to(device=self.device, dtype=torch.float32)
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint(self, key) -> None:
+        records = self.writer.take()
+        if self.checkpoints is not None:
+            self.checkpoints.save(key, records)
+
+    def replay(self, key) -> Dict[str, torch.Tensor]:
+        """Write a checkpointed step again; name -> value as finish() returned it."""
+        out = {}
+        for name, tensor, clone in self.checkpoints.load(key):
+            self.writer.writer.save_tensor(name=name, tensor=tensor, clone=clone)
+            out[name] = self._installed(tensor)
+        return out
 
     # ------------------------------------------------------------ calibration
     def load_batches(self) -> Dict[ModelReference, List[Batch]]:
@@ -138,7 +179,9 @@ class _Walk:
         out = {}
         for model in tqdm.tqdm(self.experts, desc="Loading calibration", disable=self.task.options.quiet):
             tok = self.out_tokenizer or model_tokenizer(model, self.task.options)
-            cal = load_calibration(s.calibration[model], tok, s.num_samples, s.max_seq_len)
+            # checked (and short files reported) when the merge was planned
+            cal = load_calibration(s.calibration[model], tok, s.num_samples, s.max_seq_len,
+                                   model=model, warn_short=False)
             LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens, cal.path)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             out[model] = make_batches(cal.sequences, s.batch_size, pad_id=pad)
@@ -150,10 +193,18 @@ class _Walk:
         config = load_out_config(self.task.out_config)
         shell = ModelShell(config, layout.first_layer_weight, self.device)
         batches = self.load_batches()
+        done = self.checkpoints.completed_layers() if self.checkpoints else 0
+        if done:
+            LOG.info("resuming: layers 0-%d are taken from %s", done - 1, self.checkpoints.path)
 
-        pre = self.gather(layout.pre)
+        pre = self.gather(layout.pre) if self.need_own or not done else {}
+        if done:
+            values = self.replay("pre")
+        else:
+            values = {name: self.finish(name, pre[name]) for name in layout.pre}
+            self.checkpoint("pre")
         for name in layout.pre:
-            shell.set_tensor(name, self.finish(name, pre[name]))
+            shell.set_tensor(name, values[name])
         if getattr(config, "tie_word_embeddings", False):
             shell.tie_embeddings()
         own_pre = {m: self._own_params(pre, m) for m in self.experts} if self.need_own else {}
@@ -173,7 +224,11 @@ class _Walk:
         self.caches = (merged_h, own_h, calls, masks)
 
         for index in tqdm.tqdm(range(shell.num_layers), desc="Chain of Merges", disable=self.task.options.quiet):
-            self.merge_layer(shell, index, layout.layers[index])
+            if index < done:
+                self.replay_layer(shell, index, layout.layers[index])
+            else:
+                self.merge_layer(shell, index, layout.layers[index])
+                self.checkpoint(index)
         shell.release()
         self.merge_head(shell, batches, getattr(config, "tie_word_embeddings", False))
 
@@ -200,6 +255,8 @@ class _Walk:
                     x = self._rows(xs[key], valid, biased[key])
                     z = self._rows(zs[key], valid, biased[key]) if match else None
                     moments[key][m].add(x, z)
+        for key, per in moments.items():
+            self._warn_if_rank_deficient(per, f"layer {self._layer_index} {key}")
         return {
             key: linalg.SharedInputStats(
                 grams={m: mo.mean_gram() for m, mo in per.items()},
@@ -207,6 +264,17 @@ class _Walk:
             )
             for key, per in moments.items()
         }
+
+    def _warn_if_rank_deficient(self, moments, where: str) -> None:
+        for m, mo in moments.items():
+            width = mo.gram.shape[0]
+            if mo.count < width and m not in self._warned_rank:
+                self._warned_rank.add(m)  # once per expert: later layers are alike
+                LOG.warning(
+                    "model %s: %d calibration tokens for %d input features (%s): the Gram is "
+                    "rank-deficient and only the ridge regularises it; give more calibration "
+                    "data for a better merge", m, mo.count, width, where,
+                )
 
     @staticmethod
     def _rows(x: torch.Tensor, valid: torch.Tensor, biased: bool) -> torch.Tensor:
@@ -296,7 +364,23 @@ class _Walk:
                     current.update({n[len(prefix):]: v for n, v in done.items()})
         finally:
             self.ctx.solutions.clear()
+        self._advance(layer, index, current)
+        del gathered, self._expert_params
 
+    def replay_layer(self, shell: ModelShell, index: int, names) -> None:
+        """A checkpointed layer: write it again and push the activations through it."""
+        prefix = shell.layer_prefix(index)
+        layer = shell.layer(index)
+        current = {n[len(prefix):]: v for n, v in self.replay(index).items()}
+        if self.need_own:
+            gathered = self.gather(names)
+            self._expert_params = {m: self._own_params(gathered, m, prefix) for m in self.experts}
+        self._advance(layer, index, current)
+        self._expert_params = None
+
+    def _advance(self, layer, index: int, current: Dict[str, torch.Tensor]) -> None:
+        """Cached activations one layer forward: merged layer and experts' own."""
+        merged_h, own_h, calls, masks = self.caches
         for m in self.experts:
             for b in range(len(masks[m])):
                 call = calls[m][b][index]
@@ -304,7 +388,6 @@ class _Walk:
                     merged_h[m][b] = run_layer(layer, current, merged_h[m][b], call)
                 if self.need_own:
                     own_h[m][b] = run_layer(layer, self._expert_params[m], own_h[m][b], call)
-        del gathered, self._expert_params
 
     def merge_head(self, shell: ModelShell, batches, config_tied: bool) -> None:
         """Final norm(s) by the fallback rule; an untied lm_head by the solve."""
@@ -342,6 +425,7 @@ class _Walk:
                              if match else None)
                         moments[m].add(self._rows(x, valid, bool(bias_name)),
                                        self._rows(z, valid, bool(bias_name)) if match else None)
+                self._warn_if_rank_deficient(moments, module_name)
                 stats = linalg.SharedInputStats(
                     grams={m: mo.mean_gram() for m, mo in moments.items()},
                     crosses={m: mo.mean_cross() for m, mo in moments.items()} if match else {},
