@@ -103,10 +103,20 @@ def _scalars(setting: Any) -> Iterable[Any]:
         yield setting
 
 
-def check_parameter_names(config) -> None:
-    """Unknown names and values of the wrong type, before mergekit plans anything."""
+def _has_type(ty, value) -> bool:
     from pydantic import TypeAdapter, ValidationError
 
+    if isinstance(value, bool) and ty in (int, float):
+        return False  # YAML `true` is no number, though pydantic would take it as 1
+    try:
+        TypeAdapter(ty).validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def check_parameter_names(config) -> None:
+    """Unknown names and values of the wrong type, before mergekit plans anything."""
     valid = sorted(PARAMETERS)
     for where, params, per_model in _parameter_scopes(config):
         for name, setting in (params or {}).items():
@@ -124,13 +134,11 @@ def check_parameter_names(config) -> None:
                     "model; set it under the top-level `parameters:`"
                 )
             for value in _scalars(setting):
-                try:
-                    TypeAdapter(ty).validate_python(value)
-                except ValidationError:
+                if not _has_type(ty, value):
                     raise ChainConfigError(
                         f"{where}: parameter '{name}' = {value!r} is not a valid "
                         f"{getattr(ty, '__name__', 'string')}"
-                    ) from None
+                    )
 
 
 def listed_models(config) -> List[ModelReference]:

@@ -1,7 +1,7 @@
 """Calibration data: load records, tokenize, batch.
 
-JSON Lines files are read line by line with ``json`` (so an error can name
-its line); .json, .txt, .parquet and saved datasets with ``datasets``.
+JSON and JSON Lines files are read with ``json`` (so an error can name its
+line or record); .txt, .parquet and saved datasets with ``datasets``.
 Anything malformed becomes a ``CalibrationError`` naming the file and the
 line or record. Records are taken in file order; the first ``num_samples`` usable ones are
 kept. Batches are right-padded and carry an attention mask so that padding
@@ -72,35 +72,75 @@ def check_exists(path: str, shown: str) -> str:
 Labeled = Tuple[str, Dict[str, Any]]  # ("line 3" / "record 3", the record)
 
 
+def _decode(raw: bytes, where: str, first: bool) -> str:
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{where} is not valid UTF-8 text") from None
+
+
+def _record(row: Any, where: str, example: str) -> Dict[str, Any]:
+    if not isinstance(row, dict):
+        raise CalibrationError(
+            f"{where} is a JSON {_JSON_TYPES.get(type(row), type(row).__name__)}, not an "
+            f"object; {example}"
+        )
+    return row
+
+
+_JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+_LINE = 'each line must hold one JSON object such as {"text": "..."}'
+
+
 def _jsonl_records(path: str, shown: str) -> Iterator[Labeled]:
     """JSON Lines read line by line, so that every error can name its line."""
     with open(path, "rb") as fp:
         for number, raw in enumerate(fp, start=1):
             where = f"calibration file {shown}: line {number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise CalibrationError(f"{where} is not valid UTF-8 text") from None
+            line = _decode(raw, where, number == 1).rstrip("\r\n")
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.rstrip("\r\n"))  # columns count within the line
-            except (json.JSONDecodeError, RecursionError) as e:
-                detail = f" ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+                row = json.loads(line)  # columns count within the line
+            except json.JSONDecodeError as e:
                 raise CalibrationError(
-                    f"{where} is not valid JSON{detail}; each line must hold one JSON "
-                    'object such as {"text": "..."}'
+                    f"{where} is not valid JSON ({e.msg} at column {e.colno}); {_LINE}"
                 ) from None
-            if not isinstance(row, dict):
-                raise CalibrationError(
-                    f"{where} is a JSON {type(row).__name__}, not an object; each line must "
-                    'hold one JSON object such as {"text": "..."}'
-                )
-            yield f"line {number}", row
+            except RecursionError:
+                raise CalibrationError(f"{where} is nested too deeply") from None
+            yield f"line {number}", _record(row, where, _LINE)
+
+
+def _json_records(path: str, shown: str) -> Iterator[Labeled]:
+    """A .json file: an array of records, one record, or JSON Lines (as datasets reads them).
+
+    Read with ``json``, not pyarrow: pyarrow's JSON reader crashed the process
+    (a segfault, not an exception) on some malformed files found by fuzzing.
+    """
+    where = f"calibration file {shown}"
+    with open(path, "rb") as fp:
+        text = _decode(fp.read(), where, True)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several values: JSON Lines
+            yield from _jsonl_records(path, shown)
+            return
+        raise CalibrationError(
+            f"{where} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); give "
+            "a JSON array of objects or JSON Lines"
+        ) from None
+    except RecursionError:
+        raise CalibrationError(f"{where} is nested too deeply") from None
+    rows = value if isinstance(value, list) else [value]
+    example = 'give a JSON array of objects such as [{"text": "..."}]'
+    for number, row in enumerate(rows, start=1):
+        yield f"record {number}", _record(row, f"{where}: record {number}", example)
 
 
 def _dataset_records(path: str, shown: str) -> Iterator[Labeled]:
-    """.json/.txt/.parquet files and saved datasets, read with ``datasets``."""
+    """.txt/.parquet files and saved datasets, read with ``datasets``."""
     import datasets
 
     if os.path.isdir(path):
@@ -123,25 +163,9 @@ def _dataset_records(path: str, shown: str) -> Iterator[Labeled]:
         yield f"record {number}", row
 
 
-def _explain_read_error(path: str, shown: str, error: Exception) -> CalibrationError:
-    ext = os.path.splitext(path)[1].lower()
+def _explain_read_error(shown: str, error: Exception) -> CalibrationError:
     if isinstance(error, UnicodeDecodeError):
         return CalibrationError(f"calibration file {shown} is not valid UTF-8 text")
-    if ext == ".json":
-        try:
-            with open(path, encoding="utf-8") as fp:
-                json.load(fp)
-        except json.JSONDecodeError as e:
-            return CalibrationError(
-                f"calibration file {shown} is not valid JSON (line {e.lineno}, column "
-                f"{e.colno}: {e.msg}); give a JSON array of objects or JSON Lines"
-            )
-        except (ValueError, RecursionError):
-            pass
-        return CalibrationError(
-            f"calibration file {shown} is not a JSON array of objects with `text` or "
-            "`messages` (nor JSON Lines)"
-        )
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return CalibrationError(f"calibration file {shown} could not be read ({first[:200]})")
 
@@ -183,7 +207,9 @@ def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
             )
         if os.path.getsize(path) == 0:
             raise CalibrationError(f"calibration file {shown} is empty")
-    reader = _jsonl_records if ext == ".jsonl" and not os.path.isdir(path) else _dataset_records
+    reader = _dataset_records
+    if not os.path.isdir(path):
+        reader = {".jsonl": _jsonl_records, ".json": _json_records}.get(ext, _dataset_records)
     out: List[Labeled] = []
     total = 0
     try:
@@ -197,7 +223,7 @@ def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
     except CalibrationError:
         raise
     except Exception as e:  # whatever the readers raise on a malformed file
-        raise _explain_read_error(path, shown, e) from None
+        raise _explain_read_error(shown, e) from None
     if not out:
         raise CalibrationError(
             f"calibration file {shown} holds no text: "

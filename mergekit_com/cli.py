@@ -64,13 +64,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     import pydantic
     import yaml
 
-    from mergekit_com.errors import MergeInputError
+    from mergekit_com.errors import MergeInputError, one_line
 
     args = sys.argv[1:] if argv is None else argv
     verbose = any(a == "-v" or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
 
     def fail(message: str, code: int = 2):
-        print(f"mergekit-com: error: {message}", file=sys.stderr)
+        print(f"mergekit-com: error: {one_line(message)}", file=sys.stderr)
         sys.exit(code)
 
     seen: dict = {}

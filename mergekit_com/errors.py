@@ -17,5 +17,14 @@ class MergeInputError(click.ClickException, ValueError):
     exit_code = 2
 
     def __init__(self, message: str):
-        # One line: a message is shown as-is by click and by mergekit-com.
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(one_line(message))
+
+
+def one_line(text: str) -> str:
+    """Whitespace runs become one space; other unprintable characters are escaped.
+
+    Messages quote what users wrote (file names, parameter names), which may
+    hold anything, and must still print as exactly one line.
+    """
+    words = " ".join(str(text).split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in words)
