@@ -29,7 +29,7 @@ class Case:
     id: str
     expert: str = "expert1"  # the second model; the first is always expert0 on e0.jsonl
     calibration: Optional[str] = "e1.jsonl"
-    first_calibration: str = "e0.jsonl"  # of ./expert0
+    first_calibration: Optional[str] = "e0.jsonl"  # of ./expert0; None: no ./expert0
     params: Dict = field(default_factory=dict)
     weight: Optional[float] = None
     out: Optional[str] = None
@@ -199,8 +199,8 @@ class World:
                 second["calibration"] = case.calibration
             if case.weight is not None:
                 second["weight"] = case.weight
-            cfg = com_config([{"model": "./expert0", "calibration": case.first_calibration}, second],
-                             **case.params)
+            first = [{"model": "./expert0", "calibration": case.first_calibration}]
+            cfg = com_config((first if case.first_calibration else []) + [second], **case.params)
             text = yaml.safe_dump(cfg, sort_keys=False)
         with open(path, "w") as fp:
             fp.write(text)

@@ -150,7 +150,7 @@ def test_remote_code_is_never_run(in_world):
     assert not os.path.exists(in_world.marker)
 
 
-def test_malicious_pickle_is_refused_without_running_it(in_world, monkeypatch):
+def test_malicious_pickle_is_refused_without_running_it(in_world, monkeypatch, capsys):
     world = in_world
     world.ensure("expert_evil")
     evil = world.path("expert_evil/pytorch_model.bin")
@@ -158,9 +158,13 @@ def test_malicious_pickle_is_refused_without_running_it(in_world, monkeypatch):
     torch.load(evil, weights_only=False)
     assert os.path.exists(world.marker)
     os.remove(world.marker)
-    # even where the environment turns torch's weights-only default off
+    # Alone (no other model to compare shapes with) and where the environment
+    # turns torch's weights-only default off, as mergekit's own loader would.
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    assert run_cli(cli_args(world, CASES["17"])) == 2
+    alone = Case("17-alone", expert="expert_evil", first_calibration=None)
+    capsys.readouterr()
+    assert run_cli(cli_args(world, alone)) == 2
+    assert "holds pickled objects other than tensors" in capsys.readouterr().err
     assert not os.path.exists(world.marker)
 
 
