@@ -224,7 +224,7 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
     config = planner.config
     work = ACTIVE.get()
     check_parameter_names(config)
-    if work is None:  # planned outside mergekit_com.run (which checked them already)
+    if work is None:  # planned without staged_merge.run_chain_merge, which checks them first
         preflight.check_models(config, planner.options)
     listed = listed_models(config)
     base = config.base_model

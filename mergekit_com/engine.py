@@ -231,6 +231,7 @@ class _Walk:
                 self.checkpoint(index)
         shell.release()
         self.merge_head(shell, batches, getattr(config, "tie_word_embeddings", False))
+        self.writer.take()  # the head is not checkpointed: a resume redoes it
 
     def _own_params(self, gathered, model, prefix: str = "") -> Dict[str, torch.Tensor]:
         return {
@@ -267,8 +268,10 @@ class _Walk:
 
     def _warn_if_rank_deficient(self, moments, where: str) -> None:
         for m, mo in moments.items():
+            if mo.gram is None or m in self._warned_rank:
+                continue
             width = mo.gram.shape[0]
-            if mo.count < width and m not in self._warned_rank:
+            if mo.count < width:
                 self._warned_rank.add(m)  # once per expert: later layers are alike
                 LOG.warning(
                     "model %s: %d calibration tokens for %d input features (%s): the Gram is "

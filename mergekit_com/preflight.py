@@ -37,11 +37,18 @@ def ordered_models(config) -> List[ModelReference]:
 
 
 def local_dir(model: ModelReference, options) -> str:
-    merged = model.merged(
-        cache_dir=options.lora_merge_cache,
-        trust_remote_code=options.trust_remote_code,
-        lora_merge_dtype=options.lora_merge_dtype,
-    )
+    try:
+        merged = model.merged(  # applies a LoRA, as mergekit itself would next
+            cache_dir=options.lora_merge_cache,
+            trust_remote_code=options.trust_remote_code,
+            lora_merge_dtype=options.lora_merge_dtype,
+        )
+    except Exception as e:
+        raise ChainConfigError(f"model {model}: its LoRA could not be applied ({_first_line(e)})") from None
+    path = merged.model.path
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # as mergekit's card tells
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ChainConfigError(f"model {model} does not exist; check the path")
     try:
         return merged.local_path(cache_dir=options.transformers_cache)
     except Exception as e:
@@ -243,7 +250,9 @@ def scan_weights(models: List[ModelReference], options) -> None:
     cache = LoaderCache()
     for model in tqdm.tqdm(models, desc="Checking weights", disable=options.quiet):
         loader = cache.get(model)
-        for name in sorted(loader.index.tensor_paths):
+        # shard by shard: a pickled shard is read whole each time the loader switches
+        paths = loader.index.tensor_paths
+        for name in sorted(paths, key=lambda n: (paths[n], n)):
             t = loader.get_tensor(name, device="cpu")
             if not t.is_floating_point():
                 continue

@@ -65,6 +65,8 @@ CASES = {c.id: c for c in [
     Case("15", out="merged"),
     Case("16", expert="expert_remote"),
     Case("17", expert="expert_evil"),
+    Case("m1", expert="missing_model"),
+    Case("m2", expert="expert_noweights"),
     Case("c1", raw_config="merge_method: chain_of_merges\nmodels: [\n"),
     Case("c2", raw_config="merge_method: chain_of_merges\nmodels:\n  - parameters: {}\n"),
 ]}
@@ -160,6 +162,10 @@ class World:
         w = state["model.layers.1.mlp.up_proj.weight"]
         w[0, 0], w[0, 1] = float("nan"), float("inf")
         save_file(state, f, metadata={"format": "pt"})
+
+    def _make_expert_noweights(self, p):
+        os.makedirs(p)
+        shutil.copy(os.path.join(self.zoo["expert1"], "config.json"), p)
 
     def _make_expert_remote(self, p):
         os.makedirs(p)
