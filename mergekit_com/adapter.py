@@ -27,7 +27,15 @@ from mergekit.plan import MergePlanner
 from mergekit.tokenizer import BuildTokenizer
 
 from mergekit_com.errors import MergeInputError
-from mergekit_com.method import CHAINS, FALLBACKS, GLOBAL_ONLY, METHOD_NAME, OBJECTIVES, PARAMETERS
+from mergekit_com.method import (
+    ACTIVATION_DTYPES,
+    CHAINS,
+    FALLBACKS,
+    GLOBAL_ONLY,
+    METHOD_NAME,
+    OBJECTIVES,
+    PARAMETERS,
+)
 
 
 class ChainConfigError(MergeInputError):
@@ -66,8 +74,11 @@ class ChainOfMergesTask(Task[None]):
     def execute(self, writer, tokenizer=None) -> None:
         from mergekit_com.engine import run_chain
 
+        from mergekit_com import distributed
+
         run_chain(self, writer, tokenizer)
-        writer.finalize()
+        if distributed.is_writer():
+            writer.finalize()
 
 
 # ---------------------------------------------------------------- validation
@@ -165,7 +176,7 @@ def _check_value(name: str, value: Any, where: str) -> None:
         raise bad("must be in [0, 1]")
     if name in ("num_samples", "max_seq_len", "batch_size") and value <= 0:
         raise bad("must be a positive integer")
-    if name in ("ridge", "weight") and value < 0:
+    if name in ("ridge", "weight", "activation_budget") and value < 0:
         raise bad("must be >= 0")
     if name == "chain" and value not in CHAINS:
         raise bad(f"must be one of {', '.join(CHAINS)}")
@@ -173,6 +184,8 @@ def _check_value(name: str, value: Any, where: str) -> None:
         raise bad(f"must be one of {', '.join(OBJECTIVES)}")
     if name == "fallback" and value not in FALLBACKS:
         raise bad(f"must be one of {', '.join(FALLBACKS)}")
+    if name == "activation_dtype" and value not in ACTIVATION_DTYPES:
+        raise bad(f"must be one of {', '.join(ACTIVATION_DTYPES)}")
 
 
 def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelReference], base) -> None:

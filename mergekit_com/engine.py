@@ -27,9 +27,11 @@ import tqdm
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Executor, TaskUniverse
 
-from mergekit_com import linalg
+from mergekit_com import distributed, linalg
+from mergekit_com.activations import ActivationStore, CachedList, resolve_budget, resolve_dtype
 from mergekit_com.calibration import load_calibration, make_batches
 from mergekit_com.method import ChainContext, activate, deactivate
+from mergekit_com.timing import ORDER, PHASES
 from mergekit_com.workdir import LayerCheckpoints, Record
 from mergekit_com.walker import (
     ModelShell,
@@ -51,6 +53,8 @@ class Settings:
     num_samples: int
     max_seq_len: int
     batch_size: int
+    activation_dtype: str
+    activation_budget: float
     weights: Dict[ModelReference, float]
     calibration: Dict[ModelReference, str]
 
@@ -64,6 +68,8 @@ def read_settings(task) -> Settings:
         num_samples=p["num_samples"],
         max_seq_len=p["max_seq_len"],
         batch_size=p["batch_size"],
+        activation_dtype=p["activation_dtype"],
+        activation_budget=p["activation_budget"],
         weights={m: first.input_parameters[m]["weight"] for m in task.experts},
         calibration={m: first.input_parameters[m]["calibration"] for m in task.experts},
     )
@@ -142,15 +148,18 @@ class _Walk:
         out = {}
         executor = Executor(list(wanted), math_device=self.device,
                             storage_device=self.device, cached_values=self.cached)
-        for handle, value in executor._run(quiet=True):
-            out[wanted[handle]] = value
+        with PHASES.phase("load"):
+            for handle, value in executor._run(quiet=True):
+                out[wanted[handle]] = value
         return out
 
     def finish(self, name: str, tensors) -> torch.Tensor:
         """Merge (via the mergekit task), write, and return the value as written."""
         save = self.saves[name]
-        value = save.tensor_task.execute(tensors=tensors)
-        save.execute(writer=self.writer, tensor=value)
+        with PHASES.phase("write"):
+            value = save.tensor_task.execute(tensors=tensors)
+            if distributed.is_writer():
+                save.execute(writer=self.writer, tensor=value)
         if save.dtype:
             value = value.to(dtype_from_name(save.dtype))
         return self._installed(value)
@@ -161,15 +170,16 @@ class _Walk:
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint(self, key) -> None:
-        records = self.writer.take()
-        if self.checkpoints is not None:
+        records = self.writer.take()  # empty on ranks that do not write
+        if self.checkpoints is not None and distributed.is_writer():
             self.checkpoints.save(key, records)
 
     def replay(self, key) -> Dict[str, torch.Tensor]:
         """Write a checkpointed step again; name -> value as finish() returned it."""
         out = {}
         for name, tensor, clone in self.checkpoints.load(key):
-            self.writer.writer.save_tensor(name=name, tensor=tensor, clone=clone)
+            if distributed.is_writer():
+                self.writer.writer.save_tensor(name=name, tensor=tensor, clone=clone)
             out[name] = self._installed(tensor)
         return out
 
@@ -179,21 +189,38 @@ class _Walk:
         out = {}
         for model in tqdm.tqdm(self.experts, desc="Loading calibration", disable=self.task.options.quiet):
             tok = self.out_tokenizer or model_tokenizer(model, self.task.options)
-            # checked (and short files reported) when the merge was planned
-            cal = load_calibration(s.calibration[model], tok, s.num_samples, s.max_seq_len,
-                                   model=model, warn_short=False)
+            with PHASES.phase("load"):
+                # checked (and short files reported) when the merge was planned
+                cal = load_calibration(s.calibration[model], tok, s.num_samples, s.max_seq_len,
+                                       model=model, warn_short=False)
             LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens, cal.path)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            out[model] = make_batches(cal.sequences, s.batch_size, pad_id=pad)
+            # under torchrun each rank calibrates on its own disjoint share of the samples
+            sequences = distributed.shard(cal.sequences, f"expert {model}")
+            out[model] = make_batches(sequences, s.batch_size, pad_id=pad)
         return out
 
     # ------------------------------------------------------------ the walk
     def run(self) -> None:
+        distributed.setup(self.device)
+        PHASES.reset(self.device)
+        s = self.settings
+        self.store = ActivationStore(self.device, resolve_dtype(s.activation_dtype, self.device),
+                                     resolve_budget(s.activation_budget, self.device))
+        try:
+            self._run()
+        finally:
+            self.store.close()
+        LOG.info("chain phases (s): %s", ", ".join(f"{k} {PHASES.seconds[k]:.2f}" for k in ORDER))
+
+    def _run(self) -> None:
         layout = self.task.layout
         config = load_out_config(self.task.out_config)
         shell = ModelShell(config, layout.first_layer_weight, self.device)
         batches = self.load_batches()
         done = self.checkpoints.completed_layers() if self.checkpoints else 0
+        # every rank must replay the same prefix (rank 0 writes the checkpoints)
+        done = distributed.min_over_ranks(done, self.device)
         if done:
             LOG.info("resuming: layers 0-%d are taken from %s", done - 1, self.checkpoints.path)
 
@@ -210,15 +237,17 @@ class _Walk:
         own_pre = {m: self._own_params(pre, m) for m in self.experts} if self.need_own else {}
 
         merged_h, own_h, calls = {}, {}, {}
-        for m in self.experts:
-            merged_h[m], own_h[m], calls[m] = [], [], []
+        for i, m in enumerate(self.experts):
+            merged_h[m], own_h[m], calls[m] = (
+                CachedList(self.store, "merged", i), CachedList(self.store, "own", i), [])
             for ids, mask in batches[m]:
-                if self.need_merged:
-                    h, c = shell.embed(ids, mask)
-                    merged_h[m].append(h)
-                if self.need_own:
-                    h, c = shell.embed(ids, mask, overrides=own_pre[m])
-                    own_h[m].append(h)
+                with PHASES.phase("forward"):
+                    if self.need_merged:
+                        h, c = shell.embed(ids, mask)
+                        merged_h[m].append(h)
+                    if self.need_own:
+                        h, c = shell.embed(ids, mask, overrides=own_pre[m])
+                        own_h[m].append(h)
                 calls[m].append(c)
         masks = {m: [mask.to(self.device).bool() for _, mask in batches[m]] for m in self.experts}
         self.caches = (merged_h, own_h, calls, masks)
@@ -249,13 +278,16 @@ class _Walk:
         for m in self.experts:
             for b, valid in enumerate(masks[m]):
                 call = calls[m][b][self._layer_index]
-                xs = capture_inputs(layer, params_for(m), inputs_for(m)[b], call, targets, stop_at)
-                zs = (capture_inputs(layer, self._expert_params[m], own_h[m][b], call, targets, stop_at)
-                      if match else {})
-                for key in targets:
-                    x = self._rows(xs[key], valid, biased[key])
-                    z = self._rows(zs[key], valid, biased[key]) if match else None
-                    moments[key][m].add(x, z)
+                with PHASES.phase("forward"):
+                    xs = capture_inputs(layer, params_for(m), inputs_for(m)[b], call, targets, stop_at)
+                    zs = (capture_inputs(layer, self._expert_params[m], own_h[m][b], call, targets,
+                                         stop_at) if match else {})
+                with PHASES.phase("gram"):
+                    for key in targets:
+                        x = self._rows(xs[key], valid, biased[key])
+                        z = self._rows(zs[key], valid, biased[key]) if match else None
+                        moments[key][m].add(x, z)
+        distributed.all_reduce_moments(mo for per in moments.values() for mo in per.values())
         for key, per in moments.items():
             self._warn_if_rank_deficient(per, f"layer {self._layer_index} {key}")
         return {
@@ -300,11 +332,12 @@ class _Walk:
                          else w.new_zeros(w.shape[0]))
                     w = torch.cat([w, b[:, None]], dim=1)
                 targets.append(w)
-            merged = linalg.solve_linear(
-                stats, self.experts, self.expert_weights, targets,
-                alpha=params["alpha"], ridge=params["ridge"],
-                objective=self.settings.objective, name=weight_name,
-            )
+            with PHASES.phase("solve"):
+                merged = linalg.solve_linear(
+                    stats, self.experts, self.expert_weights, targets,
+                    alpha=params["alpha"], ridge=params["ridge"],
+                    objective=self.settings.objective, name=weight_name,
+                )
             if biased[group[0]]:
                 merged, bias = merged[:, :-1], merged[:, -1]
                 if bias_name:
@@ -369,6 +402,7 @@ class _Walk:
             self.ctx.solutions.clear()
         self._advance(layer, index, current)
         del gathered, self._expert_params
+        return current
 
     def replay_layer(self, shell: ModelShell, index: int, names) -> None:
         """A checkpointed layer: write it again and push the activations through it."""
@@ -384,13 +418,14 @@ class _Walk:
     def _advance(self, layer, index: int, current: Dict[str, torch.Tensor]) -> None:
         """Cached activations one layer forward: merged layer and experts' own."""
         merged_h, own_h, calls, masks = self.caches
-        for m in self.experts:
-            for b in range(len(masks[m])):
-                call = calls[m][b][index]
-                if self.need_merged:
-                    merged_h[m][b] = run_layer(layer, current, merged_h[m][b], call)
-                if self.need_own:
-                    own_h[m][b] = run_layer(layer, self._expert_params[m], own_h[m][b], call)
+        with PHASES.phase("forward"):
+            for m in self.experts:
+                for b in range(len(masks[m])):
+                    call = calls[m][b][index]
+                    if self.need_merged:
+                        merged_h[m][b] = run_layer(layer, current, merged_h[m][b], call)
+                    if self.need_own:
+                        own_h[m][b] = run_layer(layer, self._expert_params[m], own_h[m][b], call)
 
     def merge_head(self, shell: ModelShell, batches, config_tied: bool) -> None:
         """Final norm(s) by the fallback rule; an untied lm_head by the solve."""
@@ -423,11 +458,14 @@ class _Walk:
                         chain = self.settings.chain
                         hidden = merged_h[m][b] if chain != "none" else own_h[m][b]
                         overrides = None if chain == "module" else own_post[m]
-                        x = shell.head_inputs(hidden, ids, mask, head, overrides)
-                        z = (shell.head_inputs(own_h[m][b], ids, mask, head, own_post[m])
-                             if match else None)
-                        moments[m].add(self._rows(x, valid, bool(bias_name)),
-                                       self._rows(z, valid, bool(bias_name)) if match else None)
+                        with PHASES.phase("forward"):
+                            x = shell.head_inputs(hidden, ids, mask, head, overrides)
+                            z = (shell.head_inputs(own_h[m][b], ids, mask, head, own_post[m])
+                                 if match else None)
+                        with PHASES.phase("gram"):
+                            moments[m].add(self._rows(x, valid, bool(bias_name)),
+                                           self._rows(z, valid, bool(bias_name)) if match else None)
+                distributed.all_reduce_moments(moments.values())
                 self._warn_if_rank_deficient(moments, module_name)
                 stats = linalg.SharedInputStats(
                     grams={m: mo.mean_gram() for m, mo in moments.items()},

@@ -30,6 +30,7 @@ PAPER_URL = "https://arxiv.org/abs/2508.21421"
 CHAINS = ("module", "block", "none")
 OBJECTIVES = ("regmean", "match_expert")
 FALLBACKS = ("average", "task_arithmetic")
+ACTIVATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # name -> (type, scope, default, description). The single source of truth for
 # the spec, the validation and the README's parameter table.
@@ -49,6 +50,13 @@ PARAMETERS: Dict[str, tuple] = {
                     "first N records of each calibration file"),
     "max_seq_len": (int, ParameterScope.SHARED, 512, "tokens kept per record"),
     "batch_size": (int, ParameterScope.SHARED, 8, "sequences per forward pass"),
+    "activation_dtype": (str, ParameterScope.SHARED, "auto",
+                         "dtype of the cached activations between layers: `auto` (bfloat16 on "
+                         "GPU, float32 on CPU), `float32`, `bfloat16`, `float16`; Grams are "
+                         "always summed in float32 or better"),
+    "activation_budget": (float, ParameterScope.SHARED, 0.0,
+                          "GB of activations kept on the compute device before spilling to CPU "
+                          "memory, then disk; 0 = half the free memory at start"),
     "fallback": (str, ParameterScope.SHARED, "average",
                  "rule for non-linear tensors (embeddings, norms): `average` or "
                  "`task_arithmetic` (needs `base_model`)"),
@@ -62,7 +70,8 @@ PARAMETERS: Dict[str, tuple] = {
 }
 
 # These shape the walk itself, so one value must hold for every tensor.
-GLOBAL_ONLY = ("chain", "objective", "num_samples", "max_seq_len", "batch_size")
+GLOBAL_ONLY = ("chain", "objective", "num_samples", "max_seq_len", "batch_size",
+               "activation_dtype", "activation_budget")
 
 
 @dataclass

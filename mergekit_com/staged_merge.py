@@ -15,7 +15,9 @@ import functools
 import logging
 import os
 import sys
+import tempfile
 
+from mergekit_com import distributed
 from mergekit_com.adapter import ChainConfigError, check_parameter_names
 from mergekit_com.method import METHOD_NAME
 from mergekit_com.workdir import ACTIVE, WorkDir, fingerprint
@@ -61,8 +63,12 @@ def _run_chain_merge(original, merge_config, out_path: str, options, config_sour
         raise ChainConfigError(f"out_path {out_path} exists and is not a directory")
     check_parameter_names(merge_config)
     model_dirs = preflight.check_models(merge_config, options)
+    writer = distributed.is_writer()  # under torchrun: rank 0
     work = WorkDir(out_path).open(fingerprint(merge_config, options, model_dirs),
-                                  resume_only=RESUME_ONLY.get())
+                                  resume_only=RESUME_ONLY.get(), create=writer)
+    if not writer:
+        _run_other_rank(original, merge_config, work, options, config_source)
+        return
     _warn_if_not_empty(out_path)
     try:
         if not work.is_complete():
@@ -86,6 +92,23 @@ def _run_chain_merge(original, merge_config, out_path: str, options, config_sour
             work.remove()  # nothing worth keeping
         raise
     work.remove()
+
+
+def _run_other_rank(original, merge_config, work: WorkDir, options, config_source) -> None:
+    """Ranks other than 0 read rank 0's checkpoints and write nothing that is kept.
+
+    mergekit's run_merge still writes config, card and tokenizer on every rank;
+    here into a scratch directory, so that only rank 0 touches the output.
+    """
+    parent = os.path.dirname(work.path)
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".com-rank-", dir=parent) as scratch:
+        token = ACTIVE.set(work)
+        try:
+            original(merge_config, os.path.join(scratch, os.path.basename(work.out_path)),
+                     options, config_source=config_source)
+        finally:
+            ACTIVE.reset(token)
 
 
 def patch_run_merge() -> None:

@@ -186,8 +186,11 @@ class WorkDir:
         self.previous = os.path.join(self.path, "previous")
 
     # -------------------------------------------------------------- lifecycle
-    def open(self, stamp: Dict[str, Any], resume_only: bool) -> "WorkDir":
-        """Validate an existing work directory against ``stamp``, or create one."""
+    def open(self, stamp: Dict[str, Any], resume_only: bool, create: bool = True) -> "WorkDir":
+        """Validate an existing work directory against ``stamp``, or create one.
+
+        ``create=False`` (ranks other than 0 under torchrun) only validates.
+        """
         manifest = os.path.join(self.path, MANIFEST)
         if os.path.exists(self.path):
             try:
@@ -205,7 +208,9 @@ class WorkDir:
                     f"(changed: {', '.join(changes)}); restore that setup to resume, or delete "
                     "the directory to start over"
                 )
-            if self.is_complete():
+            if not create:
+                pass
+            elif self.is_complete():
                 LOG.warning("the merge in %s is complete; publishing it to %s", self.path, self.out_path)
             else:
                 done = self.checkpoints.completed_layers()
@@ -215,6 +220,8 @@ class WorkDir:
             raise WorkDirError(
                 f"nothing to resume: there is no work directory {self.path}; run without --resume"
             )
+        if not create:
+            return self
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
         # The manifest is in place before the directory appears under its name.

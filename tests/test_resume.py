@@ -201,3 +201,44 @@ def test_resume_flag_needs_something_to_resume(zoo8, tmp_path, capsys):
     assert e.value.code == 2
     assert "nothing to resume" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+TORCHRUN_CHILD = textwrap.dedent("""
+    import os, sys
+    if os.environ.get("STOP_AFTER_LAYER"):
+        import mergekit_com.workdir as w
+        _save = w.LayerCheckpoints.save
+        def save(self, key, records):  # only rank 0 saves: it dies, torchrun ends rank 1
+            _save(self, key, records)
+            if key == int(os.environ["STOP_AFTER_LAYER"]):
+                os._exit(9)
+        w.LayerCheckpoints.save = save
+    from mergekit_com.cli import main
+    main(sys.argv[1:])
+""")
+
+
+@pytest.mark.slow
+def test_two_rank_merge_resumes_from_rank0_checkpoints(zoo8, tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(TORCHRUN_CHILD)
+    config = write_config(com_config(experts(zoo8)), tmp_path / "com.yml")
+
+    def torchrun(out, port, *extra, stop=None):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if stop is not None:
+            env["STOP_AFTER_LAYER"] = str(stop)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                               "2", "--master_port", str(port), str(script), config, out,
+                               "--quiet", *extra], capture_output=True, text=True, env=env,
+                              timeout=600)
+
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert torchrun(full, 29611).returncode == 0
+    assert torchrun(part, 29612, stop=3).returncode != 0
+    assert not os.path.exists(part)
+    assert workdir.WorkDir(part).checkpoints.completed_layers() == 4
+    r = torchrun(part, 29613, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_identical(read_tensors(part), read_tensors(full))
+    assert sorted(os.listdir(tmp_path)) == ["child.py", "com.yml", "full", "part"]

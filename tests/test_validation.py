@@ -17,7 +17,7 @@ def bad_configs(zoo):
     missing_file = [dict(ok[0]), {"model": zoo["expert1"], "calibration": "/nonexistent/x.jsonl"}]
     negative = [dict(ok[0]), dict(ok[1], weight=-1.0)]
     return {
-        "misspelled": (com_config(ok, alpah=0.9), r"unknown parameter 'alpah'.*valid parameters: alpha"),
+        "misspelled": (com_config(ok, alpah=0.9), r"unknown parameter 'alpah'.*valid parameters: .*alpha"),
         "alpha": (com_config(ok, alpha=2), r"'alpha' = 2.* must be in \[0, 1\]"),
         "chain": (com_config(ok, chain="foo"), r"'chain' = 'foo'.*module, block, none"),
         "objective": (com_config(ok, objective="bar"), r"'objective' = 'bar'"),

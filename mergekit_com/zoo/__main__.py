@@ -11,10 +11,11 @@ import sys
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mergekit_com.zoo",
                                  description="Build (or reuse) an offline expert zoo.")
-    ap.add_argument("--preset", default="tiny", help="tiny (default), quick; smollm2 is planned")
+    ap.add_argument("--preset", default="tiny", help="tiny (default), smollm2 (real SmolLM2-135M base), quick (tests)")
     ap.add_argument("--out", default=None, help="output dir (default zoo_cache/<preset>)")
     ap.add_argument("--tasks", default=None, help="comma-separated task subset (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] for training and scoring")
     ap.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
     ap.add_argument("--check-merge", action="store_true",
                     help="also merge the experts with mergekit task_arithmetic / linear and score them")
@@ -36,6 +37,7 @@ def main(argv=None) -> None:
 
     from ..evaluate import normalized_accuracy
     from .build import DEFAULT_THREADS, build_zoo
+    from .smollm2 import BaseModelUnavailable
     from .tasks import TASKS
 
     if args.list_tasks:
@@ -47,8 +49,8 @@ def main(argv=None) -> None:
     tasks = args.tasks.split(",") if args.tasks else None
     try:
         zoo = build_zoo(args.preset, args.out or f"zoo_cache/{args.preset}", tasks,
-                        threads=threads, force=args.force)
-    except (NotImplementedError, KeyError) as e:
+                        threads=threads, force=args.force, device=args.device)
+    except (BaseModelUnavailable, KeyError) as e:
         sys.exit(f"error: {e.args[0] if e.args else e}")
     if args.check_merge:
         from .baselines import check_merges

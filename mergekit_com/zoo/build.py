@@ -25,7 +25,6 @@ import torch
 
 from .presets import MODEL_BUILDERS, ZooPreset, get_preset
 from .tasks import Instance, Sample, get_task, make_splits
-from .tokenizer import build_char_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +133,7 @@ def build_zoo(
     quick: bool = False,
     threads: int = DEFAULT_THREADS,
     force: bool = False,
+    device: str = "cpu",
     **overrides,
 ) -> ZooManifest:
     """Build the zoo into out_dir, or return the existing build if its settings match.
@@ -157,27 +157,28 @@ def build_zoo(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _build(spec, root, digest)
+        return _build(spec, root, digest, device)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _build(spec: ZooPreset, root: Path, digest: str) -> ZooManifest:
+def _build(spec: ZooPreset, root: Path, digest: str, device: str = "cpu") -> ZooManifest:
     t0 = time.time()
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "zoo.json").unlink(missing_ok=True)  # a half-written build must never look complete
 
-    tokenizer = build_char_tokenizer()
+    base, tokenizer = MODEL_BUILDERS[spec.builder](spec)
+    base.to(device)
     data = _write_data(spec, root / "data")
     train = {t: s.train for t, s in data.items()}
     solved = {t: [(p, a) for p, a, _ in s.train] for t, s in data.items()}  # true answers only
 
-    log.info("pretraining base on %s", ", ".join(spec.tasks))
-    base = MODEL_BUILDERS[spec.builder](spec, tokenizer)
-    _train(base, tokenizer, _pretrain_corpus(spec, train), spec.pretrain_steps, spec.pretrain_lr,
-           spec, seed=spec.seed, answer_only=False, weight_decay=spec.pretrain_weight_decay)
+    if spec.pretrain_steps:  # scratch bases learn the formats first; real bases already know text
+        log.info("pretraining base on %s", ", ".join(spec.tasks))
+        _train(base, tokenizer, _pretrain_corpus(spec, train), spec.pretrain_steps, spec.pretrain_lr,
+               spec, seed=spec.seed, answer_only=False, weight_decay=spec.pretrain_weight_decay)
     _save(base, tokenizer, root / "base")
 
     for i, task in enumerate(spec.tasks):
@@ -196,7 +197,7 @@ def _build(spec: ZooPreset, root: Path, digest: str) -> ZooManifest:
     manifest = ZooManifest(root=root, preset=spec.name, tasks=list(spec.tasks),
                            settings=spec.settings(), settings_hash=digest)
     log.info("scoring the zoo")
-    manifest.results = _score_all(manifest)
+    manifest.results = _score_all(manifest, device)
     manifest.build_seconds = round(time.time() - t0, 1)
     manifest.save()
     return manifest
@@ -238,11 +239,11 @@ def _write_data(spec: ZooPreset, data_dir: Path):
     return splits
 
 
-def _score_all(manifest: ZooManifest) -> Dict[str, Dict[str, Dict[str, dict]]]:
+def _score_all(manifest: ZooManifest, device: str = "cpu") -> Dict[str, Dict[str, Dict[str, dict]]]:
     from ..evaluate import evaluate_model
 
     results: Dict[str, Dict[str, Dict[str, dict]]] = {"val": {}, "eval": {}}
     for name, path in manifest.model_dirs().items():
         for split in results:
-            results[split][name] = evaluate_model(path, manifest.data_dir, manifest.tasks, split)
+            results[split][name] = evaluate_model(path, manifest.data_dir, manifest.tasks, split, device)
     return results

@@ -66,15 +66,16 @@ def train_lm(
         if s < warmup
         else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))),
     )
+    dev = next(model.parameters()).device  # batches follow the model (cpu or cuda)
     model.train()
     losses: List[float] = []
     for _ in range(steps):
         idx = torch.randint(0, len(ids), (batch_size,), generator=gen)
         width = int(attn[idx].sum(1).max())  # trim the padding columns of this batch
         out = model(
-            input_ids=ids[idx, :width],
-            attention_mask=attn[idx, :width].long(),
-            labels=labels[idx, :width],
+            input_ids=ids[idx, :width].to(dev),
+            attention_mask=attn[idx, :width].long().to(dev),
+            labels=labels[idx, :width].to(dev),
         )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

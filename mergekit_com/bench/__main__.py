@@ -1,0 +1,83 @@
+"""python -m mergekit_com.bench [quality --preset tiny | scale]   (see README "Benchmark")"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _quality(args) -> None:
+    from . import quality, report
+
+    result = quality.run(args.preset, Path(args.zoo or f"zoo_cache/{args.preset}"), Path(args.out),
+                         threads=args.threads, device=args.device, quick=args.preset == "quick",
+                         only=args.methods.split(",") if args.methods else None,
+                         ablation=not args.no_ablation)
+    result["machine"] = report.machine()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(result, out / "quality.json")
+    report.plot_quality(result, out / "quality.png")
+    print(f"\n## {result['preset']} zoo, eval split ({result['machine']}, device {args.device}, "
+          f"{args.threads} thread(s))\n")
+    print(report.quality_table(result))
+    if result["ablation"]:
+        print("\nCoM normalized accuracy (%) over alpha and num_samples (eval split, other knobs as tuned):\n")
+        print(report.ablation_table(result["ablation"]))
+    print(f"\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'quality.json'}, {out / 'quality.png'}")
+
+
+def _scale(args) -> None:
+    from . import report, scale
+
+    depths = tuple(int(d) for d in args.depths.split(","))
+    result = scale.run(Path(args.out) / "scale", depths, threads=args.threads, device=args.device)
+    result["machine"] = report.machine()
+    result["ratios"] = scale.ratios(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(result, out / "scale.json")
+    shape = result["shape"]
+    print(f"\n## CoM cost vs depth ({result['machine']}, device {args.device}, {args.threads} thread(s))\n")
+    print(f"pico Llama, hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, "
+          f"{result['experts']} experts, {result['calibration_tokens']} calibration tokens in all\n")
+    print(scale.table(result))
+    diffs = [r["naive_max_abs_diff"] for r in result["rows"] if "naive_max_abs_diff" in r]
+    if diffs:
+        print(f"\nnaive chain vs CoM, largest |difference| in any output tensor: {max(diffs):.2e}")
+    for name, value in result["ratios"].items():
+        print(f"\n{name}: {value:.2f}", end="")
+    print(f"\n\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'scale.json'}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m mergekit_com.bench", description=__doc__)
+    ap.add_argument("what", nargs="?", default="quality", choices=["quality", "scale"])
+    ap.add_argument("--preset", default="tiny", help="zoo preset: tiny, smollm2, or quick (tests)")
+    ap.add_argument("--zoo", default=None, help="zoo dir (default zoo_cache/<preset>)")
+    ap.add_argument("--out", default="bench_out", help="where merges, JSON and PNG go")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for merges and scoring")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--methods", default=None, help="comma-separated subset (row labels or merge_method)")
+    ap.add_argument("--depths", default="4,8,16,32", help="scale: layer counts")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the alpha x num_samples grid")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("mergekit_com.bench").setLevel(logging.INFO)
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    _scale(args) if args.what == "scale" else _quality(args)
+
+
+if __name__ == "__main__":
+    main()

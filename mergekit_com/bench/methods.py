@@ -1,0 +1,90 @@
+"""The merge methods the benchmark compares, as mergekit YAML configs, and the
+knob each one has tuned on the validation split.
+
+mergekit's task-arithmetic family (task_arithmetic, ties, dare_ties) scales the
+merged task vector by its `lambda` parameter; ours scales the task vectors of
+the non-linear tensors the same way (`fallback: task_arithmetic`, `lambda`)
+and, for the regmean objective, also has the shrinkage `alpha`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+from ..zoo.build import ZooManifest
+
+# Shared by mergekit's task-arithmetic family: ties normalises by the summed weights
+# (optimum near K x the average), task_arithmetic and dare_ties do not (optimum < 1).
+MERGEKIT_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+OUR_LAMBDAS = (0.2, 0.5, 1.0)  # 0.2 = 1/K: the plain average of the K=5 tiny experts
+OUR_ALPHAS = (0.5, 0.9, 1.0)
+DENSITY = 0.5  # ties / dare_ties: keep half of each task vector (mergekit's examples)
+SEED = 0  # dare_ties drops at random: seeded through --random-seed
+
+Knobs = Dict[str, float]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # row label
+    merge_method: str
+    params: Dict[str, object] = field(default_factory=dict)  # fixed global parameters
+    grid: Dict[str, Tuple[float, ...]] = field(default_factory=dict)  # tuned on val
+    ours: bool = False
+
+    def knob_settings(self) -> List[Knobs]:
+        names = list(self.grid)
+        return [dict(zip(names, vals)) for vals in itertools.product(*self.grid.values())] or [{}]
+
+    def config(self, zoo: ZooManifest, knobs: Knobs, calib: Dict[str, str] | None = None,
+               extra: Dict[str, object] | None = None) -> dict:
+        """The mergekit YAML (as a dict) merging every expert of the zoo."""
+        models = []
+        for task, path in zoo.experts.items():
+            p: Dict[str, object] = {"weight": 1.0}
+            if self.merge_method in ("ties", "dare_ties"):
+                p["density"] = DENSITY
+            if self.ours:
+                p["calibration"] = str((calib or {}).get(task, zoo.data_file(task, "calib")))
+            models.append({"model": str(path), "parameters": p})
+        cfg = {"merge_method": self.merge_method, "models": models, "dtype": "float32"}
+        if self.merge_method != "linear":
+            cfg["base_model"] = str(zoo.base)
+        params = {**self.params, **knobs, **(extra or {})}
+        if params:
+            cfg["parameters"] = params
+        return cfg
+
+
+def methods(quick: bool = False) -> List[Method]:
+    """Every row of the benchmark. quick=True shrinks the grids (tests)."""
+    lam_mk = (0.5, 1.0) if quick else MERGEKIT_LAMBDAS
+    lam_ours = (0.5,) if quick else OUR_LAMBDAS
+    alphas = (0.9,) if quick else OUR_ALPHAS
+    ours = {"fallback": "task_arithmetic"}
+    return [
+        Method("linear", "linear", {"normalize": True}),
+        Method("task_arithmetic", "task_arithmetic", grid={"lambda": lam_mk}),
+        Method("ties", "ties", grid={"lambda": lam_mk}),
+        Method("dare_ties", "dare_ties", grid={"lambda": lam_mk}),
+        Method("RegMean (chain: none)", "chain_of_merges", {**ours, "chain": "none"},
+               {"alpha": alphas, "lambda": lam_ours}, ours=True),
+        Method("RegMean++ (chain: block)", "chain_of_merges", {**ours, "chain": "block"},
+               {"alpha": alphas, "lambda": lam_ours}, ours=True),
+        Method("CoM (chain: module)", "chain_of_merges", {**ours, "chain": "module"},
+               {"alpha": alphas, "lambda": lam_ours}, ours=True),
+        # alpha is not used by match_expert: only the scale is tuned
+        Method("CoM + match_expert", "chain_of_merges",
+               {**ours, "chain": "module", "objective": "match_expert"}, {"lambda": lam_ours}, ours=True),
+    ]
+
+
+def describe(knobs: Knobs) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in knobs.items()) or "-"
+
+
+def ablation_grid(quick: bool = False) -> Tuple[Sequence[float], Sequence[int]]:
+    """(alphas, num_samples) for CoM's sensitivity table."""
+    return ((0.9, 1.0), (4, 8)) if quick else ((0.5, 0.75, 0.9, 0.99, 1.0), (16, 32, 64, 128))

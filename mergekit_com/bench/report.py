@@ -1,0 +1,97 @@
+"""Benchmark output: a markdown table for stdout/README, the JSON, and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Dict, List
+
+
+def machine() -> str:
+    """One line naming the hardware the figures come from."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    line = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        line += f", {torch.cuda.get_device_name(0)}"
+    return line
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def quality_table(result: dict) -> str:
+    tasks: List[str] = result["tasks"]
+    head = "| method | tuned on val | " + " | ".join(tasks) + " | mean | normalized | merge s | peak RSS MB |"
+    lines = [head, "|---" * (len(tasks) + 6) + "|"]
+    for name, ref in result["references"].items():
+        cells = [_pct(ref["eval"][t]["accuracy"]) for t in tasks]
+        mean = sum(ref["eval"][t]["accuracy"] for t in tasks) / len(tasks)
+        lines.append(f"| *{name}* | | " + " | ".join(cells)
+                     + f" | {_pct(mean)} | {_pct(ref['normalized_accuracy'])} | | |")
+    best = max(r["normalized_accuracy"] for r in result["methods"]) if result["methods"] else None
+    for row in result["methods"]:
+        tuned = ", ".join(f"{k}={v:g}" for k, v in row["tuned"].items()) or "-"
+        cells = [_pct(row["eval"][t]["accuracy"]) for t in tasks]
+        norm = _pct(row["normalized_accuracy"])
+        if row["normalized_accuracy"] == best:
+            norm = f"**{norm}**"
+        m = row["measure"]
+        mem = f"{m['peak_rss_mb']:.0f}" + (f" (GPU {m['peak_gpu_mb']:.0f})" if m.get("peak_gpu_mb") else "")
+        lines.append(f"| {row['method']} | {tuned} | " + " | ".join(cells)
+                     + f" | {_pct(row['mean_accuracy'])} | {norm} | {m['merge_s']:.1f} | {mem} |")
+    return "\n".join(lines)
+
+
+def ablation_table(rows: List[dict]) -> str:
+    if not rows:
+        return ""
+    alphas = sorted({r["alpha"] for r in rows})
+    counts = sorted({r["num_samples"] for r in rows})
+    acc: Dict[tuple, float] = {(r["alpha"], r["num_samples"]): r["normalized_accuracy"] for r in rows}
+    lines = ["| num_samples \\ alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |",
+             "|---" * (len(alphas) + 1) + "|"]
+    for n in counts:
+        lines.append(f"| {n} | " + " | ".join(_pct(acc[(a, n)]) for a in alphas) + " |")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2))
+
+
+def plot_quality(result: dict, path: Path) -> None:
+    """Grouped bars: per-task normalized accuracy (merged / expert) and the mean, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["tasks"]
+    experts = result["experts_eval"]
+    rows = result["methods"]
+    groups = [*tasks, "mean"]
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
+    for i, row in enumerate(rows):
+        vals = [100 * row["eval"][t]["accuracy"] / experts[t] if experts[t] else 0 for t in tasks]
+        vals.append(100 * row["normalized_accuracy"])
+        xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, vals, width, label=row["method"])
+    ax.axhline(100, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_title(f"Merging the {result['preset']} zoo's {len(tasks)} experts (eval split)")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

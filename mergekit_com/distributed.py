@@ -1,0 +1,107 @@
+"""Data-parallel calibration over ``torch.distributed``.
+
+Gram sums are additive over tokens, so under ``torchrun`` (or any launcher
+that sets RANK / WORLD_SIZE) each rank takes a disjoint shard of every
+expert's calibration samples, accumulates partial sums, and one all-reduce
+per shared input adds them up before the solve. Every rank then holds the
+same statistics, solves the same merge and pushes the same merged weights
+through its own shard, so the chain stays identical everywhere; only rank 0
+writes the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable, List, Sequence, TypeVar
+
+import torch
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: torch.device) -> None:
+    """Join the process group a launcher described in the environment (once)."""
+    import torch.distributed as dist
+
+    if not launched() or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    LOG.info("rank %d/%d joined (%s)", rank(), world_size(), backend)
+
+
+def active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if active() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if active() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_writer() -> bool:
+    """Rank 0 writes; any other rank only contributes statistics."""
+    return rank() == 0
+
+
+def shard(items: Sequence[T], what: str) -> List[T]:
+    """This rank's disjoint share (round-robin) of ``items``."""
+    n = world_size()
+    if n == 1:
+        return list(items)
+    if len(items) < n:
+        raise ValueError(f"{what} has {len(items)} calibration samples, fewer than the {n} ranks; "
+                         "use more samples or fewer ranks")
+    return list(items[rank()::n])
+
+
+def all_reduce_moments(moments: Iterable) -> None:
+    """Sum every rank's partial ``linalg.Moments`` in place (one call per solve)."""
+    if not active():
+        return
+    import torch.distributed as dist
+
+    for m in moments:
+        if m.gram is None:
+            raise ValueError("a rank saw no calibration tokens at this layer")
+        dist.all_reduce(m.gram)
+        if m.cross is not None:
+            dist.all_reduce(m.cross)
+        count = torch.tensor([float(m.count)], dtype=torch.float64, device=m.gram.device)
+        dist.all_reduce(count)
+        m.count = int(count.item())
+
+
+def barrier() -> None:
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest ``value`` any rank holds (e.g. checkpointed layers each rank can read)."""
+    if not active():
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())

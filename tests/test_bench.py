@@ -1,0 +1,86 @@
+"""The quality benchmark end to end on the miniature zoo, and its tuning rule."""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+from mergekit_com.bench import quality, report  # noqa: E402
+from mergekit_com.bench.methods import Method, methods  # noqa: E402
+from mergekit_com.zoo import build_zoo  # noqa: E402
+
+ROWS = ["linear", "ties", "CoM (chain: module)"]
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    zoo_dir = root / "zoo"
+    build_zoo(out_dir=zoo_dir, quick=True)
+    # the quick zoo has 8 calibration records per task
+    result = quality.run("quick", zoo_dir, root / "out", quick=True, only=ROWS,
+                         extra={"num_samples": 8, "max_seq_len": 32})
+    return root, result
+
+
+def test_benchmark_runs_end_to_end(mini):
+    root, result = mini
+    assert [r["method"] for r in result["methods"]] == ROWS
+    ties = next(r for r in result["methods"] if r["method"] == "ties")
+    assert [t["knobs"] for t in ties["trials"]] == [{"lambda": 0.5}, {"lambda": 1.0}]
+    assert ties["tuned"] in [t["knobs"] for t in ties["trials"]]
+    for row in result["methods"]:
+        assert set(row["eval"]) == {"max", "reverse"}
+        assert all(0 <= s["accuracy"] <= 1 and s["n"] == 8 for s in row["eval"].values())
+        m = row["measure"]
+        assert m["wall_s"] >= m["merge_s"] > 0 and m["peak_rss_mb"] > 50
+        # only the chosen merge is kept, and it is a loadable model
+        assert os.path.exists(os.path.join(row["path"], "config.json"))
+    kept = sorted(os.listdir(root / "out" / "merges"))
+    assert len(kept) == len(ROWS), kept
+    assert [(r["alpha"], r["num_samples"]) for r in result["ablation"]] == [(0.9, 4), (1.0, 4), (0.9, 8), (1.0, 8)]
+    assert set(result["references"]) == {"base", "expert_max", "expert_reverse", "multitask"}
+
+
+def test_benchmark_outputs(mini, tmp_path):
+    _, result = mini
+    report.write_json(result, tmp_path / "q.json")
+    assert json.loads((tmp_path / "q.json").read_text())["methods"][0]["method"] == "linear"
+    report.plot_quality(result, tmp_path / "q.png")
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = report.quality_table(result).splitlines()
+    assert table[0].startswith("| method | tuned on val | max | reverse | mean | normalized |")
+    assert sum(line.startswith("| CoM (chain: module) | alpha=0.9, lambda=0.5 |") for line in table) == 1
+    assert report.ablation_table(result["ablation"]).splitlines()[2].startswith("| 4 |")
+
+
+def test_tuning_keeps_the_best_validation_setting(tmp_path, monkeypatch):
+    """The knob with the best val score is kept, scored on eval; the others are deleted."""
+    zoo = build_zoo(out_dir=tmp_path / "zoo", quick=True)
+    bench = quality.QualityBench(zoo, tmp_path / "out", quick=True)
+    bench.experts_val = bench.experts_eval = {"max": 1.0, "reverse": 1.0}
+    val_acc = {"lambda=0.5": 0.2, "lambda=1": 0.6, "lambda=1.5": 0.4}
+    scored = []
+
+    def fake_score(path, split):
+        knob = next(k for k in val_acc if path.name.endswith(k))
+        scored.append((knob, split))
+        acc = val_acc[knob] if split == "val" else 0.5
+        return {t: {"accuracy": acc, "loss": 0.0, "n": 1} for t in ("max", "reverse")}
+
+    monkeypatch.setattr(bench, "_score", fake_score)
+    row = bench.tune_and_evaluate(Method("ta", "task_arithmetic", grid={"lambda": (0.5, 1.0, 1.5)}))
+    assert row["tuned"] == {"lambda": 1.0}
+    assert scored[-1] == ("lambda=1", "eval") and row["normalized_accuracy"] == 0.5
+    assert os.listdir(tmp_path / "out" / "merges") == ["ta_lambda=1"]
+
+
+def test_every_method_goes_through_mergekit_with_the_same_experts(tmp_path):
+    zoo = build_zoo(out_dir=tmp_path / "zoo", quick=True)
+    for m in methods():
+        cfg = m.config(zoo, m.knob_settings()[0])
+        assert [x["model"] for x in cfg["models"]] == [str(p) for p in zoo.experts.values()]
+        assert ("calibration" in cfg["models"][0]["parameters"]) == m.ours
+        assert ("base_model" in cfg) == (m.merge_method != "linear")
