@@ -11,7 +11,6 @@ merge's own loading, but none of its compute, so it runs last.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import re
@@ -24,8 +23,6 @@ from mergekit.common import ModelReference
 
 from mergekit_com.adapter import ChainConfigError, listed_models
 from mergekit_com.calibration import load_calibration
-
-LOG = logging.getLogger(__name__)
 
 Shapes = Dict[str, Tuple[int, ...]]
 
