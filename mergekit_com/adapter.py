@@ -16,6 +16,7 @@ import math
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+import torch
 from pydantic import BaseModel
 
 from mergekit.common import ModelReference
@@ -26,7 +27,8 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from mergekit.tokenizer import BuildTokenizer
 
-from mergekit_com.errors import MergeInputError
+from mergekit_com import card, support
+from mergekit_com.errors import ChainConfigError
 from mergekit_com.method import (
     ACTIVATION_DTYPES,
     CHAINS,
@@ -36,10 +38,9 @@ from mergekit_com.method import (
     OBJECTIVES,
     PARAMETERS,
 )
+from mergekit_com.walker import find_layer_list
 
-
-class ChainConfigError(MergeInputError):
-    """A configuration CoM cannot run; the message names what to change."""
+__all__ = ["ChainConfigError", "ChainOfMergesTask", "patch_planner"]
 
 
 class ChainLayout(BaseModel, frozen=True):
@@ -57,7 +58,10 @@ class ChainOfMergesTask(Task[None]):
     tokenizer_task: Optional[BuildTokenizer] = None
     layout: ChainLayout
     out_config: str
+    config_source: ModelReference  # whose configuration class the output uses
     experts: Tuple[ModelReference, ...]
+    referenced: Tuple[ModelReference, ...]  # for chat_template: auto
+    chat_template: Optional[str] = None
     options: MergeOptions
     # where completed layers are checkpointed (None: not resumable)
     checkpoint_dir: Optional[str] = None
@@ -73,12 +77,17 @@ class ChainOfMergesTask(Task[None]):
 
     def execute(self, writer, tokenizer=None) -> None:
         from mergekit_com.engine import run_chain
+        from mergekit_com.output import copy_generation_config, copy_remote_code
 
         from mergekit_com import distributed
 
         run_chain(self, writer, tokenizer)
-        if distributed.is_writer():
-            writer.finalize()
+        if not distributed.is_writer():
+            return  # other ranks only contribute calibration statistics
+        writer.finalize()
+        out_path = self.writer_task.out_path
+        copy_generation_config([self.config_source, *self.experts], out_path, self.options)
+        copy_remote_code(self.config_source, out_path, self.options)
 
 
 # ---------------------------------------------------------------- validation
@@ -188,9 +197,47 @@ def _check_value(name: str, value: Any, where: str) -> None:
         raise bad(f"must be one of {', '.join(ACTIVATION_DTYPES)}")
 
 
+def check_options(options: MergeOptions) -> None:
+    """Flags CoM cannot honour, and a device that is not there, before any loading."""
+    if options.multi_gpu:
+        raise ChainConfigError(
+            f"--multi-gpu (or --gpu-rich) is not supported by {METHOD_NAME}: its walk is "
+            "sequential (each layer needs the merged layers before it); run it on one "
+            "device with --cuda or --device cuda:N"
+        )
+    try:
+        device = torch.device(options.device or "cpu")
+    except (RuntimeError, ValueError):
+        raise ChainConfigError(f"--device {options.device!r} is not a torch device") from None
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps
+    if device.type not in ("cpu", "meta") and hasattr(backend, "is_available"):
+        count = backend.device_count() if backend.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ChainConfigError(
+                f"--device {options.device} (or --cuda): torch sees {count or 'no'} "
+                f"{device.type} device(s); use --device cpu or --device auto"
+            )
+
+
+def check_same_experts(save_tasks: List[SaveTensor], experts: List[ModelReference], listed, base) -> None:
+    """With ``slices:``, every slice must merge the same experts: each expert's
+    calibration data runs through the whole output model."""
+    want = set(experts)
+    for save in save_tasks:
+        got = {m for m in save.tensor_task.model_order if m != base or m in listed}
+        if got != want:
+            raise ChainConfigError(
+                f"{METHOD_NAME}: {save.tensor_name} merges {', '.join(sorted(map(str, got)))} "
+                f"but the merge has experts {', '.join(sorted(map(str, want)))}; every slice "
+                "must list the same models, since each expert's calibration data runs "
+                "through the whole output model"
+            )
+
+
 def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelReference], base) -> None:
     """Range-check every resolved value (filters and gradients included)."""
     first: Dict[str, Any] = {}
+    calibrations: Dict[ModelReference, Tuple[Any, str]] = {}
     for save in save_tasks:
         task = save.tensor_task
         for name, value in task.parameters.items():
@@ -210,11 +257,18 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
             for name, value in params.items():
                 if value is not None:
                     _check_value(name, value, f"of model {model}")
+            if model in experts:
+                seen, where = calibrations.setdefault(model, (params.get("calibration"), save.tensor_name))
+                if seen != params.get("calibration"):
+                    raise ChainConfigError(
+                        f"model {model} has calibration {seen!r} for {where} but "
+                        f"{params.get('calibration')!r} for {save.tensor_name}; give one "
+                        "calibration per model (the same in every slice)"
+                    )
     if not save_tasks:
         return
-    params = save_tasks[0].tensor_task.input_parameters
     for model in experts:
-        calibration = params.get(model, {}).get("calibration")
+        calibration = calibrations.get(model, (None, ""))[0]
         if not calibration:
             raise ChainConfigError(
                 f"model {model} has no `calibration` parameter; give every expert a "
@@ -237,16 +291,14 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
     config = planner.config
     work = ACTIVE.get()
     check_parameter_names(config)
+    check_options(planner.options)
     if work is None:  # planned without staged_merge.run_chain_merge, which checks them first
         preflight.check_models(config, planner.options)
     listed = listed_models(config)
     base = config.base_model
-    if len(planner.arch_info.modules) != 1:
-        raise ChainConfigError(
-            f"{METHOD_NAME} supports single-module causal LMs; "
-            f"{planner.arch_info.architectures[0]} has modules "
-            f"{', '.join(planner.arch_info.modules)}"
-        )
+    out_cfg = planner.out_model_config
+    support.check_model_kind(out_cfg, planner.arch_info)
+    model = support.meta_model(out_cfg, planner.options.trust_remote_code)
 
     tasks = original(planner, out_path)
     save_tasks = [t for t in tasks if isinstance(t, SaveTensor)]
@@ -257,6 +309,7 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
     experts = [m for m in dict.fromkeys(models_in) if m != base or m in listed]
     if not experts:
         raise ChainConfigError(f"{METHOD_NAME} needs at least one expert under models:")
+    check_same_experts(save_tasks, experts, listed, base)
     check_planned_values(save_tasks, experts, base)
     first = save_tasks[0].tensor_task
     preflight.check_calibration(
@@ -280,27 +333,50 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
     layers = tuple(names(arch.layer_weights(i)) for i in range(num_layers))
     if num_layers == 0 or not layers[0]:
         raise ChainConfigError(f"{METHOD_NAME}: the output model has no decoder layers to walk")
+    pre, post = names(arch.pre_weights()), names(arch.post_weights())
+    # The output head is solved after the layers; mergekit's inferred
+    # architectures (no JSON definition) list every non-layer tensor as "pre".
+    head = _head_name(model)
+    moved = tuple(n for n in pre if n.rpartition(".")[0] == head)
     layout = ChainLayout(
-        pre=names(arch.pre_weights()),
+        pre=tuple(n for n in pre if n not in moved),
         layers=layers,
-        post=names(arch.post_weights()),
+        post=post + moved,
         first_layer_weight=layers[0][0],
     )
+    layers_name, decoder_layers = find_layer_list(model, layout.first_layer_weight)
+    support.check_layers(model, decoder_layers, layers_name)
+    support.check_coverage(model, layout.layers, layout.pre + layout.post,
+                           support.architecture_name(out_cfg))
+    # mergekit takes the output configuration from the base model, else the first one
+    config_source = base or config.referenced_models()[0]
     chain = ChainOfMergesTask(
         save_tasks=tuple(save_tasks),
         writer_task=finalize.writer_task,
         tokenizer_task=tokenizer,
         layout=layout,
-        out_config=planner.out_model_config.to_json_string(use_diff=False),
+        out_config=out_cfg.to_json_string(use_diff=False),
+        config_source=config_source,
         experts=tuple(experts),
+        referenced=tuple(config.referenced_models()),
+        chat_template=config.chat_template,
         options=planner.options,
         checkpoint_dir=work.checkpoints.path if work is not None else None,
     )
+    card.remember_run(config, out_path)
     return [chain] + ([tokenizer] if tokenizer is not None else [])
 
 
+def _head_name(model) -> Optional[str]:
+    """The module name of the output embeddings (``lm_head``), if the model has one."""
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
 def patch_planner() -> None:
-    """Route chain_of_merges plans through the chain task; others untouched."""
+    """Route chain_of_merges plans through the chain task (and its cards through
+    ``card.py``); other methods untouched."""
+    card.patch_card()
     if getattr(MergePlanner.plan_to_disk, "_mergekit_com", False):
         return
     original = MergePlanner.plan_to_disk

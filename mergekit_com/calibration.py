@@ -22,7 +22,7 @@ import torch
 
 from mergekit_com.errors import MergeInputError
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("mergekit.chain_of_merges.calibration")  # under mergekit's logger
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 

@@ -28,3 +28,7 @@ def one_line(text: str) -> str:
     """
     words = " ".join(str(text).split())
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in words)
+
+
+class ChainConfigError(MergeInputError):
+    """A configuration CoM cannot run; the message names what to change."""

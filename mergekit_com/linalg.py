@@ -12,7 +12,7 @@ from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("mergekit.chain_of_merges.linalg")  # under mergekit's logger
 
 
 @dataclass

@@ -21,7 +21,8 @@ import tqdm
 
 from mergekit.common import ModelReference
 
-from mergekit_com.adapter import ChainConfigError, listed_models
+from mergekit_com.adapter import listed_models
+from mergekit_com.errors import ChainConfigError
 from mergekit_com.calibration import load_calibration
 
 Shapes = Dict[str, Tuple[int, ...]]

@@ -18,7 +18,8 @@ import sys
 import tempfile
 
 from mergekit_com import distributed
-from mergekit_com.adapter import ChainConfigError, check_parameter_names
+from mergekit_com.adapter import check_options, check_parameter_names
+from mergekit_com.errors import ChainConfigError
 from mergekit_com.method import METHOD_NAME
 from mergekit_com.workdir import ACTIVE, WorkDir, fingerprint
 
@@ -62,6 +63,7 @@ def _run_chain_merge(original, merge_config, out_path: str, options, config_sour
     if os.path.exists(out_path) and not os.path.isdir(out_path):
         raise ChainConfigError(f"out_path {out_path} exists and is not a directory")
     check_parameter_names(merge_config)
+    check_options(options)
     model_dirs = preflight.check_models(merge_config, options)
     writer = distributed.is_writer()  # under torchrun: rank 0
     work = WorkDir(out_path).open(fingerprint(merge_config, options, model_dirs),

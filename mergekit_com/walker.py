@@ -86,12 +86,15 @@ def _init_buffers(model: nn.Module, root: nn.Module) -> None:
 class ModelShell:
     """The output architecture as a module tree: layers on meta, the rest real."""
 
-    def __init__(self, config, first_layer_weight: str, device: torch.device):
+    def __init__(self, config, first_layer_weight: str, device: torch.device,
+                 trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.device = device
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
         model.eval()
         self.layers_name, self.layers = find_layer_list(model, first_layer_weight)
         parent_name, _, attr = self.layers_name.rpartition(".")

@@ -153,7 +153,8 @@ class LayerCheckpoints:
             n += 1
         return n
 
-    def save(self, key, records: List[Record]) -> None:
+    def save(self, key, records: List[Record], report: Optional[dict] = None) -> None:
+        """The written tensors in write order, and the step's merge-report entries."""
         from safetensors.torch import save_file
 
         os.makedirs(self.path, exist_ok=True)
@@ -161,15 +162,17 @@ class LayerCheckpoints:
         order = [[name, clone] for name, _, clone in records]
         final = self._file(key)
         tmp = final + ".tmp"
-        save_file(tensors, tmp, metadata={"order": json.dumps(order)})
+        save_file(tensors, tmp, metadata={"order": json.dumps(order),
+                                          "report": json.dumps(report)})
         os.replace(tmp, final)  # a checkpoint is either complete or absent
 
-    def load(self, key) -> List[Record]:
+    def load(self, key) -> Tuple[List[Record], Optional[dict]]:
         from safetensors import safe_open
 
         with safe_open(self._file(key), framework="pt") as f:
-            order = json.loads(f.metadata()["order"])
-            return [(name, f.get_tensor(name), clone) for name, clone in order]
+            meta = f.metadata()
+            records = [(name, f.get_tensor(name), clone) for name, clone in json.loads(meta["order"])]
+            return records, json.loads(meta.get("report", "null"))
 
 
 # ------------------------------------------------------------------ directory

@@ -13,12 +13,15 @@ CHARS = string.ascii_letters + string.digits + string.punctuation + " "
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def make_tokenizer():
-    """A character-level fast tokenizer (BOS added), no download needed."""
+def make_tokenizer(tokens=None):
+    """A character-level fast tokenizer (BOS added), no download needed.
+
+    ``tokens``: the vocabulary in id order (default: specials, then ``CHARS``).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    vocab = {tok: i for i, tok in enumerate(tokens or SPECIALS + list(CHARS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(

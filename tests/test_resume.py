@@ -22,6 +22,7 @@ from merging import com_config, experts, merge, read_tensors
 import mergekit_com.engine as engine
 import mergekit_com.workdir as workdir
 from mergekit_com import cli
+from mergekit_com.report import REPORT_NAME
 from mergekit_com.workdir import WorkDirError
 
 LAYERS = 8
@@ -34,19 +35,26 @@ def zoo8(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(zoo8, tmp_path_factory):
-    """Reference merges, one per variant, run in one go."""
+    """Reference merges (output folders), one per variant, run in one go."""
     root = tmp_path_factory.mktemp("reference")
-    return lambda name, cfg: _cached_merge(cfg, str(root / name))
 
+    def reference(name, cfg):
+        out = str(root / name)
+        if not os.path.exists(out):
+            merge(cfg, out)
+        return out
 
-def _cached_merge(cfg, out):
-    return read_tensors(out) if os.path.exists(out) else merge(cfg, out)
+    return reference
 
 
 def assert_identical(actual, expected):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert torch.equal(actual[name], expected[name]), name
+    """Same tensors, bit for bit, and the same merge report."""
+    a, b = read_tensors(actual), read_tensors(expected)
+    assert a.keys() == b.keys()
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+    report = [open(os.path.join(d, REPORT_NAME)).read() for d in (actual, expected)]
+    assert report[0] == report[1]
 
 
 def write_config(cfg, path):
@@ -64,8 +72,8 @@ CHILD = textwrap.dedent("""
 STALL_AFTER_LAYER = """
 import mergekit_com.workdir as w
 _save = w.LayerCheckpoints.save
-def save(self, key, records):
-    _save(self, key, records)
+def save(self, key, *args):
+    _save(self, key, *args)
     if key == 2:
         time.sleep(600)
 w.LayerCheckpoints.save = save
@@ -117,7 +125,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_merge(zoo8, uninterrupted, 
     cli.main([config, out, "--quiet", "--resume"])
     assert merged_layers == list(range(3, LAYERS)), "resume recomputed finished layers"
     assert not os.path.exists(work.path), "the work directory was not cleaned up"
-    assert_identical(read_tensors(out), uninterrupted("module", cfg))
+    assert_identical(out, uninterrupted("module", cfg))
 
 
 def test_killed_while_writing_leaves_no_output_and_rerun_finishes(zoo8, uninterrupted,
@@ -133,7 +141,7 @@ def test_killed_while_writing_leaves_no_output_and_rerun_finishes(zoo8, uninterr
     assert not os.path.exists(out), "a partial model appeared at out_path"
     cli.main([config, out, "--quiet"])  # the same command again
     assert {"tokenizer.json", "config.json", "model.safetensors"} <= set(os.listdir(out))
-    assert_identical(read_tensors(out), uninterrupted("module", cfg))
+    assert_identical(out, uninterrupted("module", cfg))
 
 
 class Interrupt(BaseException):
@@ -143,8 +151,8 @@ class Interrupt(BaseException):
 def interrupt_after_layer(monkeypatch, layer):
     original = workdir.LayerCheckpoints.save
 
-    def save(self, key, records):
-        original(self, key, records)
+    def save(self, key, *args):
+        original(self, key, *args)
         if key == layer:
             raise Interrupt
 
@@ -165,7 +173,8 @@ def test_resume_is_identical_for_every_variant(zoo8, uninterrupted, tmp_path, mo
             merge(cfg, out)
     assert not os.path.exists(out)
     assert workdir.WorkDir(out).checkpoints.completed_layers() == 5
-    assert_identical(merge(cfg, out), uninterrupted("-".join(variant.values()), cfg))
+    merge(cfg, out)
+    assert_identical(out, uninterrupted("-".join(variant.values()), cfg))
 
 
 def test_a_changed_setup_is_refused(zoo8, tmp_path, monkeypatch):
@@ -208,8 +217,8 @@ TORCHRUN_CHILD = textwrap.dedent("""
     if os.environ.get("STOP_AFTER_LAYER"):
         import mergekit_com.workdir as w
         _save = w.LayerCheckpoints.save
-        def save(self, key, records):  # only rank 0 saves: it dies, torchrun ends rank 1
-            _save(self, key, records)
+        def save(self, key, *args):  # only rank 0 saves: it dies, torchrun ends rank 1
+            _save(self, key, *args)
             if key == int(os.environ["STOP_AFTER_LAYER"]):
                 os._exit(9)
         w.LayerCheckpoints.save = save
@@ -240,5 +249,5 @@ def test_two_rank_merge_resumes_from_rank0_checkpoints(zoo8, tmp_path):
     assert workdir.WorkDir(part).checkpoints.completed_layers() == 4
     r = torchrun(part, 29613, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert_identical(read_tensors(part), read_tensors(full))
+    assert_identical(part, full)
     assert sorted(os.listdir(tmp_path)) == ["child.py", "com.yml", "full", "part"]
