@@ -32,6 +32,7 @@ import tqdm
 
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.graph import Executor, TaskUniverse
+from mergekit.io.tasks import LoaderCache
 
 from mergekit_com import distributed, linalg
 from mergekit_com.activations import ActivationStore, CachedList, resolve_budget, resolve_dtype
@@ -533,6 +534,9 @@ class _Walk:
                     call = calls[m][b][index]
                     merged_h[m][b] = run_layer(layer, current, merged_h[m][b], call)
                     own_h[m][b] = run_layer(layer, self._expert_params[m], own_h[m][b], call)
+        # Unmap this layer's weight files: mmapped pages would otherwise stay resident
+        # and make memory grow with depth (they are re-opened for the next layer).
+        LoaderCache().flush_all()
 
     def merge_head(self, shell: ModelShell, batches, config_tied: bool) -> None:
         """Final norm(s) by the fallback rule; an untied lm_head by the solve."""

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from merging import com_config, experts, merge
@@ -56,3 +57,32 @@ def test_bfloat16_activations_stay_close(zoo2, tmp_path):
     low = merge(com_config(experts(zoo2), activation_dtype="bfloat16"), str(tmp_path / "bf16"))
     diffs = [(low[k] - ref[k]).norm() / ref[k].norm() for k in ref if ref[k].is_floating_point()]
     assert max(diffs) < 0.05 and max(diffs) > 0  # rounded, so not identical, but close
+
+
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@needs_cuda[0]
+@needs_cuda[1]
+def test_cuda_store_spills_device_then_host_then_disk():
+    x = torch.randn(64, 64, device="cuda")
+    one = x.numel() * 2
+    store = ActivationStore(torch.device("cuda"), torch.bfloat16, budget=one, host_budget=one)
+    for b in range(3):
+        store.put(("merged", 0, b), x + b)
+    assert [store._tiers[("merged", 0, b)] for b in range(3)] == ["device", "host", "disk"]
+    assert store._data[("merged", 0, 0)].device.type == "cuda"
+    assert store._data[("merged", 0, 1)].device.type == "cpu"
+    for b in range(3):
+        back = store.get(("merged", 0, b))
+        assert back.device.type == "cuda" and torch.equal(back, (x + b).to(torch.bfloat16).float())
+    store.close()
+
+
+@needs_cuda[0]
+@needs_cuda[1]
+def test_cuda_default_bfloat16_activations_stay_close(zoo2, tmp_path):
+    ref = merge(com_config(experts(zoo2)), str(tmp_path / "cpu"))
+    gpu = merge(com_config(experts(zoo2)), str(tmp_path / "gpu"), cuda=True)
+    diffs = [(gpu[k] - ref[k]).norm() / ref[k].norm() for k in ref if ref[k].is_floating_point()]
+    assert max(diffs) < 0.05

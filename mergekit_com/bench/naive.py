@@ -19,7 +19,7 @@ class NaivePrefixWalk(engine._Walk):
         if index == 0:
             self._embedded = {m: [merged_h[m][b] for b in range(len(masks[m]))] for m in self.experts}
             self._done = []
-        elif self.need_merged:
+        else:
             layer = shell.layer(index)  # same block class at every depth: reuse the module
             with PHASES.phase("forward"):
                 for m in self.experts:
