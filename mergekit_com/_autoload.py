@@ -3,15 +3,15 @@
 mergekit 0.1.5 has no plugin discovery. A one-line ``.pth`` file (installed
 as ``mergekit_com_autoload.pth``) calls ``install_from_pth`` at interpreter
 start-up; that only puts a tiny finder on ``sys.meta_path``. When, and only
-when, a program imports ``mergekit.merge_methods`` or ``mergekit.plan``, the
-finder lets the import finish and then registers the method / routes the
-planner. Set ``MERGEKIT_COM_AUTOLOAD=0`` to switch it off (then
+when, a program imports ``mergekit.merge_methods``, ``mergekit.plan`` or
+``mergekit.merge``, the finder lets the import finish and then registers the
+method / routes the planner / routes ``run_merge`` (staged output, resume). Set ``MERGEKIT_COM_AUTOLOAD=0`` to switch it off (then
 ``import mergekit_com`` registers explicitly).
 """
 
 import sys
 
-_WATCHED = ("mergekit.merge_methods", "mergekit.plan")
+_WATCHED = ("mergekit.merge_methods", "mergekit.plan", "mergekit.merge")
 
 
 def _after_import(name: str) -> None:
@@ -21,6 +21,8 @@ def _after_import(name: str) -> None:
         register.register_method()
     elif name == "mergekit.plan":
         register.route_planner()
+    elif name == "mergekit.merge":
+        register.patch_run_merge()
 
 
 class _PostImportFinder:

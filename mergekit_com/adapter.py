@@ -10,7 +10,9 @@ order, with the calibration walk in between.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import math
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -61,6 +63,8 @@ class ChainOfMergesTask(Task[None]):
     referenced: Tuple[ModelReference, ...]  # for chat_template: auto
     chat_template: Optional[str] = None
     options: MergeOptions
+    # where completed layers are checkpointed (None: not resumable)
+    checkpoint_dir: Optional[str] = None
 
     def arguments(self) -> Dict[str, Task]:
         args: Dict[str, Task] = {"writer": self.writer_task}
@@ -119,17 +123,29 @@ def _scalars(setting: Any) -> Iterable[Any]:
         yield setting
 
 
-def check_parameter_names(config) -> None:
-    """Unknown names and values of the wrong type, before mergekit plans anything."""
+def _has_type(ty, value) -> bool:
     from pydantic import TypeAdapter, ValidationError
 
+    if isinstance(value, bool) and ty in (int, float):
+        return False  # YAML `true` is no number, though pydantic would take it as 1
+    try:
+        TypeAdapter(ty).validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def check_parameter_names(config) -> None:
+    """Unknown names and values of the wrong type, before mergekit plans anything."""
     valid = sorted(PARAMETERS)
     for where, params, per_model in _parameter_scopes(config):
         for name, setting in (params or {}).items():
             if name not in PARAMETERS:
+                close = difflib.get_close_matches(str(name), valid, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ChainConfigError(
                     f"{where}: unknown parameter '{name}' for {METHOD_NAME}; "
-                    f"valid parameters: {', '.join(valid)}"
+                    f"{hint}valid parameters: {', '.join(valid)}"
                 )
             ty, scope = PARAMETERS[name][:2]
             if per_model and scope == ParameterScope.SHARED:
@@ -138,13 +154,11 @@ def check_parameter_names(config) -> None:
                     "model; set it under the top-level `parameters:`"
                 )
             for value in _scalars(setting):
-                try:
-                    TypeAdapter(ty).validate_python(value)
-                except ValidationError:
+                if not _has_type(ty, value):
                     raise ChainConfigError(
                         f"{where}: parameter '{name}' = {value!r} is not a valid "
                         f"{getattr(ty, '__name__', 'string')}"
-                    ) from None
+                    )
 
 
 def listed_models(config) -> List[ModelReference]:
@@ -161,10 +175,12 @@ def listed_models(config) -> List[ModelReference]:
     return list(dict.fromkeys(out))
 
 
-def _check_value(name: str, value: Any, tensor: str) -> None:
+def _check_value(name: str, value: Any, where: str) -> None:
     def bad(rule: str) -> ChainConfigError:
-        return ChainConfigError(f"parameter '{name}' = {value!r} (for {tensor}) {rule}")
+        return ChainConfigError(f"parameter '{name}' = {value!r} {where} {rule}")
 
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad("must be a finite number")
     if name == "alpha" and not 0.0 <= value <= 1.0:
         raise bad("must be in [0, 1]")
     if name in ("num_samples", "max_seq_len", "batch_size") and value <= 0:
@@ -225,7 +241,7 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
     for save in save_tasks:
         task = save.tensor_task
         for name, value in task.parameters.items():
-            _check_value(name, value, save.tensor_name)
+            _check_value(name, value, f"(at {save.tensor_name})")
             if name in GLOBAL_ONLY:
                 if first.setdefault(name, value) != value:
                     raise ChainConfigError(
@@ -240,7 +256,7 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
         for model, params in task.input_parameters.items():
             for name, value in params.items():
                 if value is not None:
-                    _check_value(name, value, save.tensor_name)
+                    _check_value(name, value, f"of model {model}")
             if model in experts:
                 seen, where = calibrations.setdefault(model, (params.get("calibration"), save.tensor_name))
                 if seen != params.get("calibration"):
@@ -260,7 +276,8 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
             )
         if not os.path.exists(os.path.abspath(os.path.expanduser(calibration))):
             raise ChainConfigError(
-                f"calibration file {calibration} (for model {model}) does not exist"
+                f"calibration file {calibration} (for model {model}) does not exist; fix the "
+                "path (relative paths are resolved from the working directory)"
             )
 
 
@@ -268,9 +285,15 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
 
 
 def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
+    from mergekit_com import preflight
+    from mergekit_com.workdir import ACTIVE
+
     config = planner.config
+    work = ACTIVE.get()
     check_parameter_names(config)
     check_options(planner.options)
+    if work is None:  # planned without staged_merge.run_chain_merge, which checks them first
+        preflight.check_models(config, planner.options)
     listed = listed_models(config)
     base = config.base_model
     out_cfg = planner.out_model_config
@@ -288,6 +311,16 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
         raise ChainConfigError(f"{METHOD_NAME} needs at least one expert under models:")
     check_same_experts(save_tasks, experts, listed, base)
     check_planned_values(save_tasks, experts, base)
+    first = save_tasks[0].tensor_task
+    preflight.check_calibration(
+        experts,
+        {m: first.input_parameters.get(m, {}).get("calibration") for m in experts},
+        first.parameters["num_samples"],
+        first.parameters["max_seq_len"],
+        planner.options,
+        shared_tokenizer=tokenizer is not None,
+    )
+    preflight.scan_weights(preflight.ordered_models(config), planner.options)
 
     module_name = next(iter(planner.arch_info.modules))
     arch = planner._out_module_arch(module_name)
@@ -328,6 +361,7 @@ def _plan_chain(planner: MergePlanner, out_path: str, original) -> List[Task]:
         referenced=tuple(config.referenced_models()),
         chat_template=config.chat_template,
         options=planner.options,
+        checkpoint_dir=work.checkpoints.path if work is not None else None,
     )
     card.remember_run(config, out_path)
     return [chain] + ([tokenizer] if tokenizer is not None else [])

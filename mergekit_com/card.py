@@ -137,6 +137,27 @@ def extend_card(card_md: str, report: Optional[Dict[str, Any]]) -> str:
     return str(card)
 
 
+class _InConfigOrder:
+    """The config, with ``referenced_models()`` in config order instead of a set's.
+
+    mergekit lists a set (its order changes with the process's hash seed), so
+    the card would differ from run to run; CoM output is bit-identical.
+    """
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+    def referenced_models(self):
+        from mergekit_com.preflight import ordered_models
+
+        ordered = ordered_models(self._config)
+        rest = sorted(set(self._config.referenced_models()) - set(ordered), key=str)
+        return ordered + rest
+
+
 def patch_card() -> None:
     """Wrap mergekit's generate_card, also where mergekit.merge already bound it."""
     import mergekit.card as mergekit_card
@@ -147,9 +168,9 @@ def patch_card() -> None:
 
     @functools.wraps(original)
     def generate_card(config, config_yaml, name=None):
-        text = original(config, config_yaml, name)
         if config.merge_method != METHOD_NAME:
-            return text
+            return original(config, config_yaml, name)
+        text = original(_InConfigOrder(config), config_yaml, name)
         return extend_card(text, _report_for(config))
 
     generate_card._mergekit_com = True

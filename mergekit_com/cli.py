@@ -1,8 +1,9 @@
 """``mergekit-com``: ``mergekit-yaml`` with Chain of Merges registered.
 
-Same arguments and flags as ``mergekit-yaml`` (it *is* mergekit's command);
-configuration and calibration mistakes print one line instead of a
-traceback (add ``-v`` to see the traceback).
+Same arguments and flags as ``mergekit-yaml`` (it *is* mergekit's command),
+plus ``--resume``. Mistakes in the config file, the models or the
+calibration data print one line instead of a traceback (add ``-v`` to see
+the traceback).
 """
 
 from __future__ import annotations
@@ -12,30 +13,88 @@ from typing import List, Optional
 
 import click
 
+RESUME_HELP = (
+    "Only continue the interrupted merge whose work directory (OUT_PATH.com-work) is next "
+    "to OUT_PATH; without this flag an interrupted merge is continued too, and a new one "
+    "is started if there is none"
+)
+
+
+def _command(seen: dict) -> click.Command:
+    """mergekit's ``mergekit-yaml`` command with a ``--resume`` flag added."""
+    from mergekit.scripts.run_yaml import main as run_yaml
+
+    from mergekit_com.staged_merge import RESUME_ONLY
+
+    def callback(resume: bool, **kwargs):
+        seen["config_file"] = kwargs.get("config_file")
+        token = RESUME_ONLY.set(resume)
+        try:
+            return run_yaml.callback(**kwargs)
+        finally:
+            RESUME_ONLY.reset(token)
+
+    resume = click.Option(["--resume"], is_flag=True, default=False, help=RESUME_HELP)
+    return type(run_yaml)(
+        name="mergekit-com", callback=callback, params=[*run_yaml.params, resume],
+        help=run_yaml.help,
+    )
+
+
+def _config_error(config_file: Optional[str], error: Exception) -> str:
+    """One line for a config file that is not valid YAML or not a mergekit config."""
+    import pydantic
+    import yaml
+
+    where = f"config file {config_file}"
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        return f"{where} is not valid YAML ({problem}{at})"
+    assert isinstance(error, pydantic.ValidationError)
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "top level"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where} is not a valid mergekit config: {loc}: {first['msg']}{more}"
+
 
 def main(argv: Optional[List[str]] = None) -> None:
     import mergekit_com  # noqa: F401  (registers chain_of_merges)
-    from mergekit.scripts.run_yaml import main as run_yaml
+    import pydantic
+    import yaml
 
-    from mergekit_com.adapter import ChainConfigError
-    from mergekit_com.calibration import CalibrationError
+    from mergekit_com.errors import MergeInputError, one_line
 
     args = sys.argv[1:] if argv is None else argv
     verbose = any(a == "-v" or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
+
+    def fail(message: str, code: int = 2):
+        print(f"mergekit-com: error: {one_line(message)}", file=sys.stderr)
+        sys.exit(code)
+
+    seen: dict = {}
     try:
-        run_yaml.main(args=args, prog_name="mergekit-com", standalone_mode=False)
+        _command(seen).main(args=args, prog_name="mergekit-com", standalone_mode=False)
+    except MergeInputError as e:  # a ClickException too: must come first
+        if verbose:
+            raise
+        fail(e.message)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    except (ChainConfigError, CalibrationError) as e:
+    except click.exceptions.Abort:  # Ctrl-C; the work directory was reported in the log
+        fail("interrupted", 130)
+    except (yaml.YAMLError, pydantic.ValidationError) as e:
         if verbose:
             raise
-        print(f"mergekit-com: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(_config_error(seen.get("config_file"), e))
+    except OSError as e:  # unreadable config file, full disk, ...
+        if verbose:
+            raise
+        fail(str(e))
 
 
 if __name__ == "__main__":

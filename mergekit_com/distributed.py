@@ -94,3 +94,14 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest ``value`` any rank holds (e.g. checkpointed layers each rank can read)."""
+    if not active():
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())

@@ -7,7 +7,12 @@ For each decoder layer, in forward order:
      every expert's input Gram from the cached activations (``chain``
      decides which weights produce them), solve, and install the merge;
   4. write the layer and push the cached activations one layer forward.
-Then the same for the head (final norm, lm_head). The prefix is never re-run.
+Then the same for the head (final norm, lm_head). The prefix is never re-run,
+except on resume: the tensors written for every completed layer are kept in
+a checkpoint (with the layer's report entries); a resumed walk writes them
+again and runs the merged prefix on the calibration data to rebuild the
+cached activations (the very same computation, so the result is
+bit-identical on CPU).
 
 Two activation streams are kept per expert, whatever the ``chain``: the
 merged model's and the expert's own (unmerged) model's. The chain reads
@@ -35,6 +40,7 @@ from mergekit_com.calibration import CalibrationError, load_calibration, make_ba
 from mergekit_com.method import PARAMETERS, ChainContext, activate, deactivate
 from mergekit_com.report import MergeReport, summarize
 from mergekit_com.timing import ORDER, PHASES
+from mergekit_com.workdir import LayerCheckpoints, Record
 from mergekit_com.walker import (
     ModelShell,
     capture_inputs,
@@ -125,6 +131,22 @@ def model_tokenizer(model: ModelReference, options):
     )
 
 
+class _RecordingWriter:
+    """Passes tensors to mergekit's writer and remembers them for the checkpoint."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.records: List[Record] = []
+
+    def save_tensor(self, name: str, tensor: torch.Tensor, clone: bool = False) -> None:
+        self.writer.save_tensor(name=name, tensor=tensor, clone=clone)
+        self.records.append((name, tensor, clone))
+
+    def take(self) -> List[Record]:
+        records, self.records = self.records, []
+        return records
+
+
 def resolve_chat_template(task) -> Optional[str]:
     """The template mergekit will give the output tokenizer (named, literal or auto)."""
     if not task.chat_template:
@@ -143,7 +165,9 @@ class _Walk:
 
     def __init__(self, task, writer, tokenizer_info):
         self.task = task
-        self.writer = writer
+        self.writer = _RecordingWriter(writer)
+        self.checkpoints = LayerCheckpoints(task.checkpoint_dir) if task.checkpoint_dir else None
+        self._warned_rank = set()
         self.settings = read_settings(task)
         self.device = torch.device(task.options.device or "cpu")
         self.saves = {s.tensor_name: s for s in task.save_tasks}
@@ -190,7 +214,29 @@ class _Walk:
             self.write_bar.update(1)
         if save.dtype:
             value = value.to(dtype_from_name(save.dtype))
-        return value.to(device=self.device, dtype=torch.float32)
+        return self._installed(value)
+
+    def _installed(self, written: torch.Tensor) -> torch.Tensor:
+        """What the running model uses: the tensor as written, in float32."""
+        return written.to(device=self.device, dtype=torch.float32)
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint(self, key, report: Optional[dict] = None) -> None:
+        records = self.writer.take()  # empty on ranks that do not write
+        if self.checkpoints is not None and distributed.is_writer():
+            self.checkpoints.save(key, records, report)
+
+    def replay(self, key) -> Dict[str, torch.Tensor]:
+        """Write a checkpointed step again; name -> value as finish() returned it."""
+        out = {}
+        records, self._replayed_report = self.checkpoints.load(key)
+        for name, tensor, clone in records:
+            if distributed.is_writer():
+                self.writer.writer.save_tensor(name=name, tensor=tensor, clone=clone)
+            if self.write_bar is not None:
+                self.write_bar.update(1)
+            out[name] = self._installed(tensor)
+        return out
 
     # ------------------------------------------------------------ calibration
     def load_batches(self) -> Dict[ModelReference, List[Batch]]:
@@ -205,7 +251,9 @@ class _Walk:
             if template:
                 tok.chat_template = template  # `messages` rendered as the output will be
             with PHASES.phase("load"):
-                cal = load_calibration(s.calibration[model], tok, s.num_samples, s.max_seq_len)
+                # checked (and short files reported) when the merge was planned
+                cal = load_calibration(s.calibration[model], tok, s.num_samples, s.max_seq_len,
+                                       model=model, warn_short=False)
             LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens, cal.path)
             self.report.set_calibration(index, cal, self.expert_weight_summary[index])
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -239,6 +287,11 @@ class _Walk:
         shell = ModelShell(config, layout.first_layer_weight, self.device,
                            trust_remote_code=options.trust_remote_code)
         batches = self.load_batches()
+        done = self.checkpoints.completed_layers() if self.checkpoints else 0
+        # every rank must replay the same prefix (rank 0 writes the checkpoints)
+        done = distributed.min_over_ranks(done, self.device)
+        if done:
+            LOG.info("resuming: layers 0-%d are taken from %s", done - 1, self.checkpoints.path)
 
         self.write_bar = tqdm.tqdm(total=len(self.saves), desc="Writing tensors", unit="tensor",
                                    disable=self.quiet)
@@ -246,9 +299,14 @@ class _Walk:
                                   disable=self.quiet)
         try:
             self.status("embeddings")
-            pre = self.gather(layout.pre)
+            pre = self.gather(layout.pre)  # the experts' own: needed on resume too
+            if done:
+                values = self.replay("pre")
+            else:
+                values = {name: self.finish(name, pre[name]) for name in layout.pre}
+                self.checkpoint("pre")
             for name in layout.pre:
-                shell.set_tensor(name, self.finish(name, pre[name]))
+                shell.set_tensor(name, values[name])
             if getattr(config, "tie_word_embeddings", False):
                 shell.tie_embeddings()
             own_pre = {m: self._own_params(pre, m) for m in self.experts}
@@ -269,10 +327,15 @@ class _Walk:
             self.caches = (merged_h, own_h, calls, masks)
 
             for index in range(shell.num_layers):
-                self.merge_layer(shell, index, layout.layers[index])
+                if index < done:
+                    self.replay_layer(shell, index, layout.layers[index])
+                else:
+                    self.merge_layer(shell, index, layout.layers[index])
+                    self.checkpoint(index, self.report.layer_state(self._layer_key))
                 self.walk_bar.update(1)
             shell.release()
             self.merge_head(shell, batches, getattr(config, "tie_word_embeddings", False))
+            self.writer.take()  # the head is not checkpointed: a resume redoes it
         finally:
             self.walk_bar.close()
             self.write_bar.close()
@@ -311,6 +374,8 @@ class _Walk:
                         z = self._rows(zs[key], valid, biased[key]) if match else None
                         moments[key][m].add(x, z)
         distributed.all_reduce_moments(mo for per in moments.values() for mo in per.values())
+        for key, per in moments.items():
+            self._warn_if_rank_deficient(per, f"layer {self._layer_index} {key}")
         return {
             key: linalg.SharedInputStats(
                 grams={m: mo.mean_gram() for m, mo in per.items()},
@@ -318,6 +383,19 @@ class _Walk:
             )
             for key, per in moments.items()
         }
+
+    def _warn_if_rank_deficient(self, moments, where: str) -> None:
+        for m, mo in moments.items():
+            if mo.gram is None or m in self._warned_rank:
+                continue
+            width = mo.gram.shape[0]
+            if mo.count < width:
+                self._warned_rank.add(m)  # once per expert: later layers are alike
+                LOG.warning(
+                    "model %s: %d calibration tokens for %d input features (%s): the Gram is "
+                    "rank-deficient and only the ridge regularises it; give more calibration "
+                    "data for a better merge", m, mo.count, width, where,
+                )
 
     @staticmethod
     def _rows(x: torch.Tensor, valid: torch.Tensor, biased: bool) -> torch.Tensor:
@@ -429,7 +507,27 @@ class _Walk:
                     current.update({n[len(prefix):]: v for n, v in done.items()})
         finally:
             self.ctx.solutions.clear()
+        self._advance(layer, index, current)
+        del gathered, self._expert_params
+        return current
 
+    def replay_layer(self, shell: ModelShell, index: int, names) -> None:
+        """A checkpointed layer: write it again, restore its report entries, and
+        push both activation streams through it."""
+        prefix = shell.layer_prefix(index)
+        self._layer_key = prefix[:-1]
+        self.status(f"{self._layer_key}: from the checkpoint")
+        layer = shell.layer(index)
+        current = {n[len(prefix):]: v for n, v in self.replay(index).items()}
+        self.report.restore_layer(self._layer_key, self._replayed_report)
+        gathered = self.gather(names)
+        self._expert_params = {m: self._own_params(gathered, m, prefix) for m in self.experts}
+        self._advance(layer, index, current)
+        self._expert_params = None
+
+    def _advance(self, layer, index: int, current: Dict[str, torch.Tensor]) -> None:
+        """Cached activations one layer forward: merged layer and experts' own."""
+        merged_h, own_h, calls, masks = self.caches
         with PHASES.phase("forward"):
             for m in self.experts:
                 for b in range(len(masks[m])):
@@ -439,8 +537,6 @@ class _Walk:
         # Unmap this layer's weight files: mmapped pages would otherwise stay resident
         # and make memory grow with depth (they are re-opened for the next layer).
         LoaderCache().flush_all()
-        del gathered, self._expert_params
-        return current
 
     def merge_head(self, shell: ModelShell, batches, config_tied: bool) -> None:
         """Final norm(s) by the fallback rule; an untied lm_head by the solve."""
@@ -485,6 +581,7 @@ class _Walk:
                             moments[m].add(self._rows(x, valid, bool(bias_name)),
                                            self._rows(z, valid, bool(bias_name)) if match else None)
                 distributed.all_reduce_moments(moments.values())
+                self._warn_if_rank_deficient(moments, module_name)
                 stats = linalg.SharedInputStats(
                     grams={m: mo.mean_gram() for m, mo in moments.items()},
                     crosses={m: mo.mean_cross() for m, mo in moments.items()} if match else {},

@@ -1,5 +1,34 @@
-"""Errors that stop a merge before any heavy work, with a message saying what to change."""
+"""The base of every error a user fixes by changing their input.
+
+It is a ``click.ClickException`` so that plain ``mergekit-yaml`` (a click
+command running in standalone mode) prints it as one ``Error: ...`` line
+instead of a traceback; ``mergekit-com`` prints it as
+``mergekit-com: error: ...``. It stays a ``ValueError`` for Python callers.
+"""
+
+from __future__ import annotations
+
+import click
 
 
-class ChainConfigError(ValueError):
+class MergeInputError(click.ClickException, ValueError):
+    """Bad input; the message names the file, model or parameter and the fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+def one_line(text: str) -> str:
+    """Whitespace runs become one space; other unprintable characters are escaped.
+
+    Messages quote what users wrote (file names, parameter names), which may
+    hold anything, and must still print as exactly one line.
+    """
+    words = " ".join(str(text).split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in words)
+
+
+class ChainConfigError(MergeInputError):
     """A configuration CoM cannot run; the message names what to change."""

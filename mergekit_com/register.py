@@ -23,3 +23,7 @@ def register_method() -> None:
 
 def route_planner() -> None:
     _finish("mergekit_com.adapter", "patch_planner", "patch_planner")
+
+
+def patch_run_merge() -> None:
+    _finish("mergekit_com.staged_merge", "patch_run_merge", "patch_run_merge")

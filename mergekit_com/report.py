@@ -115,6 +115,26 @@ class MergeReport:
         den = ((target @ gram) * target).sum(dtype=torch.float64).item()
         ratios[index].add(num, den)
 
+    def layer_state(self, layer: str) -> Dict[str, Any]:
+        """This layer's running sums, for a checkpoint (exact: JSON keeps floats)."""
+        return {
+            "shift": [[r.num, r.den] for r in self._shift.get(layer, [])],
+            "residual": {k: [[r.num, r.den] for r in v]
+                         for k, v in self._residual.get(layer, {}).items()},
+        }
+
+    def restore_layer(self, layer: str, state: Dict[str, Any]) -> None:
+        """Entries of a layer merged before a resume, as ``layer_state`` gave them."""
+        self._layer(layer)
+
+        def fill(ratios, pairs):
+            for r, (num, den) in zip(ratios, pairs):
+                r.num, r.den = num, den
+
+        fill(self._shift[layer], state["shift"])
+        for linear, pairs in state["residual"].items():
+            fill(self._residual[layer].setdefault(linear, [_Ratio() for _ in self.experts]), pairs)
+
     def to_dict(self) -> Dict[str, Any]:
         layers = []
         for name in self._order:

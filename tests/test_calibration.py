@@ -50,8 +50,33 @@ def test_truncation_and_padding_mask(tmp_path, tok):
     assert torch.equal(ids[1, :3], torch.tensor(cal.sequences[1]))
 
 
-def test_missing_field_names_the_record(tmp_path):
+def test_missing_field_names_the_line(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"text": "ok"}\n{"prompt": "no text"}\n')
+    p.write_text('{"text": "ok"}\n\n{"prompt": "no text"}\n')
+    with pytest.raises(CalibrationError, match="line 3 has neither"):
+        load_records(str(p), 10)
+
+
+def test_json_array_record_without_text_names_the_record(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[{"text": "ok"}, {"prompt": "no text"}]')
     with pytest.raises(CalibrationError, match="record 2 has neither"):
+        load_records(str(p), 10)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.json", '[{"text": "a"},\n {"text": }]', r"is not valid JSON \(line 2, column 11"),
+    ("d.json", '{"text": "a"} trailing', "not valid JSON"),
+    ("d.txt", b"\xff\xfe not utf-8", "is not valid UTF-8 text"),
+    ("d.jsonl", b'{"text": "\xff"}', "line 1 is not valid UTF-8 text"),
+    ("d.jsonl", '["a list"]', "line 1 is a JSON list, not an object"),
+    ("d.jsonl", '{"text": 5}', "line 1: `text` must be a string, not int"),
+    ("d.jsonl", '{"messages": "hi"}', "line 1: `messages` must be a list of"),
+    ("d.jsonl", '{"text": "  "}\n\n', "holds no text: all 1 records are blank"),
+    ("d.csv", "text\nabc\n", "unsupported extension '.csv'"),
+])
+def test_malformed_files_give_one_clear_error(tmp_path, name, content, message):
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CalibrationError, match=message):
         load_records(str(p), 10)
