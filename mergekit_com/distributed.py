@@ -2,7 +2,7 @@
 
 Gram sums are additive over tokens, so under ``torchrun`` (or any launcher
 that sets RANK / WORLD_SIZE) each rank takes a disjoint shard of every
-expert's calibration samples, accumulates partial sums, and one all-reduce
+expert's calibration batches, accumulates partial sums, and one all-reduce
 per shared input adds them up before the solve. Every rank then holds the
 same statistics, solves the same merge and pushes the same merged weights
 through its own shard, so the chain stays identical everywhere; only rank 0
@@ -67,8 +67,10 @@ def shard(items: Sequence[T], what: str) -> List[T]:
     if n == 1:
         return list(items)
     if len(items) < n:
-        raise ValueError(f"{what} has {len(items)} calibration samples, fewer than the {n} ranks; "
-                         "use more samples or fewer ranks")
+        from mergekit_com.errors import ChainConfigError
+
+        raise ChainConfigError(f"{what} has {len(items)} batches, fewer than the {n} ranks; "
+                         "use more samples, a smaller batch_size or fewer ranks")
     return list(items[rank()::n])
 
 
@@ -76,24 +78,23 @@ def all_reduce_moments(moments: Iterable) -> None:
     """Sum every rank's partial ``linalg.Moments`` in place (one call per solve)."""
     if not active():
         return
-    import torch.distributed as dist
-
     for m in moments:
         if m.gram is None:
             raise ValueError("a rank saw no calibration tokens at this layer")
-        dist.all_reduce(m.gram)
+        all_reduce_sum(m.gram)
         if m.cross is not None:
-            dist.all_reduce(m.cross)
+            all_reduce_sum(m.cross)
         count = torch.tensor([float(m.count)], dtype=torch.float64, device=m.gram.device)
-        dist.all_reduce(count)
+        all_reduce_sum(count)
         m.count = int(count.item())
 
 
-def barrier() -> None:
+def all_reduce_sum(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over ranks in place (a no-op in one process)."""
     if active():
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.all_reduce(tensor)
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:

@@ -257,9 +257,12 @@ class _Walk:
             LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens, cal.path)
             self.report.set_calibration(index, cal, self.expert_weight_summary[index])
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            # under torchrun each rank calibrates on its own disjoint share of the samples
-            sequences = distributed.shard(cal.sequences, f"expert {model}")
-            out[model] = make_batches(sequences, s.batch_size, pad_id=pad)
+            # Under torchrun each rank calibrates on a disjoint share of the batches. Sharding
+            # whole batches (not samples) keeps every batch's padding and Gram what one
+            # process computes, so ranks change only the order of float64 sums.
+            batches = make_batches(cal.sequences, s.batch_size, pad_id=pad)
+            out[model] = distributed.shard(batches, f"expert {model}'s calibration (batch_size "
+                                                    f"{s.batch_size})")
         return out
 
     # ------------------------------------------------------------ the walk
@@ -347,6 +350,8 @@ class _Walk:
         for t, m in enumerate(self.experts):
             for b, valid in enumerate(masks[m]):
                 self.report.add_shift(layer_key, t, merged_h[m][b][valid], own_h[m][b][valid])
+        if distributed.active():
+            self.report.sum_shift_over_ranks(layer_key, self.device)
 
     def _own_params(self, gathered, model, prefix: str = "") -> Dict[str, torch.Tensor]:
         return {

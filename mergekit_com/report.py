@@ -101,6 +101,16 @@ class MergeReport:
         merged, own = merged.double(), own.double()
         self._shift[layer][index].add((merged - own).square().sum().item(), own.square().sum().item())
 
+    def sum_shift_over_ranks(self, layer: str, device: torch.device) -> None:
+        """Under torchrun each rank saw its own share of the tokens: add the shares up."""
+        from mergekit_com import distributed
+
+        ratios = self._shift[layer]
+        sums = torch.tensor([[r.num, r.den] for r in ratios], dtype=torch.float64, device=device)
+        distributed.all_reduce_sum(sums)
+        for r, (num, den) in zip(ratios, sums.tolist()):
+            r.num, r.den = num, den
+
     def add_residual(self, layer: str, linear: str, index: int, gram: torch.Tensor,
                      target: torch.Tensor, merged: torch.Tensor) -> None:
         """``target``/``merged``: ``[out, in]`` (bias column included); ``gram``: ``[in, in]``."""
