@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench bench-smollm2 bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m mergekit_com.bench --preset tiny
+
+bench-smollm2: $(STAMP)
+	$(PY) -m mergekit_com.bench --preset smollm2 --out bench_out/smollm2
+
+bench-scale: $(STAMP)
+	$(PY) -m mergekit_com.bench scale
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

@@ -54,6 +54,10 @@ def test_benchmark_outputs(mini, tmp_path):
     assert table[0].startswith("| method | tuned on val | max | reverse | mean | normalized |")
     assert sum(line.startswith("| CoM (chain: module) | alpha=0.9, lambda=0.5 |") for line in table) == 1
     assert report.ablation_table(result["ablation"]).splitlines()[2].startswith("| 4 |")
+    cost = report.cost_table(result).splitlines()
+    assert len(cost) == 3 and cost[2].startswith("| CoM (chain: module) |")
+    tokens = int(cost[2].split("|")[8])  # 8 calibration records of each of the 2 experts
+    assert tokens >= 16
 
 
 def test_tuning_keeps_the_best_validation_setting(tmp_path, monkeypatch):

@@ -24,6 +24,10 @@ def _quality(args) -> None:
     print(f"\n## {result['preset']} zoo, eval split ({result['machine']}, device {args.device}, "
           f"{args.threads} thread(s))\n")
     print(report.quality_table(result))
+    cost = report.cost_table(result)
+    if cost:
+        print("\nWhere the chain_of_merges merges spend their time (mergekit-yaml, whole run):\n")
+        print(cost)
     if result["ablation"]:
         print("\nCoM normalized accuracy (%) over alpha and num_samples (eval split, other knobs as tuned):\n")
         print(report.ablation_table(result["ablation"]))

@@ -52,6 +52,34 @@ def quality_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _report_tokens(path: str) -> int:
+    """Calibration tokens the merge used, from the com_report.json it wrote."""
+    report = json.loads((Path(path) / "com_report.json").read_text())
+    return sum(e["calibration"]["tokens"] for e in report["experts"])
+
+
+def cost_table(result: dict) -> str:
+    """Where our merges spend their time, and their calibration throughput."""
+    from ..timing import ORDER
+
+    rows = [r for r in result["methods"] if r["merge_method"] == "chain_of_merges"
+            and (Path(r["path"]) / "com_report.json").exists()]
+    if not rows:
+        return ""
+    ties = next((r for r in result["methods"] if r["method"] == "ties"), None)
+    lines = ["| method | merge s | " + " | ".join(f"{p} s" for p in ORDER)
+             + " | calibration tokens | tokens/s | x ties time | peak RSS MB |",
+             "|---" * (len(ORDER) + 6) + "|"]
+    for r in rows:
+        m = r["measure"]
+        tokens = _report_tokens(r["path"])
+        phases = " | ".join(f"{(m.get('phases') or {}).get(p, 0):.1f}" for p in ORDER)
+        ratio = f"{m['merge_s'] / ties['measure']['merge_s']:.1f}" if ties else "-"
+        lines.append(f"| {r['method']} | {m['merge_s']:.1f} | {phases} | {tokens} | "
+                     f"{tokens / m['merge_s']:.0f} | {ratio} | {m['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def ablation_table(rows: List[dict]) -> str:
     if not rows:
         return ""
