@@ -109,7 +109,7 @@ def plot_quality(result: dict, path: Path) -> None:
     rows = result["methods"]
     groups = [*tasks, "mean"]
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 5.2))
     for i, row in enumerate(rows):
         vals = [100 * row["eval"][t]["accuracy"] / experts[t] if experts[t] else 0 for t in tasks]
         vals.append(100 * row["normalized_accuracy"])
@@ -119,7 +119,7 @@ def plot_quality(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("normalized accuracy (%)")
     ax.set_title(f"Merging the {result['preset']} zoo's {len(tasks)} experts (eval split)")
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
