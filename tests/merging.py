@@ -48,3 +48,18 @@ def experts(zoo, n=2, **extra) -> List[dict]:
         {"model": zoo[f"expert{i}"], "calibration": zoo[f"expert{i}_data"], **extra}
         for i in range(n)
     ]
+
+
+def count_merged_layers(monkeypatch) -> List[int]:
+    """Spy on the walk: the list fills with the index of every layer it merges."""
+    from mergekit_com import engine
+
+    merged: List[int] = []
+    original = engine._Walk.merge_layer
+
+    def counting(self, shell, index, names):
+        merged.append(index)
+        return original(self, shell, index, names)
+
+    monkeypatch.setattr(engine._Walk, "merge_layer", counting)
+    return merged

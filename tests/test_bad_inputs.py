@@ -14,9 +14,8 @@ import sys
 import pytest
 import torch
 from bad_inputs import CASES, Case, World, cli_args, readme_rows
-from merging import read_tensors
+from merging import count_merged_layers, read_tensors
 
-import mergekit_com.engine as engine
 from mergekit_com import cli
 from mergekit_com.adapter import ChainConfigError
 
@@ -29,15 +28,7 @@ def world(zoo2, tmp_path_factory):
 @pytest.fixture
 def in_world(world, monkeypatch):
     monkeypatch.chdir(world.root)
-    merged_layers = []
-    original = engine._Walk.merge_layer
-
-    def counting(self, shell, index, names):
-        merged_layers.append(index)
-        return original(self, shell, index, names)
-
-    monkeypatch.setattr(engine._Walk, "merge_layer", counting)
-    world.merged_layers = merged_layers
+    world.merged_layers = count_merged_layers(monkeypatch)
     return world
 
 

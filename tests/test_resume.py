@@ -17,9 +17,8 @@ import pico
 import pytest
 import torch
 import yaml
-from merging import com_config, experts, merge, read_tensors
+from merging import com_config, count_merged_layers, experts, merge, read_tensors
 
-import mergekit_com.engine as engine
 import mergekit_com.workdir as workdir
 from mergekit_com import cli
 from mergekit_com.report import REPORT_NAME
@@ -114,14 +113,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_merge(zoo8, uninterrupted, 
     assert not os.path.exists(out), "a partial model appeared at out_path"
     assert work.checkpoints.completed_layers() == 3
 
-    merged_layers = []
-    original = engine._Walk.merge_layer
-
-    def counting(self, shell, index, names):
-        merged_layers.append(index)
-        return original(self, shell, index, names)
-
-    monkeypatch.setattr(engine._Walk, "merge_layer", counting)
+    merged_layers = count_merged_layers(monkeypatch)
     cli.main([config, out, "--quiet", "--resume"])
     assert merged_layers == list(range(3, LAYERS)), "resume recomputed finished layers"
     assert not os.path.exists(work.path), "the work directory was not cleaned up"
