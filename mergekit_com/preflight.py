@@ -241,6 +241,9 @@ def check_calibration(experts, calibration, num_samples: int, max_seq_len: int, 
         load_calibration(source, tok, num_samples, max_seq_len, model=model)
 
 
+SCAN_UNMAP_BYTES = 32 << 20
+
+
 def scan_weights(models: List[ModelReference], options) -> None:
     """NaN or Inf anywhere in an input model stops the merge, naming the tensor."""
     from mergekit.io.tasks import LoaderCache
@@ -250,8 +253,16 @@ def scan_weights(models: List[ModelReference], options) -> None:
         loader = cache.get(model)
         # shard by shard: a pickled shard is read whole each time the loader switches
         paths = loader.index.tensor_paths
+        mapped = 0
         for name in sorted(paths, key=lambda n: (paths[n], n)):
             t = loader.get_tensor(name, device="cpu")
+            # Unmap a safetensors file every few MB read: its touched pages would otherwise
+            # stay resident and the check alone would hold a whole shard (pickled shards
+            # are read whole anyway, so they are left open until the loader moves on).
+            mapped += t.numel() * t.element_size()
+            if mapped > SCAN_UNMAP_BYTES and paths[name].endswith(".safetensors"):
+                loader.flush()
+                mapped = 0
             if not t.is_floating_point():
                 continue
             finite = torch.isfinite(t)
