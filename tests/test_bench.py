@@ -58,6 +58,12 @@ def test_benchmark_outputs(mini, tmp_path):
     assert len(cost) == 3 and cost[2].startswith("| CoM (chain: module) |")
     tokens = int(cost[2].split("|")[8])  # 8 calibration records of each of the 2 experts
     assert tokens >= 16
+    shifts = report.shift_by_layer(result)
+    assert list(shifts) == ["CoM (chain: module)"] and len(shifts["CoM (chain: module)"]) == 2  # layer 0, head
+    assert all(v >= 0 for v in shifts["CoM (chain: module)"])
+    assert report.plot_shift(result, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.shift_table(shifts).splitlines()[0] == "| method | layer 0 | head |"
 
 
 def test_tuning_keeps_the_best_validation_setting(tmp_path, monkeypatch):

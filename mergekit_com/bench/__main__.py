@@ -21,6 +21,7 @@ def _quality(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(result, out / "quality.json")
     report.plot_quality(result, out / "quality.png")
+    drew_shift = report.plot_shift(result, out / "covariate_shift.png")
     print(f"\n## {result['preset']} zoo, eval split ({result['machine']}, device {args.device}, "
           f"{args.threads} thread(s))\n")
     print(report.quality_table(result))
@@ -31,7 +32,12 @@ def _quality(args) -> None:
     if result["ablation"]:
         print("\nCoM normalized accuracy (%) over alpha and num_samples (eval split, other knobs as tuned):\n")
         print(report.ablation_table(result["ablation"]))
-    print(f"\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'quality.json'}, {out / 'quality.png'}")
+    shifts = report.shift_by_layer(result)
+    if shifts:
+        print("\nCovariate shift entering each layer (com_report.json, mean over experts):\n")
+        print(report.shift_table(shifts))
+    pngs = ", ".join(str(out / n) for n in ("quality.png", "covariate_shift.png")[: 1 + drew_shift])
+    print(f"\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'quality.json'}, {pngs}")
 
 
 def _scale(args) -> None:

@@ -123,3 +123,51 @@ def plot_quality(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def shift_by_layer(result: dict) -> Dict[str, List[float]]:
+    """Per our merge: the covariate shift entering each layer (and the head), mean over experts."""
+    out = {}
+    for row in result["methods"]:
+        path = Path(row["path"]) / "com_report.json"
+        if row["merge_method"] != "chain_of_merges" or not path.exists():
+            continue
+        layers = json.loads(path.read_text())["layers"]
+        out[row["method"]] = [sum(v for v in layer["covariate_shift"]) / len(layer["covariate_shift"])
+                              for layer in layers]
+    return out
+
+
+def shift_table(shifts: Dict[str, List[float]]) -> str:
+    n = len(next(iter(shifts.values())))
+    cols = [f"layer {i}" for i in range(n - 1)] + ["head"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (n + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |" for name, vals in shifts.items()]
+    return "\n".join(lines)
+
+
+def plot_shift(result: dict, path: Path) -> bool:
+    """The report's covariate shift per layer, RegMean vs the chain variants; False if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shifts = shift_by_layer(result)
+    if not shifts:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in shifts.items():
+        ax.plot(range(len(values)), values, marker="o", label=name)
+    n = len(next(iter(shifts.values())))
+    step = max(1, (n - 1) // 10)  # about ten labelled layers, whatever the depth
+    ticks = [*range(0, n - 1, step), n - 1]
+    ax.set_xticks(ticks, [str(i) for i in ticks[:-1]] + ["head"])
+    ax.set_xlabel("hidden states entering layer")
+    ax.set_ylabel("covariate shift (mean over experts)")
+    ax.set_title(f"Merged vs each expert's own activations ({result['preset']} zoo, com_report.json)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
