@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     print("\nnormalized accuracy (merged / expert, mean over tasks):")
     for name in ("base", "mergekit task_arithmetic", "chain_of_merges"):
         label = f"{name} (weights {TA_SCALE:g})" if "task_arithmetic" in name else name
-        print(f"  {label:36} {100 * normalized_accuracy(results[name], experts):.1f}%")
+        print(f"  {label:40} {100 * normalized_accuracy(results[name], experts):.1f}%")
 
 
 if __name__ == "__main__":
