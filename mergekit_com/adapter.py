@@ -27,7 +27,7 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from mergekit.tokenizer import BuildTokenizer
 
-from mergekit_com import card, support
+from mergekit_com import card, distributed, support
 from mergekit_com.errors import ChainConfigError
 from mergekit_com.method import (
     ACTIVATION_DTYPES,
@@ -78,8 +78,6 @@ class ChainOfMergesTask(Task[None]):
     def execute(self, writer, tokenizer=None) -> None:
         from mergekit_com.engine import run_chain
         from mergekit_com.output import copy_generation_config, copy_remote_code
-
-        from mergekit_com import distributed
 
         run_chain(self, writer, tokenizer)
         if not distributed.is_writer():

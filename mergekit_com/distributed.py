@@ -16,6 +16,9 @@ import os
 from typing import Iterable, List, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
+
+from mergekit_com.errors import ChainConfigError
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,8 +30,6 @@ def launched() -> bool:
 
 def setup(device: torch.device) -> None:
     """Join the process group a launcher described in the environment (once)."""
-    import torch.distributed as dist
-
     if not launched() or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -39,20 +40,14 @@ def setup(device: torch.device) -> None:
 
 
 def active() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if active() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if active() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -67,10 +62,8 @@ def shard(items: Sequence[T], what: str) -> List[T]:
     if n == 1:
         return list(items)
     if len(items) < n:
-        from mergekit_com.errors import ChainConfigError
-
         raise ChainConfigError(f"{what} has {len(items)} batches, fewer than the {n} ranks; "
-                         "use more samples, a smaller batch_size or fewer ranks")
+                               "use more samples, a smaller batch_size or fewer ranks")
     return list(items[rank()::n])
 
 
@@ -92,8 +85,6 @@ def all_reduce_moments(moments: Iterable) -> None:
 def all_reduce_sum(tensor: torch.Tensor) -> None:
     """Sum ``tensor`` over ranks in place (a no-op in one process)."""
     if active():
-        import torch.distributed as dist
-
         dist.all_reduce(tensor)
 
 
@@ -101,8 +92,6 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     """The smallest ``value`` any rank holds (e.g. checkpointed layers each rank can read)."""
     if not active():
         return value
-    import torch.distributed as dist
-
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())

@@ -460,7 +460,8 @@ class _Walk:
         for t, m in enumerate(self.experts):
             self.report.add_residual(self._layer_key, key, t, stats.grams[m], targets[t], written)
 
-    def merge_layer(self, shell: ModelShell, index: int, names) -> None:
+    def merge_layer(self, shell: ModelShell, index: int, names) -> Dict[str, torch.Tensor]:
+        """Merge one decoder layer; returns its merged parameters (local names)."""
         self._layer_index = index
         merged_h, own_h, calls, masks = self.caches
         prefix = shell.layer_prefix(index)

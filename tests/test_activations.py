@@ -59,11 +59,11 @@ def test_bfloat16_activations_stay_close(zoo2, tmp_path):
     assert max(diffs) < 0.05 and max(diffs) > 0  # rounded, so not identical, but close
 
 
-needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+def needs_cuda(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
-@needs_cuda[0]
-@needs_cuda[1]
+@needs_cuda
 def test_cuda_store_spills_device_then_host_then_disk():
     x = torch.randn(64, 64, device="cuda")
     one = x.numel() * 2
@@ -79,8 +79,7 @@ def test_cuda_store_spills_device_then_host_then_disk():
     store.close()
 
 
-@needs_cuda[0]
-@needs_cuda[1]
+@needs_cuda
 def test_cuda_default_bfloat16_activations_stay_close(zoo2, tmp_path):
     ref = merge(com_config(experts(zoo2)), str(tmp_path / "cpu"))
     gpu = merge(com_config(experts(zoo2)), str(tmp_path / "gpu"), cuda=True)

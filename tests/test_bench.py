@@ -20,7 +20,7 @@ def mini(tmp_path_factory):
     zoo_dir = root / "zoo"
     build_zoo(out_dir=zoo_dir, quick=True)
     # the quick zoo has 8 calibration records per task
-    result = quality.run("quick", zoo_dir, root / "out", quick=True, only=ROWS,
+    result = quality.run("quick", zoo_dir, root / "out", only=ROWS,
                          extra={"num_samples": 8, "max_seq_len": 32})
     return root, result
 
@@ -69,7 +69,7 @@ def test_benchmark_outputs(mini, tmp_path):
 def test_tuning_keeps_the_best_validation_setting(tmp_path, monkeypatch):
     """The knob with the best val score is kept, scored on eval; the others are deleted."""
     zoo = build_zoo(out_dir=tmp_path / "zoo", quick=True)
-    bench = quality.QualityBench(zoo, tmp_path / "out", quick=True)
+    bench = quality.QualityBench(zoo, tmp_path / "out")
     bench.experts_val = bench.experts_eval = {"max": 1.0, "reverse": 1.0}
     val_acc = {"lambda=0.5": 0.2, "lambda=1": 0.6, "lambda=1.5": 0.4}
     scored = []

@@ -154,7 +154,7 @@ def test_trust_remote_code(zoo2, tmp_path, reference):
     import uuid
 
     models = experts(zoo2)
-    for i, m in enumerate(models):
+    for m in models:
         # transformers caches remote code by folder name in ~/.cache: keep it unique
         m["model"] = remote_code_copy(m["model"], tmp_path / f"pico_remote_{uuid.uuid4().hex[:8]}")
     with pytest.raises(ValueError, match="trust_remote_code"):

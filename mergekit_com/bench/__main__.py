@@ -13,7 +13,7 @@ def _quality(args) -> None:
     from . import quality, report
 
     result = quality.run(args.preset, Path(args.zoo or f"zoo_cache/{args.preset}"), Path(args.out),
-                         threads=args.threads, device=args.device, quick=args.preset == "quick",
+                         threads=args.threads, device=args.device,
                          only=args.methods.split(",") if args.methods else None,
                          ablation=not args.no_ablation)
     result["machine"] = report.machine()

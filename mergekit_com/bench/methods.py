@@ -67,9 +67,14 @@ GRIDS = {
 }
 
 
-def methods(quick: bool = False, grid: str = "full") -> List[Method]:
-    """Every row of the benchmark. quick=True (tests) or grid= shrinks the tuning grids."""
-    lam_mk, lam_ours, alphas = GRIDS["quick" if quick else grid]
+def grid_for(preset: str) -> str:
+    """The tuning/ablation grid a zoo preset uses."""
+    return preset if preset in GRIDS else "full"
+
+
+def methods(grid: str = "full") -> List[Method]:
+    """Every row of the benchmark, with the tuning grid of ``GRIDS[grid]``."""
+    lam_mk, lam_ours, alphas = GRIDS[grid]
     ours = {"fallback": "task_arithmetic"}
     return [
         Method("linear", "linear", {"normalize": True}),
@@ -99,6 +104,6 @@ ABLATIONS = {
 }
 
 
-def ablation_grid(quick: bool = False, grid: str = "full") -> Tuple[Sequence[float], Sequence[int]]:
+def ablation_grid(grid: str = "full") -> Tuple[Sequence[float], Sequence[int]]:
     """(alphas, num_samples) for CoM's sensitivity table."""
-    return ABLATIONS["quick" if quick else grid]
+    return ABLATIONS[grid]

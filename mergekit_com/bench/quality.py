@@ -16,7 +16,7 @@ from ..evaluate import evaluate_model, normalized_accuracy
 from ..zoo import build_zoo
 from ..zoo.build import ZooManifest
 from .measure import run_yaml
-from .methods import GRIDS, SEED, Method, ablation_grid, describe, methods
+from .methods import SEED, Method, ablation_grid, describe, grid_for, methods
 
 LOG = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ def _own_accuracy(zoo: ZooManifest, split: str) -> Dict[str, float]:
 
 class QualityBench:
     def __init__(self, zoo: ZooManifest, work: Path, threads: int = 1, device: str = "cpu",
-                 quick: bool = False, extra: Optional[dict] = None):
-        self.zoo, self.work, self.device, self.quick = zoo, Path(work), device, quick
-        self.grid = zoo.preset if zoo.preset in GRIDS else "full"
+                 extra: Optional[dict] = None):
+        self.zoo, self.work, self.device = zoo, Path(work), device
+        self.grid = grid_for(zoo.preset)
         self.args = _merge_args(threads, device)
         self.extra = extra or {}  # extra parameters for our methods (tests: fewer samples)
         self.experts_val = _own_accuracy(zoo, "val")
@@ -90,7 +90,7 @@ class QualityBench:
 
     def ablation(self, com: Method, knobs: dict) -> List[dict]:
         """CoM's eval normalized accuracy over alpha x num_samples, other knobs as tuned."""
-        alphas, counts = ablation_grid(self.quick, self.grid)
+        alphas, counts = ablation_grid(self.grid)
         rows = []
         for n in counts:
             for a in alphas:
@@ -105,19 +105,18 @@ class QualityBench:
 
 
 def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
-        quick: bool = False, only: Optional[List[str]] = None, ablation: bool = True,
+        only: Optional[List[str]] = None, ablation: bool = True,
         extra: Optional[dict] = None) -> dict:
     start = time.perf_counter()
-    zoo = build_zoo(preset, zoo_dir, quick=quick, threads=threads)
-    bench = QualityBench(zoo, out_dir, threads, device, quick, extra)
-    rows = []
-    grid = preset if preset in GRIDS else "full"
-    for method in methods(quick, grid):
+    zoo = build_zoo(preset, zoo_dir, threads=threads)
+    bench = QualityBench(zoo, out_dir, threads, device, extra)
+    rows, rows_of = [], methods(bench.grid)
+    for method in rows_of:
         if only and method.name not in only and method.merge_method not in only:
             continue
         LOG.info("%s", method.name)
         rows.append(bench.tune_and_evaluate(method))
-    com = next((m for m in methods(quick, grid) if m.name.startswith("CoM (")), None)
+    com = next(m for m in rows_of if m.name.startswith("CoM ("))
     com_row = next((r for r in rows if r["method"] == com.name), None)
     abl = bench.ablation(com, {k: v for k, v in com_row["tuned"].items() if k != "alpha"}) \
         if ablation and com_row else []
