@@ -1,5 +1,4 @@
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -13,9 +12,7 @@ import torch  # noqa: E402
 
 # Tiny models on 2 shared cores: one thread is far faster than the default.
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(__file__))
-
-import pico  # noqa: E402
+from tests.support import pico  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""python -m mergekit_com.bench [quality --preset tiny | scale]   (see README "Benchmark")"""
+"""python -m mergekit_com.bench [quality --preset tiny | scale]   (see docs/benchmark.md)"""
 
 from __future__ import annotations
 

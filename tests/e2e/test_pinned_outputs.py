@@ -1,7 +1,6 @@
 """The pinned merges give the outputs recorded before the layered redesign (issue 10)."""
 
 import pytest
-import torch
 
 from tests.support import pinned
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from tests.support.closed_form import captured_inputs, regmean, texts_of
-from tests.support.merging import read_tensors
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
+
+from tests.support.closed_form import captured_inputs, regmean, texts_of
+from tests.support.merging import read_tensors
 
 LINEARS = (torch.nn.Linear, Conv1D)
 

@@ -6,11 +6,11 @@ import os
 from typing import Dict, List, Optional
 
 import torch
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
 from safetensors.torch import load_file
 
 import mergekit_com  # noqa: F401  (registers the method)
-from mergekit.config import MergeConfiguration
-from mergekit.merge import MergeOptions, run_merge
 
 
 def com_config(models: List[dict], base: Optional[str] = None, **params) -> dict:
@@ -52,14 +52,14 @@ def experts(zoo, n=2, **extra) -> List[dict]:
 
 def count_merged_layers(monkeypatch) -> List[int]:
     """Spy on the walk: the list fills with the index of every layer it merges."""
-    from mergekit_com import engine
+    from mergekit_com.method.layer import LayerMerge
 
     merged: List[int] = []
-    original = engine._Walk.merge_layer
+    original = LayerMerge.merge
 
-    def counting(self, shell, index, names):
-        merged.append(index)
-        return original(self, shell, index, names)
+    def counting(self):
+        merged.append(self.index)
+        return original(self)
 
-    monkeypatch.setattr(engine._Walk, "merge_layer", counting)
+    monkeypatch.setattr(LayerMerge, "merge", counting)
     return merged

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from tests.support import pico
 from transformers import AutoConfig
+
+from tests.support import pico
 
 # model_type -> (config overrides, tie_word_embeddings as in the family's small checkpoints)
 ARCHS = {

@@ -17,7 +17,9 @@ from typing import Dict
 import torch
 from safetensors.torch import load_file, save_file
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "pinned")
+from tests.support.paths import DATA as DATA_ROOT
+
+DATA = os.path.join(DATA_ROOT, "pinned")
 
 # family -> models in it; every case below names one family
 FAMILIES = {
