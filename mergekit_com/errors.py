@@ -32,3 +32,12 @@ def one_line(text: str) -> str:
 
 class ChainConfigError(MergeInputError):
     """A configuration CoM cannot run; the message names what to change."""
+
+
+class OutputError(MergeInputError):
+    """Where the output goes cannot take it: a full disk, a read-only directory, a busy out_path."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Slurm, Kubernetes), handled like Ctrl-C: the merge stops
+    cleanly and the next run continues it."""
