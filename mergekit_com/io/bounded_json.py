@@ -62,6 +62,15 @@ class _Stream:
             if self.pos < len(self.buf):
                 return
 
+    def another(self, closer: str) -> bool:
+        """After an array or object item: True on ',', False on ``closer`` (both consumed)."""
+        self.skip_ws()
+        c = self.peek()
+        if c not in (",", closer):
+            self.fail("Expecting ',' delimiter")
+        self.pos += 1
+        return c == ","
+
     def expect(self, char: str, what: str) -> None:
         self.skip_ws()
         if self.peek() != char:
@@ -157,14 +166,8 @@ class _Parser:
             if keep_item:
                 out.append(item)
                 self.left -= 1
-            s.skip_ws()
-            c = s.peek()
-            s.pos += 1
-            if c == "]":
+            if not s.another("]"):
                 return out
-            if c != ",":
-                s.pos -= 1
-                s.fail("Expecting ',' delimiter")
 
     def obj(self, keep: bool, depth: int) -> dict:
         s, out = self.s, {}
@@ -185,14 +188,8 @@ class _Parser:
                 out[key] = value
             elif keep and depth == 0 and len(out) < 1000:
                 out[key] = None  # a dropped field of the record: its name, for messages
-            s.skip_ws()
-            c = s.peek()
-            s.pos += 1
-            if c == "}":
+            if not s.another("}"):
                 return out
-            if c != ",":
-                s.pos -= 1
-                s.fail("Expecting ',' delimiter")
 
 
 def _chars(read_bytes: Callable[[], bytes], bom: bool) -> Callable[[], str]:
@@ -234,14 +231,8 @@ def iter_records(read_bytes: Callable[[], bytes], budget: int) -> Iterator[Any]:
     else:
         while True:
             yield _Parser(stream, budget).value(keep=True)
-            stream.skip_ws()
-            c = stream.peek()
-            stream.pos += 1
-            if c == "]":
+            if not stream.another("]"):
                 break
-            if c != ",":
-                stream.pos -= 1
-                stream.fail("Expecting ',' delimiter")
     stream.skip_ws()
     if stream.more():
         stream.fail("Extra data")

@@ -107,7 +107,7 @@ class PublishBlocked(Exception):
         self.names = names
 
 
-def _marker_bytes(folder: str, names: Iterable[str]) -> bytes:
+def marker_bytes(folder: str, names: Iterable[str]) -> bytes:
     files = {n: _stamp(os.path.join(folder, n)) for n in names}
     return json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True).encode()
 
@@ -135,7 +135,7 @@ def publish(staged: str, target: str, ignore: Iterable[str] = ()) -> None:
 
 def _publish_new(staged: str, target: str) -> None:
     names = sorted(os.listdir(staged))
-    fsops.write_atomic(os.path.join(staged, MARKER), _marker_bytes(staged, names))
+    fsops.write_atomic(os.path.join(staged, MARKER), marker_bytes(staged, names))
     try:
         fsops.rename(staged, target)
     except OSError as e:
@@ -153,7 +153,7 @@ def _copy_then_rename(staged: str, target: str, names: List[str]) -> None:
         fsops.mkdir(copy)
         for name in names:
             fsops.copy(os.path.join(staged, name), os.path.join(copy, name))
-        fsops.write_atomic(os.path.join(copy, MARKER), _marker_bytes(copy, names))
+        fsops.write_atomic(os.path.join(copy, MARKER), marker_bytes(copy, names))
         fsops.rename(copy, target)
     except BaseException:
         fsops.remove_tree(copy)
@@ -177,7 +177,7 @@ def _publish_into(staged: str, target: str, ignore: List[str]) -> None:
             fsops.mkdir(folder)
         for name in names:
             fsops.link_or_copy(os.path.join(staged, name), os.path.join(new, name))
-        fsops.write_atomic(os.path.join(new, MARKER), _marker_bytes(new, names))
+        fsops.write_atomic(os.path.join(new, MARKER), marker_bytes(new, names))
         install = names + [MARKER]
         journal = {"install": install, "remove": sorted(ours - set(names))}
         fsops.write_atomic(os.path.join(txn, JOURNAL), json.dumps(journal).encode())

@@ -29,7 +29,7 @@ from tests.support.bad_inputs import (
     run_in_mount,
 )
 from tests.support.faults import snapshot
-from tests.support.merging import count_merged_layers, read_tensors
+from tests.support.merging import count_merged_layers, read_tensors, run_cli
 
 MOUNTS_OK = can_mount()
 
@@ -44,15 +44,6 @@ def in_world(world, monkeypatch):
     monkeypatch.chdir(world.root)
     world.merged_layers = count_merged_layers(monkeypatch)
     return world
-
-
-def run_cli(args) -> int:
-    """mergekit-com in this process; its exit code."""
-    try:
-        cli.main(args)
-        return 0
-    except SystemExit as e:
-        return e.code
 
 
 def test_docs_list_every_case_and_nothing_else():

@@ -16,19 +16,10 @@ import pytest
 import torch
 import yaml
 
-from mergekit_com import cli
 from mergekit_com.io.workdir import WorkDir
 from tests.support.bad_inputs import can_mount
 from tests.support.faults import snapshot
-from tests.support.merging import com_config, experts, merge, read_tensors
-
-
-def run_cli(args) -> int:
-    try:
-        cli.main(args)
-        return 0
-    except SystemExit as e:
-        return e.code
+from tests.support.merging import com_config, experts, merge, read_tensors, run_cli
 
 
 def test_a_used_out_path_loads_exactly_the_new_merge(zoo2, tmp_path):

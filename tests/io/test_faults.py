@@ -67,7 +67,7 @@ def previous_merge(target: str) -> None:
            "model.safetensors.index.json": b'{"weight_map": {}}', "config.json": b'{"old": 1}'}
     for name, data in old.items():
         open(os.path.join(target, name), "wb").write(data)
-    open(os.path.join(target, publish.MARKER), "wb").write(publish._marker_bytes(target, old))
+    open(os.path.join(target, publish.MARKER), "wb").write(publish.marker_bytes(target, old))
     open(os.path.join(target, "notes.txt"), "w").write("the user's notes")
     open(os.path.join(target, "data", "keep.csv"), "w").write("1,2\n")
     os.symlink("notes.txt", os.path.join(target, "notes.link"))
