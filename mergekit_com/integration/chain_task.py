@@ -63,6 +63,7 @@ class ChainOfMergesTask(Task[None]):
     chat_template: Optional[str] = None
     options: MergeOptions
     checkpoint_dir: Optional[str] = None  # where completed layers are saved (None: no resume)
+    compute_dtype: str = "float32"  # "float64" when the config reads the models in float64
 
     def arguments(self) -> Dict[str, Task]:
         args: Dict[str, Task] = {"writer": self.writer_task}
@@ -230,10 +231,16 @@ def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
     """Walk, write every tensor, and leave ``com_report.json`` in the output folder."""
     device = torch.device(task.options.device or "cpu")
     distributed.setup(device)
+    threads = distributed.cpu_threads(task.options.num_threads)
+    torch.set_num_threads(threads)
+    LOG.info("walking on %s with %d CPU thread(s), rank %d of %d", device, threads,
+             distributed.rank(), distributed.world_size())
     settings = walk_settings(task)
     config = _out_config(task)
+    # `dtype: float64` computes everything in float64 (a reference); else float32
+    compute = torch.float64 if task.compute_dtype == "float64" else torch.float32
     shell = ModelShell(config, task.layout_layers[0][0], device,
-                       trust_remote_code=task.options.trust_remote_code)
+                       trust_remote_code=task.options.trust_remote_code, dtype=compute)
     report = MergeReport([str(m) for m in task.experts], parameter_summary(task))
     batches = load_batches(task, getattr(tokenizer_info, "tokenizer", None), report,
                            settings.batch_size)
@@ -253,6 +260,8 @@ def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
     finally:
         walk_bar.close()
         write_bar.close()
+    report.runtime = {"device": str(device), "cpu_threads": threads,
+                      "ranks": distributed.world_size()}
     if distributed.is_writer():
         report.write(task.writer_task.out_path)
 

@@ -90,6 +90,7 @@ def plan_chain(planner: MergePlanner, out_path: str,
         chat_template=config.chat_template,
         options=options,
         checkpoint_dir=work.checkpoints.path if work is not None else None,
+        compute_dtype="float64" if config.dtype == "float64" else "float32",
     )
     return [chain] + ([tokenizer] if tokenizer is not None else [])
 

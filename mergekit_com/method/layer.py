@@ -60,15 +60,16 @@ def solve_group(ctx: WalkContext, layer_key: str, group: Sequence[str],
         solutions = {}
         if biased:
             merged, bias = merged[:, :-1], merged[:, -1]
-        solutions[weight_name] = (merged.T if transposed else merged).to(torch.float32)
+        solutions[weight_name] = (merged.T if transposed else merged).to(ctx.dtype)
         if biased and bias_name:
-            solutions[bias_name] = bias.to(torch.float32)
+            solutions[bias_name] = bias.to(ctx.dtype)
         for name, value in solutions.items():
             written[name] = ctx.io.write_solved(name, value, gathered[name])
         as_written = _augmented(written[weight_name], written.get(bias_name), transposed, biased,
                                 ctx.device)
-        for t, e in enumerate(ctx.experts):
-            ctx.report.add_residual(layer_key, key, t, stats.grams[e], targets[t], as_written)
+        with PHASES.phase("report"):
+            for t, e in enumerate(ctx.experts):
+                ctx.report.add_residual(layer_key, key, t, stats.grams[e], targets[t], as_written)
     return written
 
 

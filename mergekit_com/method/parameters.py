@@ -82,6 +82,10 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
     Parameter("activation_budget", float, False, 0.0,
               "GB of activations kept on the compute device before spilling to CPU "
               "memory, then disk; 0 = half the free memory at start", walk_wide=True),
+    Parameter("exact_shift", bool, False, False,
+              "measure `com_report.json`'s covariate shift on every calibration batch (true), "
+              "not only on each expert's first (false: the merge then runs the experts' own "
+              "models only where `chain` or `objective` needs them)", walk_wide=True),
     Parameter("fallback", str, False, Fallback.AVERAGE.value,
               "rule for non-linear tensors (embeddings, norms): `average` or "
               "`task_arithmetic` (needs `base_model`)", _choices(Fallback)),
@@ -127,6 +131,7 @@ class WalkSettings:
     batch_size: int = 8
     activation_dtype: str = "auto"
     activation_budget: float = 0.0
+    exact_shift: bool = False
 
     @classmethod
     def from_values(cls, values: Dict[str, Any]) -> "WalkSettings":
@@ -136,6 +141,7 @@ class WalkSettings:
             batch_size=values["batch_size"],
             activation_dtype=values["activation_dtype"],
             activation_budget=values["activation_budget"],
+            exact_shift=values.get("exact_shift", False),
         )
 
 

@@ -73,14 +73,25 @@ def test_residual_matches_its_definition(zoo2, merged):
             assert 0 < got < 1
 
 
-def test_covariate_shift_matches_its_definition(zoo2, merged):
-    report = report_of(merged)
+@pytest.mark.parametrize("exact", [False, True])
+def test_covariate_shift_matches_its_definition(zoo2, tmp_path, exact):
+    """On each expert's first batch by default (its 4 longest records of 12), on all with
+    exact_shift."""
+    out = str(tmp_path / "out")
+    merge(com_config(experts(zoo2), ridge=1e-6, batch_size=4, exact_shift=exact), out)
+    report = report_of(out)
+    tok = AutoTokenizer.from_pretrained(zoo2["expert0"])
     for i in range(2):
         texts = texts_of(zoo2[f"expert{i}_data"])
-        h_merged = layer_inputs(merged, texts, 1)
+        if not exact:  # batches take the longest records first
+            texts = sorted(texts, key=lambda t: len(tok(t)["input_ids"]), reverse=True)[:4]
+        h_merged = layer_inputs(out, texts, 1)
         h_own = layer_inputs(zoo2[f"expert{i}"], texts, 1)
         expected = ((h_merged - h_own).norm() / h_own.norm()).item()
         assert report["layers"][1]["covariate_shift"][i] == pytest.approx(expected, rel=1e-4)
+        tokens = sum(len(tok(t)["input_ids"]) for t in texts)
+        assert report["experts"][i]["covariate_shift_tokens"] == tokens
+    assert report["settings"]["exact_shift"] is exact
 
 
 @pytest.mark.parametrize("chain", ["module", "none"])

@@ -55,6 +55,15 @@ def test_truncation_and_padding_mask(tmp_path, tok):
     assert torch.equal(ids[1, :3], torch.tensor(cal.sequences[1]))
 
 
+def test_batches_group_sequences_of_similar_length():
+    seqs = [[1] * n for n in (3, 9, 4, 8, 3, 9)]
+    batches = make_batches(seqs, batch_size=2, pad_id=0)
+    assert [tuple(ids.shape) for ids, _ in batches] == [(2, 9), (2, 8), (2, 3)]
+    assert sum(int(m.sum()) for _, m in batches) == sum(map(len, seqs))
+    padded = sum(m.numel() - int(m.sum()) for _, m in batches)
+    assert padded == 4  # the 4 beside the 8; in file order: 6 + 4 + 6 = 16
+
+
 def test_missing_field_names_the_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "ok"}\n\n{"prompt": "no text"}\n')
