@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, Set
+from typing import Dict, Hashable, List, Optional, Set
 
 import torch
 
@@ -26,8 +26,9 @@ class WalkContext:
     objective: object  # RegMeanObjective or MatchExpertObjective
     device: torch.device
     dtype: torch.dtype  # the walk's compute dtype: float32, or float64 for `dtype: float64`
-    # bytes the paused layer passes may hold; past it they restart instead (see model/passes.py)
-    pass_budget: int
+    # bytes the paused layer passes may hold (None: what the activation budget has left);
+    # past it they restart instead (see model/passes.py)
+    pass_budget: Optional[int] = None
     warned: Set[Hashable] = field(default_factory=set)  # experts warned about too few tokens
 
     @property

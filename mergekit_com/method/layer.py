@@ -165,27 +165,27 @@ class LayerMerge:
                 stop_modules: List[nn.Module]):
         """Per expert and batch: the pass giving ``X_t`` and, for match_expert, ``Z_t``."""
         ctx, streams = self.ctx, self.ctx.streams
-        chain, budget = ctx.chain, ctx.pass_budget
-        width = sum(input_width(m) for m in stop_modules)
+        chain = ctx.chain
+        budget = streams.store.free_bytes if ctx.pass_budget is None else ctx.pass_budget
+        # a paused pass holds about its group inputs and two copies of the residual stream
+        per_token = (sum(input_width(m) for m in stop_modules)
+                     + 2 * input_width(stop_modules[0])) * ctx.dtype.itemsize
         x_passes: Dict[Hashable, List[LayerPass]] = {}
         z_passes: Dict[Hashable, List[LayerPass]] = {}
         for e in ctx.experts:
             layer = merged if chain.inside == "merged" else own[e]
-            source = streams.stream(chain.stream)[e]
             x_passes[e], z_passes[e] = [], []
             for b in range(streams.count(chain.stream, e)):
-                hidden = source[b]
                 call = streams.call(e, b, self.index)
-                # a kept pass holds about the group inputs and the residual stream
-                cost = hidden.numel() // hidden.shape[-1] * (width + 2 * hidden.shape[-1]) * 4
+                cost = streams.masks[e][b].numel() * per_token
                 keep, budget = budget >= cost, budget - cost
-                x_passes[e].append(LayerPass(layer, hidden, call, keep))
+                x_passes[e].append(LayerPass(layer, streams.loader(chain.stream, e, b), call, keep))
                 if ctx.objective.needs_expert_inputs:
                     if chain.stream == "own" and chain.inside == "own":
                         z_passes[e].append(x_passes[e][-1])  # RegMean's X is the expert's own Z
                     else:
                         keep, budget = budget >= cost, budget - cost
-                        z_passes[e].append(LayerPass(own[e], streams.own[e][b], call, keep))
+                        z_passes[e].append(LayerPass(own[e], streams.loader("own", e, b), call, keep))
         return x_passes, z_passes
 
     def _statistics(self, key: str, x_passes, z_passes, biased: bool):

@@ -12,7 +12,7 @@ report's covariate shift, on the first batch of each expert (every batch with
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
@@ -27,6 +27,7 @@ class Streams:
                  batches: Dict[Hashable, List[Batch]], merged_all: bool, own_all: bool,
                  report_batches: int):
         self.experts = list(experts)
+        self.store = store
         self.batches = batches
         self.masks = {e: [mask.to(store.device).bool() for _, mask in batches[e]] for e in experts}
         self.calls: Dict[Hashable, List[List[LayerCall]]] = {e: [] for e in experts}
@@ -41,6 +42,11 @@ class Streams:
 
     def stream(self, name: str) -> Dict[Hashable, CachedList]:
         return self.merged if name == "merged" else self.own
+
+    def loader(self, name: str, expert: Hashable, batch: int) -> Callable[[], torch.Tensor]:
+        """Fetches one batch's hidden states from stream ``name`` when called."""
+        stream = self.stream(name)[expert]
+        return lambda: stream[batch]
 
     def count(self, name: str, expert: Hashable) -> int:
         """How many leading batches of ``expert`` the stream ``name`` holds."""

@@ -69,7 +69,8 @@ class ChainWalk:
         self.settings, self.batches, self.tied = settings, batches, tied
         self.device, self.checkpoints = device, checkpoints
         self.progress = progress or NoProgress()
-        # bytes paused layer passes may hold (None: the activation budget); 0 restarts them
+        # bytes paused layer passes may hold (None: what the activation budget has left);
+        # 0 restarts them all
         self.pass_budget = pass_budget
 
     def run(self) -> None:
@@ -96,9 +97,8 @@ class ChainWalk:
                      or self.settings.exact_shift),
             report_batches=1,
         )
-        budget = store.budget if self.pass_budget is None else self.pass_budget
         return WalkContext(self.shell, self.io, self.report, self.progress, streams, chain,
-                           objective, self.device, self.shell.dtype, pass_budget=budget)
+                           objective, self.device, self.shell.dtype, pass_budget=self.pass_budget)
 
     def _walk(self, store: ActivationStore) -> None:
         ctx = self._context(store)

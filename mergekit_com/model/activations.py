@@ -70,6 +70,11 @@ class ActivationStore:
     def __len__(self) -> int:
         return len(self._tiers)
 
+    @property
+    def free_bytes(self) -> int:
+        """What is left of the device budget (other work on the device may use it)."""
+        return max(0, self.budget - self._bytes["device"])
+
     def _size(self, t: torch.Tensor) -> int:
         return t.numel() * self.dtype.itemsize
 
