@@ -68,7 +68,7 @@ def _cost(args) -> None:
 
     families = args.families.split(",")
     threads = tuple(int(t) for t in args.thread_counts.split(","))
-    result = cost.run(Path(args.out) / "cost", families, threads)
+    result = cost.run(Path(args.out) / "cost", families, threads, Path(args.zoo_cache))
     result["machine"] = report.machine()
     result["speedups"] = cost.speedups(result)
     out = Path(args.out)
@@ -92,7 +92,9 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset (row labels or merge_method)")
     ap.add_argument("--depths", default="4,8,16,32", help="scale: layer counts")
     ap.add_argument("--no-ablation", action="store_true", help="skip the alpha x num_samples grid")
-    ap.add_argument("--families", default="pico,smollm2", help="cost: model families")
+    ap.add_argument("--families", default="pico,smollm2,zoo:tiny",
+                    help="cost: pico, smollm2 and zoo:<preset> (a zoo built under --zoo-cache)")
+    ap.add_argument("--zoo-cache", default="zoo_cache", help="cost: where the zoos are built")
     ap.add_argument("--thread-counts", default="1,2", help="cost: thread counts to compare")
     args = ap.parse_args(argv)
 

@@ -36,10 +36,11 @@ LOG = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Family:
     name: str
-    experts: int
-    samples: int  # per expert
-    seq_len: int  # tokens per sample (every sample is this long: no padding)
+    experts: int = 0
+    samples: int = 128  # per expert
+    seq_len: int = 512  # tokens kept per sample
     batch_size: int = 8
+    zoo: str = ""  # a built zoo preset: its experts and calibration files, default parameters
 
 
 FAMILIES = {
@@ -68,6 +69,26 @@ def _base(family: Family):
                          **PICO_SHAPE)
     torch.manual_seed(0)
     return LlamaForCausalLM(config), tok
+
+
+def family(name: str) -> Family:
+    """``pico``, ``smollm2``, or ``zoo:<preset>`` (a zoo built under --zoo-cache)."""
+    if name.startswith("zoo:"):
+        return Family(name, zoo=name[4:])
+    return FAMILIES[name]
+
+
+def zoo_paths(cache: Path, preset: str) -> Dict[str, object]:
+    """A built zoo's experts and calibration files."""
+    from ..zoo.build import ZooManifest
+
+    root = Path(cache) / preset
+    if not (root / "zoo.json").exists():
+        raise FileNotFoundError(f"no {preset} zoo in {cache}: build it with "
+                                f"python -m mergekit_com.zoo --preset {preset}")
+    zoo = ZooManifest.load(root)
+    return {"experts": [str(p) for p in zoo.experts.values()],
+            "calibration": [str(zoo.data_file(t, "calib")) for t in zoo.tasks]}
 
 
 def build(root: Path, family: Family) -> Dict[str, object]:
@@ -126,7 +147,8 @@ def _batches(paths: Dict[str, object], family: Family) -> List[Dict[str, torch.T
         cal = load_calibration(calib, tok, family.samples, family.seq_len)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out += [{"input_ids": ids, "attention_mask": mask}
-                for ids, mask in make_batches(cal.sequences, family.batch_size, pad)]
+                for ids, mask in make_batches(cal.sequences, family.batch_size, pad,
+                                              max_tokens=family.batch_size * family.seq_len)]
     return out
 
 
@@ -165,20 +187,20 @@ def floor(paths: Dict[str, object], family: Family) -> Dict[str, float]:
 
 
 def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
-        threads: Sequence[int] = (1, 2)) -> dict:
+        threads: Sequence[int] = (1, 2), zoo_cache: Path = Path("zoo_cache")) -> dict:
     out = Path(out)
     rows = []
     start = time.perf_counter()
     for name in families:
-        family = FAMILIES[name]
-        paths = build(out / "models" / name, family)
-        cfgs = configs(paths, family)
+        spec = family(name)
+        paths = zoo_paths(zoo_cache, spec.zoo) if spec.zoo else build(out / "models" / name, spec)
+        cfgs = configs(paths, spec)
         for t in threads:
             torch.set_num_threads(t)
             args = ["--quiet", "--num-threads", str(t)]
-            row: Dict[str, object] = {"family": name, "threads": t, **floor(paths, family)}
+            row: Dict[str, object] = {"family": name, "threads": t, **floor(paths, spec)}
             for label, cfg in cfgs.items():
-                dest = out / "merges" / f"{name}_{label}_t{t}"
+                dest = out / "merges" / f"{name.replace(':', '_')}_{label}_t{t}"
                 m = run_yaml(cfg, dest, args)
                 row[label] = m.to_json()
                 shutil.rmtree(dest, ignore_errors=True)

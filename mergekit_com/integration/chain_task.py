@@ -221,7 +221,8 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
         # Under torchrun each rank calibrates on a disjoint share of the batches. Sharding
         # whole batches (not samples) keeps every batch's padding and Gram what one
         # process computes, so ranks change only the order of float64 sums.
-        batches = make_batches(cal.sequences, batch_size, pad_id=pad)
+        batches = make_batches(cal.sequences, batch_size, pad_id=pad,
+                               max_tokens=batch_size * max_seq_len)
         out[model] = distributed.shard(batches, f"expert {model}'s calibration (batch_size "
                                                 f"{batch_size})")
     return out

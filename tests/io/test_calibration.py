@@ -94,3 +94,11 @@ def test_malformed_files_give_one_clear_error(tmp_path, name, content, message):
     p.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(CalibrationError, match=message):
         load_records(str(p), 10)
+
+
+def test_short_records_share_a_batch_up_to_batch_size_full_length_sequences():
+    # batch_size 2 at max_seq_len 9: 18 positions a batch, whatever the records' length
+    full = make_batches([[1] * 9] * 5, batch_size=2, pad_id=0, max_tokens=18)
+    assert [tuple(ids.shape) for ids, _ in full] == [(2, 9), (2, 9), (1, 9)]
+    short = make_batches([[1] * 3] * 10, batch_size=2, pad_id=0, max_tokens=18)
+    assert [tuple(ids.shape) for ids, _ in short] == [(6, 3), (4, 3)]
