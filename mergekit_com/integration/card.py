@@ -71,16 +71,20 @@ def com_section(report: Optional[Dict[str, Any]]) -> str:
         lines += [
             "#### Calibration data",
             "",
-            "| model | weight | calibration file | samples | tokens | SHA-256 |",
+            "| model | weight | calibration source | samples | tokens | SHA-256 or revision |",
             "|---|---|---|---|---|---|",
         ]
         for e in experts:
             cal = e.get("calibration") or {}
             lines.append(
                 f"| {modelref_md(ModelReference.model_validate(e['model']))} | {_value(e['weight'])} "
-                f"| `{cal.get('file')}` | {cal.get('samples')} | {cal.get('tokens')} "
-                f"| `{cal.get('sha256') or 'n/a (directory)'}` |"
+                f"| {_source_md(cal)} | {cal.get('samples')} | {cal.get('tokens')} "
+                f"| {_version_md(cal)} |"
             )
+        sources = [{k: v for k, v in (e.get("calibration") or {}).items()
+                    if k not in ("samples", "tokens")} for e in experts]
+        if len(experts) > 1 and all(s == sources[0] for s in sources):
+            lines += ["", f"All {len(experts)} experts shared one calibration source."]
         lines += [
             "",
             f"`{REPORT_NAME}` holds, per layer and expert, the regression's relative residual "
@@ -89,6 +93,28 @@ def com_section(report: Optional[Dict[str, Any]]) -> str:
         ]
     lines += ["### Citation", "", "```bibtex", BIBTEX, "```", ""]
     return "\n".join(lines)
+
+
+def _source_md(cal: Dict[str, Any]) -> str:
+    """A file name, or a dataset with the split and settings it was read with."""
+    if "dataset" not in cal:
+        text = f"`{cal.get('file')}`"
+    else:
+        name = cal["dataset"]
+        text = (f"[`{name}`](https://huggingface.co/datasets/{name})" if "/" in name
+                else f"`{name}`") + f", split `{cal.get('split')}`"
+        if cal.get("config"):
+            text += f", config `{cal['config']}`"
+    for key in ("column", "template"):
+        if cal.get(key) is not None:
+            text += f", {key} `{' '.join(repr(cal[key])[1:-1].split())}`"
+    return text.replace("|", "\\|")
+
+
+def _version_md(cal: Dict[str, Any]) -> str:
+    if "dataset" in cal:
+        return f"revision `{cal['revision']}`" if cal.get("revision") else "n/a"
+    return f"`{cal.get('sha256') or 'n/a (directory)'}`"
 
 
 def extend_card(card_md: str, report: Optional[Dict[str, Any]]) -> str:

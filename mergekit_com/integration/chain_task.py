@@ -27,6 +27,7 @@ from mergekit.tokenizer import BuildTokenizer
 from mergekit_com.integration import mergekit_internals, output
 from mergekit_com.integration.models import model_tokenizer
 from mergekit_com.io.calibration import load_calibration, make_batches
+from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.report import MergeReport, summarize
 from mergekit_com.io.workdir import LayerCheckpoints
 from mergekit_com.method import distributed
@@ -211,8 +212,10 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
             tok.chat_template = template  # `messages` rendered as the output will be
         with PHASES.phase("load"):
             # checked (and short files reported) when the merge was planned
-            cal = load_calibration(first.input_parameters[model]["calibration"], tok, num_samples,
-                                   max_seq_len, model=model, warn_short=False)
+            params = first.input_parameters[model]
+            cal = load_calibration(params["calibration"], tok, num_samples, max_seq_len,
+                                   model=model, warn_short=False,
+                                   spec=RecordSpec.from_parameters(params))
         LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens,
                  cal.path)
         weight = summarize(s.tensor_task.input_parameters[model]["weight"] for s in task.save_tasks)
