@@ -88,11 +88,10 @@ class ChainOfMergesTask(Task[None]):
 class MergekitTensors:
     """The walk's ``TensorIO``: mergekit's gather tasks in, its ``SaveTensor`` out."""
 
-    def __init__(self, task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device,
-                 bar: tqdm.tqdm):
+    def __init__(self, task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device):
         self.saves = {s.tensor_name: s for s in task.save_tasks}
         self.experts, self.base = list(task.experts), task.base_model
-        self.writer, self.device, self.bar = writer, device, bar
+        self.writer, self.device = writer, device
         self.universe = TaskUniverse()
         self.cached = {}
         if task.tokenizer_task is not None:  # the vocabulary permutation needs its value
@@ -138,13 +137,11 @@ class MergekitTensors:
                 value = value.to(dtype_from_name(save.dtype))
             if distributed.is_writer():
                 self.writer.save_tensor(name=name, tensor=value, clone=save.clone)
-        self.bar.update(1)
         return value
 
     def rewrite(self, name: str, written: torch.Tensor) -> None:
         if distributed.is_writer():
             self.writer.save_tensor(name=name, tensor=written, clone=self.saves[name].clone)
-        self.bar.update(1)
 
     def solve_settings(self, name: str) -> SolveSettings:
         task = self.saves[name].tensor_task
@@ -247,22 +244,19 @@ def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
     report = MergeReport([str(m) for m in task.experts], parameter_summary(task))
     batches = load_batches(task, getattr(tokenizer_info, "tokenizer", None), report,
                            settings.batch_size)
-    quiet = task.options.quiet
-    write_bar = tqdm.tqdm(total=len(task.save_tasks), desc="Writing tensors", unit="tensor",
-                          disable=quiet)
+    # one bar for the walk: its tensors are written as each layer is merged
     walk_bar = tqdm.tqdm(total=shell.num_layers, desc="Chain of Merges", unit="layer",
-                         disable=quiet)
+                         disable=task.options.quiet)
     try:
         walk_class(
             shell, Layout(task.layout_pre, task.layout_layers, task.layout_post),
-            MergekitTensors(task, writer, tokenizer_info, device, write_bar), report, settings,
+            MergekitTensors(task, writer, tokenizer_info, device), report, settings,
             batches, tied=bool(getattr(config, "tie_word_embeddings", False)), device=device,
             checkpoints=WriterCheckpoints(task.checkpoint_dir) if task.checkpoint_dir else None,
             progress=BarProgress(walk_bar),
         ).run()
     finally:
         walk_bar.close()
-        write_bar.close()
     report.runtime = {"device": str(device), "cpu_threads": threads,
                       "ranks": distributed.world_size()}
     if distributed.is_writer():
