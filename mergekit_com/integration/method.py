@@ -30,11 +30,13 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from mergekit_com.errors import MergeInputError
 from mergekit_com.method.parameters import METHOD_NAME, PAPER_URL, PARAMETERS
 
 
-class PerTensorMergeError(RuntimeError):
-    """chain_of_merges called on tensors alone, without a model walk."""
+class PerTensorMergeError(MergeInputError):
+    """chain_of_merges called on tensors alone, without a model walk (one line in
+    mergekit's commands, such as mergekit-pytorch; a ValueError for Python callers)."""
 
 
 class ChainOfMergesMethod(GroupMergeMethod):

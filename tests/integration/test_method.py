@@ -21,3 +21,18 @@ def test_only_chain_of_merges_declares_a_model_walk():
     walkers = [m.spec.name for m in merge_methods.registered_methods()
                if getattr(m, "needs_model_walk", False)]
     assert walkers == [METHOD_NAME]
+
+
+def test_mergekit_pytorch_prints_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from mergekit.scripts.merge_raw_pytorch import main
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.pt", "b.pt"):
+        torch.save({"w": torch.randn(3, 2)}, name)
+    with open("cfg.yml", "w") as fp:
+        fp.write(f"merge_method: {METHOD_NAME}\nmodels:\n  - model: a.pt\n  - model: b.pt\n")
+    result = CliRunner().invoke(main, ["cfg.yml", "out"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith(
+        f"Error: {METHOD_NAME} merges whole models")
