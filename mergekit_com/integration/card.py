@@ -9,11 +9,14 @@ calibration source (read back from ``com_report.json``) and the citation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from mergekit.card import generate_card, modelref_md
 from mergekit.common import ModelReference
 
@@ -157,11 +160,41 @@ class _InConfigOrder:
         return ordered + rest
 
 
+def is_hub_reference(path: str) -> bool:
+    """Whether mergekit loads ``path`` from the Hub: no local path of that name, a valid id.
+
+    Decided without the network, as mergekit's loader decides it; mergekit's card asks the
+    Hub about existing local folders named like ``dir/model``.
+    """
+    if os.path.exists(path):
+        return False
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def card_hub_check(is_hub: Callable[[str], bool]) -> Iterator[None]:
+    """``mergekit.card.is_hf`` is ``is_hub`` inside the block (a change to mergekit for one
+    card; patches.py lists the lasting ones)."""
+    import mergekit.card as mergekit_card
+
+    original = mergekit_card.is_hf
+    mergekit_card.is_hf = is_hub
+    try:
+        yield
+    finally:
+        mergekit_card.is_hf = original
+
+
 def card_markdown(config, config_yaml: str, name: str,
                   report: Optional[Dict[str, Any]] = None) -> str:
     """mergekit's card for this merge, extended with the CoM section."""
-    text = generate_card(config=_InConfigOrder(config), config_yaml=config_yaml, name=name)
-    return extend_card(text, report)
+    with card_hub_check(is_hub_reference):  # our section links Hub models as mergekit does
+        text = generate_card(config=_InConfigOrder(config), config_yaml=config_yaml, name=name)
+        return extend_card(text, report)
 
 
 def write_card(config, config_yaml: str, out_dir: str) -> None:
