@@ -1,4 +1,4 @@
-"""Quiet by default: what the tools (``make demo``, ``python -m mergekit_com.evaluate``) print is their own.
+"""Quiet by default: what ``make demo`` and ``python -m mergekit_com.evaluate`` print is theirs.
 
 transformers draws a "Loading weights" bar for every model it loads and warns,
 on every in-process mergekit merge, that the ``torch_dtype`` key mergekit sets

@@ -216,7 +216,8 @@ def _open_file(path: str, shown: str, spec: RecordSpec) -> Iterator[Labeled]:
                     f"{name} (it applies to datasets)")
     if os.path.isdir(path):
         return _dataset_records(path, shown, spec.split)
-    return {".jsonl": _jsonl_records, ".json": _json_records}.get(ext, _dataset_records)(path, shown)
+    reader = {".jsonl": _jsonl_records, ".json": _json_records}.get(ext, _dataset_records)
+    return reader(path, shown)
 
 
 def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
@@ -263,7 +264,8 @@ def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
     return out, origin
 
 
-def load_records(path: str, num_samples: int, spec: RecordSpec = RecordSpec()) -> List[Dict[str, Any]]:
+def load_records(path: str, num_samples: int,
+                 spec: RecordSpec = RecordSpec()) -> List[Dict[str, Any]]:
     """The first ``num_samples`` non-empty records of a calibration source."""
     return [row for _, row in load_labeled(path, num_samples, spec=spec)[0]]
 

@@ -287,8 +287,8 @@ def _hub_stamp(repo_id: str) -> Optional[str]:
         namespace, name = repo_id.split("/")
         root = os.path.join(str(datasets.config.HF_DATASETS_CACHE),
                             f"{namespace}___{camelcase_to_snakecase(name)}")
-        cached = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "*", "*", "*"))
-                        if os.path.isdir(p))
+        cached = sorted(os.path.relpath(p, root)
+                        for p in glob.glob(os.path.join(root, "*", "*", "*")) if os.path.isdir(p))
         return "cache " + sha256_json(cached)
     from huggingface_hub import HfApi
 

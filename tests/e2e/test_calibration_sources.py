@@ -4,7 +4,6 @@ one source shared by every expert through the top-level `parameters:`."""
 import json
 import os
 
-import datasets
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -18,28 +17,21 @@ from tests.support.merging import com_config, experts, merge
 COMMIT = "c0ffee" * 6 + "c0ff"
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "datasets_cache"
-    path.mkdir()
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
-    return path
-
-
 def _texts(path):
     with open(path) as fp:
         return [json.loads(line)["text"] for line in fp if line.strip()]
 
 
 @pytest.fixture
-def sources(zoo2, tmp_path, cache):
+def sources(zoo2, tmp_path, datasets_cache):
     """expert0's texts in a repository folder (field `body`); expert1's as the Hub dataset
     pico-org/split-text, each text cut in two fields that a template joins again."""
     first = [{"body": t, "id": i} for i, t in enumerate(_texts(zoo2["expert0_data"]))]
     repo = write_repository(str(tmp_path / "expert0-data"), {"train": first, "test": first[:2]})
-    halves = [{"head": t[:len(t) // 2], "tail": t[len(t) // 2:]} for t in _texts(zoo2["expert1_data"])]
+    halves = [{"head": t[:len(t) // 2], "tail": t[len(t) // 2:]}
+              for t in _texts(zoo2["expert1_data"])]
     hub = write_repository(str(tmp_path / "split-text"), {"train": halves}, fmt="jsonl")
-    cache_hub_dataset(str(cache), "pico-org/split-text", hub, COMMIT)
+    cache_hub_dataset(str(datasets_cache), "pico-org/split-text", hub, COMMIT)
     return repo
 
 
@@ -92,12 +84,13 @@ def test_top_level_calibration_is_every_experts_default(zoo2, tmp_path, sources)
     assert "shared one calibration source" not in ModelCard.load(out / "README.md").text
 
 
-def test_resume_refuses_a_hub_dataset_that_changed(zoo2, sources, cache, tmp_path):
+def test_resume_refuses_a_hub_dataset_that_changed(zoo2, sources, datasets_cache, tmp_path):
     config = MergeConfiguration.model_validate(com_config(
         [{"model": zoo2["expert0"]}, {"model": zoo2["expert1"]}],
         calibration="pico-org/split-text"))
     before = fingerprint(config, MergeOptions(), {})
     assert fingerprint(config, MergeOptions(), {}) == before
     # a newer revision of the dataset reaches the cache between two runs
-    cache_hub_dataset(str(cache), "pico-org/split-text", str(tmp_path / "split-text"), "e" * 40)
+    cache_hub_dataset(str(datasets_cache), "pico-org/split-text", str(tmp_path / "split-text"),
+                      "e" * 40)
     assert fingerprint(config, MergeOptions(), {})["calibration"] != before["calibration"]

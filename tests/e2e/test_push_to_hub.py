@@ -1,4 +1,4 @@
-"""`mergekit-com ... --push-to-hub org/name [--private]`, with the Hub calls recorded (no Hub here)."""
+"""`mergekit-com ... --push-to-hub org/name [--private]`, Hub calls recorded (there is no Hub)."""
 
 import os
 

@@ -16,16 +16,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A datasets cache of the test's own (read by datasets at call time)."""
-    path = tmp_path / "datasets_cache"
-    path.mkdir()
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
-    return path
-
-
-@pytest.fixture
-def repo(tmp_path, cache):
+def repo(tmp_path, datasets_cache):
     return write_repository(str(tmp_path / "qa"), {"train": qa_rows(10), "test": qa_rows(3, "t")})
 
 
@@ -43,9 +34,9 @@ def test_repository_folder_with_a_column_and_a_template(repo):
     assert texts(got) == [r["question"] for r in qa_rows(3, "t")]
 
 
-def test_hub_id_from_the_offline_cache_records_its_revision(repo, cache):
+def test_hub_id_from_the_offline_cache_records_its_revision(repo, datasets_cache):
     assert datasets.config.HF_HUB_OFFLINE  # conftest: nothing may reach the Hub
-    cache_hub_dataset(str(cache), "pico-org/tiny-qa", repo, COMMIT)
+    cache_hub_dataset(str(datasets_cache), "pico-org/tiny-qa", repo, COMMIT)
     assert is_hub_id("pico-org/tiny-qa")
     cal = load_calibration("pico-org/tiny-qa", pico.make_tokenizer(), num_samples=5,
                            max_seq_len=64, spec=RecordSpec(template="{question} {answer}"))
@@ -58,7 +49,7 @@ def test_hub_id_from_the_offline_cache_records_its_revision(repo, cache):
     assert texts(test_split) == [r["answer"] for r in qa_rows(3, "t")]
 
 
-def test_streaming_reads_only_the_shards_it_needs(tmp_path, cache):
+def test_streaming_reads_only_the_shards_it_needs(tmp_path, datasets_cache):
     # 40 rows in 4 shards; the last shard is not parquet at all. Reading the first
     # 25 rows never opens it, and nothing is prepared into the cache.
     path = write_repository(str(tmp_path / "big"), {"train": qa_rows(40)}, shards=4)
@@ -67,12 +58,12 @@ def test_streaming_reads_only_the_shards_it_needs(tmp_path, cache):
         fp.write(b"not a parquet file")
     got = load_records(path, 25, RecordSpec(column="question"))
     assert texts(got) == [r["question"] for r in qa_rows(40)[:25]]
-    assert not glob.glob(os.path.join(cache, "**", "*.arrow"), recursive=True)
+    assert not glob.glob(os.path.join(datasets_cache, "**", "*.arrow"), recursive=True)
     with pytest.raises(CalibrationError, match=r"^calibration dataset .*big could not be read"):
         load_records(path, 35, RecordSpec(column="question"))
 
 
-def test_jsonl_repository_with_chat_messages_renders_the_chat_template(tmp_path, cache):
+def test_jsonl_repository_with_chat_messages_renders_the_chat_template(tmp_path, datasets_cache):
     chats = [{"conversation": [{"role": "user", "content": f"hi {c}"},
                                {"role": "assistant", "content": c * 3}]} for c in "abc"]
     path = write_repository(str(tmp_path / "chat"), {"train": chats}, fmt="jsonl")
@@ -84,7 +75,7 @@ def test_jsonl_repository_with_chat_messages_renders_the_chat_template(tmp_path,
     assert cal.origin["dataset"] == "chat" and cal.origin["revision"] is None
 
 
-def test_downloaded_repository_keeps_its_hub_revision(tmp_path, cache):
+def test_downloaded_repository_keeps_its_hub_revision(tmp_path, datasets_cache):
     # what `huggingface-cli download --local-dir` leaves next to the files
     path = write_repository(str(tmp_path / "dl"), {"train": qa_rows(3)})
     meta = os.path.join(path, ".cache", "huggingface", "download")
@@ -109,7 +100,7 @@ def test_column_and_template_apply_to_local_files_too(tmp_path):
 
 
 @pytest.fixture
-def two_configs(tmp_path, cache):
+def two_configs(tmp_path, datasets_cache):
     return write_repository(str(tmp_path / "multi"), {}, configs={
         "en": {"train": qa_rows(3)}, "fr": {"train": qa_rows(3, "f")}})
 
@@ -155,7 +146,7 @@ def test_a_dataset_with_several_configs_needs_one(two_configs, monkeypatch):
         load_records("multi", 3, RecordSpec(column="question"))
 
 
-def test_hub_id_absent_from_the_offline_cache(cache):
+def test_hub_id_absent_from_the_offline_cache(datasets_cache):
     with pytest.raises(CalibrationError, match=r"^calibration pico-org/absent is not a local file "
                                                r"or folder, and the Hugging Face Hub could not"):
         load_records("pico-org/absent", 3)
@@ -192,7 +183,7 @@ def test_hub_ids_and_paths_are_told_apart(tmp_path, monkeypatch):
     assert not is_hub_id("org/name")  # a local folder wins, as for mergekit's models
 
 
-def test_resume_stamps_follow_the_data(repo, cache):
+def test_resume_stamps_follow_the_data(repo, datasets_cache):
     before = source_stamp(repo)
     assert source_stamp(repo) == before
     with open(os.path.join(repo, "README.md"), "a") as fp:
@@ -200,7 +191,7 @@ def test_resume_stamps_follow_the_data(repo, cache):
     assert source_stamp(repo) != before
     # offline, a Hub id is what the datasets cache holds of it
     empty = source_stamp("pico-org/tiny-qa")
-    cache_hub_dataset(str(cache), "pico-org/tiny-qa", repo, COMMIT)
+    cache_hub_dataset(str(datasets_cache), "pico-org/tiny-qa", repo, COMMIT)
     first = source_stamp("pico-org/tiny-qa")
-    cache_hub_dataset(str(cache), "pico-org/tiny-qa", repo, "f" * 40)
+    cache_hub_dataset(str(datasets_cache), "pico-org/tiny-qa", repo, "f" * 40)
     assert len({empty, first, source_stamp("pico-org/tiny-qa")}) == 3

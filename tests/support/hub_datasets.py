@@ -71,9 +71,8 @@ def cache_hub_dataset(cache_dir: str, repo_id: str, repository: str, commit: str
                                                 cache_dir=os.path.join(scratch, "cache"))
         builder.download_and_prepare()
         prepared = builder.cache_dir  # <scratch>/cache/<name>/<config>/<version>/<hash>
-        version_dir, config_dir = os.path.dirname(prepared), os.path.dirname(os.path.dirname(prepared))
-        target = os.path.join(cache_dir, f"{namespace}___{name}",
-                              os.path.relpath(version_dir, os.path.dirname(config_dir)), commit)
+        config_id, version = prepared.split(os.sep)[-3:-1]
+        target = os.path.join(cache_dir, f"{namespace}___{name}", config_id, version, commit)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.move(prepared, target)
     return target
