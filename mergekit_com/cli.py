@@ -1,9 +1,9 @@
 """``mergekit-com``: ``mergekit-yaml`` with Chain of Merges registered.
 
 Same arguments and flags as ``mergekit-yaml`` (it *is* mergekit's command),
-plus ``--resume`` and ``--push-to-hub REPO [--private]``. Mistakes in the config file, the models or the
-calibration data print one line instead of a traceback (add ``-v`` to see
-the traceback).
+plus ``--resume`` and ``--push-to-hub ORG/NAME [--private]``. Mistakes in the
+config file, the models or the calibration data print one line instead of a
+traceback (add ``-v`` to see the traceback).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ RESUME_HELP = (
 
 
 def _command(seen: dict) -> click.Command:
-    """mergekit's ``mergekit-yaml`` command with a ``--resume`` flag added."""
+    """mergekit's ``mergekit-yaml`` command with ``--resume`` and ``--push-to-hub`` added."""
     from mergekit.scripts.run_yaml import main as run_yaml
 
     from mergekit_com.errors import MergeInputError
