@@ -32,3 +32,7 @@ def one_line(text: str) -> str:
 
 class ChainConfigError(MergeInputError):
     """A configuration CoM cannot run; the message names what to change."""
+
+
+class CalibrationError(MergeInputError):
+    """A calibration source that cannot be used; the message says what to fix."""

@@ -27,6 +27,7 @@ from mergekit.tokenizer import BuildTokenizer
 from mergekit_com.integration import mergekit_internals, output
 from mergekit_com.integration.models import model_tokenizer
 from mergekit_com.io.calibration import load_calibration, make_batches
+from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.report import MergeReport, summarize
 from mergekit_com.io.workdir import LayerCheckpoints
 from mergekit_com.method import distributed
@@ -87,11 +88,10 @@ class ChainOfMergesTask(Task[None]):
 class MergekitTensors:
     """The walk's ``TensorIO``: mergekit's gather tasks in, its ``SaveTensor`` out."""
 
-    def __init__(self, task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device,
-                 bar: tqdm.tqdm):
+    def __init__(self, task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device):
         self.saves = {s.tensor_name: s for s in task.save_tasks}
         self.experts, self.base = list(task.experts), task.base_model
-        self.writer, self.device, self.bar = writer, device, bar
+        self.writer, self.device = writer, device
         self.universe = TaskUniverse()
         self.cached = {}
         if task.tokenizer_task is not None:  # the vocabulary permutation needs its value
@@ -137,13 +137,11 @@ class MergekitTensors:
                 value = value.to(dtype_from_name(save.dtype))
             if distributed.is_writer():
                 self.writer.save_tensor(name=name, tensor=value, clone=save.clone)
-        self.bar.update(1)
         return value
 
     def rewrite(self, name: str, written: torch.Tensor) -> None:
         if distributed.is_writer():
             self.writer.save_tensor(name=name, tensor=written, clone=self.saves[name].clone)
-        self.bar.update(1)
 
     def solve_settings(self, name: str) -> SolveSettings:
         task = self.saves[name].tensor_task
@@ -211,8 +209,10 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
             tok.chat_template = template  # `messages` rendered as the output will be
         with PHASES.phase("load"):
             # checked (and short files reported) when the merge was planned
-            cal = load_calibration(first.input_parameters[model]["calibration"], tok, num_samples,
-                                   max_seq_len, model=model, warn_short=False)
+            params = first.input_parameters[model]
+            cal = load_calibration(params["calibration"], tok, num_samples, max_seq_len,
+                                   model=model, warn_short=False,
+                                   spec=RecordSpec.from_parameters(params))
         LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens,
                  cal.path)
         weight = summarize(s.tensor_task.input_parameters[model]["weight"] for s in task.save_tasks)
@@ -245,22 +245,19 @@ def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
     report = MergeReport([str(m) for m in task.experts], parameter_summary(task))
     batches = load_batches(task, getattr(tokenizer_info, "tokenizer", None), report,
                            settings.batch_size)
-    quiet = task.options.quiet
-    write_bar = tqdm.tqdm(total=len(task.save_tasks), desc="Writing tensors", unit="tensor",
-                          disable=quiet)
+    # one bar for the walk: its tensors are written as each layer is merged
     walk_bar = tqdm.tqdm(total=shell.num_layers, desc="Chain of Merges", unit="layer",
-                         disable=quiet)
+                         disable=task.options.quiet)
     try:
         walk_class(
             shell, Layout(task.layout_pre, task.layout_layers, task.layout_post),
-            MergekitTensors(task, writer, tokenizer_info, device, write_bar), report, settings,
+            MergekitTensors(task, writer, tokenizer_info, device), report, settings,
             batches, tied=bool(getattr(config, "tie_word_embeddings", False)), device=device,
             checkpoints=WriterCheckpoints(task.checkpoint_dir) if task.checkpoint_dir else None,
             progress=BarProgress(walk_bar),
         ).run()
     finally:
         walk_bar.close()
-        write_bar.close()
     report.runtime = {"device": str(device), "cpu_threads": threads,
                       "ranks": distributed.world_size()}
     if distributed.is_writer():

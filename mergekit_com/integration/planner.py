@@ -62,7 +62,7 @@ def plan_chain(planner: MergePlanner, out_path: str,
     first = save_tasks[0].tensor_task
     preflight.check_calibration(
         experts,
-        {m: first.input_parameters.get(m, {}).get("calibration") for m in experts},
+        {m: first.input_parameters.get(m, {}) for m in experts},
         first.parameters["num_samples"],
         first.parameters["max_seq_len"],
         options,

@@ -22,10 +22,10 @@ from mergekit_com.errors import ChainConfigError
 from mergekit_com.integration import card, preflight
 from mergekit_com.integration.config_views import calibration_sources
 from mergekit_com.integration.validation import check_options, check_parameter_names
+from mergekit_com.io.datasets_source import source_stamp
 from mergekit_com.io.workdir import (
     FORMAT,
     WorkDir,
-    data_sha256,
     model_stamp,
     sha256_json,
 )
@@ -54,7 +54,7 @@ def fingerprint(config, options, model_dirs: Dict[Any, str]) -> Dict[str, Any]:
         "config": sha256_json(config.model_dump(mode="json")),
         "options": sha256_json(relevant),
         "models": {str(m): model_stamp(p) for m, p in model_dirs.items()},
-        "calibration": {c: data_sha256(c) for c in calibration_sources(config)},
+        "calibration": {c: source_stamp(c) for c in calibration_sources(config)},
     }
 
 

@@ -20,15 +20,12 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from mergekit_com.errors import MergeInputError
+from mergekit_com.errors import CalibrationError
+from mergekit_com.io.datasets_source import RecordSpec, is_dataset, open_dataset
 
 LOG = logging.getLogger("mergekit.chain_of_merges.calibration")  # under mergekit's logger
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
-
-
-class CalibrationError(MergeInputError):
-    """A calibration file that cannot be used; the message says what to fix."""
 
 
 @dataclass
@@ -37,6 +34,7 @@ class CalibrationSet:
     sequences: List[List[int]]
     num_records: int
     sha256: Optional[str]
+    origin: Dict[str, Any]  # what the report and the card say about the source
 
     @property
     def num_tokens(self) -> int:
@@ -139,7 +137,7 @@ def _json_records(path: str, shown: str) -> Iterator[Labeled]:
         yield f"record {number}", _record(row, f"{where}: record {number}", example)
 
 
-def _dataset_records(path: str, shown: str) -> Iterator[Labeled]:
+def _dataset_records(path: str, shown: str, split: str = "train") -> Iterator[Labeled]:
     """.txt/.parquet files and saved datasets, read with ``datasets``."""
     import datasets
 
@@ -148,12 +146,16 @@ def _dataset_records(path: str, shown: str) -> Iterator[Labeled]:
             ds = datasets.load_from_disk(path)
         except Exception:
             raise CalibrationError(
-                f"calibration directory {shown} is not a dataset saved with "
-                "datasets.save_to_disk; give a .jsonl/.json/.txt/.parquet file or such a "
-                "directory"
+                f"calibration directory {shown} is neither a dataset saved with "
+                "datasets.save_to_disk nor a dataset repository (README.md and data files); "
+                "give one of those or a .jsonl/.json/.txt/.parquet file"
             ) from None
         if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            if split not in ds:
+                raise CalibrationError(
+                    f"calibration directory {shown} has no split '{split}'; set "
+                    f"calibration_split to one of: {', '.join(ds)}")
+            ds = ds[split]
         rows: Iterable = ds
     else:
         ext = os.path.splitext(path)[1].lower()
@@ -176,7 +178,8 @@ def _check_record(where: str, row: Dict[str, Any]) -> bool:
     if text is None and messages is None:
         fields = ", ".join(sorted(map(str, row))[:5]) or "none"
         raise CalibrationError(
-            f"{where} has neither a `text` nor a `messages` field (fields found: {fields})"
+            f"{where} has neither a `text` nor a `messages` field (fields found: {fields}); "
+            "set calibration_column or calibration_template"
         )
     if text is not None:
         if not isinstance(text, str):
@@ -193,10 +196,8 @@ def _check_record(where: str, row: Dict[str, Any]) -> bool:
     return bool(messages)
 
 
-def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
-                 warn_short: bool = True) -> List[Labeled]:
-    """The first ``num_samples`` non-empty records, each with where it came from."""
-    shown = path if shown is None else shown
+def _open_file(path: str, shown: str, spec: RecordSpec) -> Iterator[Labeled]:
+    """The records of a local file or saved dataset, after checks that need no reading."""
     path = check_exists(path, shown)
     ext = os.path.splitext(path)[1].lower()
     if not os.path.isdir(path):
@@ -207,39 +208,66 @@ def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
             )
         if os.path.getsize(path) == 0:
             raise CalibrationError(f"calibration file {shown} is empty")
-    reader = _dataset_records
-    if not os.path.isdir(path):
-        reader = {".jsonl": _jsonl_records, ".json": _json_records}.get(ext, _dataset_records)
+        for name, value in (("calibration_split", spec.split != "train"),
+                            ("calibration_config", spec.config is not None)):
+            if value:
+                raise CalibrationError(
+                    f"calibration file {shown} is one file, with no splits or configs; remove "
+                    f"{name} (it applies to datasets)")
+    if os.path.isdir(path):
+        return _dataset_records(path, shown, spec.split)
+    reader = {".jsonl": _jsonl_records, ".json": _json_records}.get(ext, _dataset_records)
+    return reader(path, shown)
+
+
+def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
+                 warn_short: bool = True,
+                 spec: RecordSpec = RecordSpec()) -> Tuple[List[Labeled], Dict[str, Any]]:
+    """The first ``num_samples`` non-empty records, each with where it came from, and
+    the source's origin for the report."""
+    shown = path if shown is None else shown
+    spec.check(shown)
+    noun = "calibration file"
     out: List[Labeled] = []
     total = 0
     try:
         with _quiet_datasets():
-            for where, row in reader(path, shown):
+            if is_dataset(path):  # a Hub id or a downloaded repository folder
+                noun = "calibration dataset"
+                opened = open_dataset(path, spec, shown)
+                rows, origin = opened.rows, opened.origin
+            else:
+                rows = _open_file(path, shown, spec)
+                origin = {"file": os.path.basename(resolve_path(path)), **spec.described()}
+            for where, row in rows:
                 if len(out) >= num_samples:
                     break
                 total += 1
-                if _check_record(f"calibration file {shown}: {where}", row):
-                    out.append((where, row))  # blank records carry no tokens
+                full = f"{noun} {shown}: {where}"
+                record = spec.record(row, full)
+                if _check_record(full, record):
+                    out.append((where, record))  # blank records carry no tokens
     except CalibrationError:
         raise
     except Exception as e:  # whatever the readers raise on a malformed file
         raise _explain_read_error(shown, e) from None
     if not out:
         raise CalibrationError(
-            f"calibration file {shown} holds no text: "
+            f"{noun} {shown} holds no text: "
             + ("it has no records" if total == 0 else f"all {total} records are blank")
         )
     if len(out) < num_samples and warn_short:
         LOG.warning(
-            "calibration file %s has %d usable record(s), fewer than num_samples=%d; using them all",
-            shown, len(out), num_samples,
+            "%s %s has %d usable record(s), fewer than num_samples=%d; using them all",
+            noun, shown, len(out), num_samples,
         )
-    return out
+    return out, origin
 
 
-def load_records(path: str, num_samples: int) -> List[Dict[str, Any]]:
+def load_records(path: str, num_samples: int,
+                 spec: RecordSpec = RecordSpec()) -> List[Dict[str, Any]]:
     """The first ``num_samples`` non-empty records of a calibration source."""
-    return [row for _, row in load_labeled(path, num_samples)]
+    return [row for _, row in load_labeled(path, num_samples, spec=spec)[0]]
 
 
 @contextlib.contextmanager
@@ -255,7 +283,8 @@ def _quiet_datasets():
 
 
 def tokenize_records(
-    records: List[Labeled], tokenizer, max_seq_len: int, shown: str
+    records: List[Labeled], tokenizer, max_seq_len: int, shown: str,
+    noun: str = "calibration file",
 ) -> List[List[int]]:
     owner = "its model's tokenizer"
     seqs = []
@@ -266,7 +295,7 @@ def tokenize_records(
             else:
                 if not getattr(tokenizer, "chat_template", None):
                     raise CalibrationError(
-                        f"calibration file {shown} has `messages` records but {owner} has "
+                        f"{noun} {shown} has `messages` records but {owner} has "
                         "no chat template; use `text` records instead"
                     )
                 text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
@@ -276,7 +305,7 @@ def tokenize_records(
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CalibrationError(
-                f"calibration file {shown}: {where} could not be tokenized with {owner} "
+                f"{noun} {shown}: {where} could not be tokenized with {owner} "
                 f"({first[:200]})"
             ) from None
         ids = list(ids)[:max_seq_len]
@@ -284,7 +313,7 @@ def tokenize_records(
             seqs.append(ids)
     if not seqs:
         raise CalibrationError(
-            f"calibration file {shown}: every record tokenizes to zero tokens with {owner}; "
+            f"{noun} {shown}: every record tokenizes to zero tokens with {owner}; "
             "give records with text the tokenizer keeps"
         )
     return seqs
@@ -292,15 +321,19 @@ def tokenize_records(
 
 def load_calibration(
     path: str, tokenizer, num_samples: int, max_seq_len: int, model: Any = None,
-    warn_short: bool = True,
+    warn_short: bool = True, spec: RecordSpec = RecordSpec(),
 ) -> CalibrationSet:
     shown = path if model is None else f"{path} (for model {model})"
-    records = load_labeled(path, num_samples, shown, warn_short)
-    seqs = tokenize_records(records, tokenizer, max_seq_len, shown)
+    records, origin = load_labeled(path, num_samples, shown, warn_short, spec)
+    noun = "calibration dataset" if "dataset" in origin else "calibration file"
+    seqs = tokenize_records(records, tokenizer, max_seq_len, shown, noun)
+    if "dataset" in origin:
+        return CalibrationSet(path=path, sequences=seqs, num_records=len(records), sha256=None,
+                              origin=origin)
     resolved = resolve_path(path)
-    return CalibrationSet(
-        path=resolved, sequences=seqs, num_records=len(records), sha256=file_sha256(resolved)
-    )
+    sha256 = file_sha256(resolved)  # None for a saved dataset's folder
+    return CalibrationSet(path=resolved, sequences=seqs, num_records=len(records),
+                          sha256=sha256, origin={**origin, "sha256": sha256})
 
 
 def make_batches(

@@ -100,12 +100,9 @@ class MergeReport:
             self._shift[layer] = [_Ratio() for _ in self.experts]
 
     def set_calibration(self, index: int, cal, weight: Any) -> None:
-        self.calibration[index] = {  # no local path: the report ships with the model
-            "file": os.path.basename(cal.path),
-            "sha256": cal.sha256,
-            "samples": cal.num_records,
-            "tokens": cal.num_tokens,
-        }
+        # no local path: the report ships with the model
+        self.calibration[index] = {**cal.origin, "samples": cal.num_records,
+                                   "tokens": cal.num_tokens}
         self.weights[index] = weight
 
     def add_shift(self, layer: str, index: int, merged: torch.Tensor, own: torch.Tensor) -> None:

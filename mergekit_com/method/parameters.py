@@ -94,8 +94,20 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
     Parameter("lambda", float, False, 1.0,
               "scale of the summed task vectors under `fallback: task_arithmetic`"),
     Parameter("calibration", Optional[str], True, None,
-              "per model: calibration data (.jsonl/.json with `text` or `messages`, "
-              ".txt, .parquet, or a `datasets` directory)"),
+              "per model: calibration data: a .jsonl/.json (`text` or `messages` records), "
+              ".txt or .parquet file, a `datasets.save_to_disk` folder, a downloaded dataset "
+              "repository folder, or a Hub dataset id `org/name`; set under the top-level "
+              "`parameters:`, it is every expert's default"),
+    Parameter("calibration_split", str, True, "train",
+              "per model: the split of a dataset `calibration` to read"),
+    Parameter("calibration_config", Optional[str], True, None,
+              "per model: the configuration (subset) of a dataset `calibration`"),
+    Parameter("calibration_column", Optional[str], True, None,
+              "per model: the field holding each record's text, or its chat as a list of "
+              "`role`/`content` messages, in place of `text`/`messages`"),
+    Parameter("calibration_template", Optional[str], True, None,
+              "per model: a format string over each record's fields, e.g. "
+              "`\"{question}\\n{answer}\"`, whose result is the record's text"),
     Parameter("weight", float, True, 1.0,
               "per model: weight of this expert in every solve and average"),
 )}

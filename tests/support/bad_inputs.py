@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.support import pico
+from tests.support.hub_datasets import qa_rows, write_repository
 from tests.support.merging import com_config
 from tests.support.paths import DOCS
 
@@ -33,6 +34,7 @@ class Case:
     calibration: Optional[str] = "e1.jsonl"
     first_calibration: Optional[str] = "e0.jsonl"  # of ./expert0; None: no ./expert0
     params: Dict = field(default_factory=dict)
+    model_params: Dict = field(default_factory=dict)  # more of the second model's parameters
     weight: Optional[float] = None
     out: Optional[str] = None
     raw_config: Optional[str] = None  # a config file text instead of a built config
@@ -69,6 +71,15 @@ CASES = {c.id: c for c in [
     Case("17", expert="expert_evil"),
     Case("m1", expert="missing_model"),
     Case("m2", expert="expert_noweights"),
+    Case("d1", calibration="qa_repo",
+         model_params={"calibration_split": "validation", "calibration_column": "question"}),
+    Case("d2", calibration="qa_repo",
+         model_params={"calibration_config": "fr", "calibration_column": "question"}),
+    Case("d3", calibration="qa_repo", model_params={"calibration_column": "answr"}),
+    Case("d4", calibration="qa_repo", model_params={"calibration_template": "{question} {answr}"}),
+    Case("d5", calibration="qa_repo",
+         model_params={"calibration_column": "question", "calibration_template": "{answer}"}),
+    Case("d6", calibration="pico-org/absent"),
     Case("c1", raw_config="merge_method: chain_of_merges\nmodels: [\n"),
     Case("c2", raw_config="merge_method: chain_of_merges\nmodels:\n  - parameters: {}\n"),
 ]}
@@ -106,7 +117,8 @@ class World:
 
     # ------------------------------------------------------------ inputs
     def ensure(self, name: Optional[str]) -> None:
-        if name is None or name.startswith("missing") or os.path.lexists(self.path(name)):
+        if (name is None or name.startswith(("missing", "pico-org/"))
+                or os.path.lexists(self.path(name))):
             return
         getattr(self, "_make_" + re.sub(r"\W", "_", name))(self.path(name))
 
@@ -123,6 +135,9 @@ class World:
 
     def _make_tiny_jsonl(self, p):
         pico.write_jsonl(p, ["ab"])
+
+    def _make_qa_repo(self, p):
+        write_repository(p, {"train": qa_rows(12), "test": qa_rows(3, "t")})
 
     def _make_notds(self, p):
         os.makedirs(p)
@@ -207,6 +222,7 @@ class World:
                 second["calibration"] = case.calibration
             if case.weight is not None:
                 second["weight"] = case.weight
+            second.update(case.model_params)
             first = [{"model": "./expert0", "calibration": case.first_calibration}]
             cfg = com_config((first if case.first_calibration else []) + [second], **case.params)
             text = yaml.safe_dump(cfg, sort_keys=False)
