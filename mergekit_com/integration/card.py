@@ -9,10 +9,9 @@ calibration source (read back from ``com_report.json``) and the citation.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HFValidationError
@@ -20,6 +19,7 @@ from huggingface_hub.utils import validate_repo_id
 from mergekit.card import generate_card, modelref_md
 from mergekit.common import ModelReference
 
+from mergekit_com.integration import mergekit_internals
 from mergekit_com.integration.config_views import ordered_models
 from mergekit_com.io.report import REPORT_NAME
 from mergekit_com.method.parameters import PAPER_URL
@@ -175,24 +175,10 @@ def is_hub_reference(path: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def card_hub_check(is_hub: Callable[[str], bool]) -> Iterator[None]:
-    """``mergekit.card.is_hf`` is ``is_hub`` inside the block (a change to mergekit for one
-    card; patches.py lists the lasting ones)."""
-    import mergekit.card as mergekit_card
-
-    original = mergekit_card.is_hf
-    mergekit_card.is_hf = is_hub
-    try:
-        yield
-    finally:
-        mergekit_card.is_hf = original
-
-
 def card_markdown(config, config_yaml: str, name: str,
                   report: Optional[Dict[str, Any]] = None) -> str:
     """mergekit's card for this merge, extended with the CoM section."""
-    with card_hub_check(is_hub_reference):  # our section links Hub models as mergekit does
+    with mergekit_internals.card_hub_check(is_hub_reference):  # links Hub models only
         text = generate_card(config=_InConfigOrder(config), config_yaml=config_yaml, name=name)
         return extend_card(text, report)
 
