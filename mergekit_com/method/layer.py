@@ -114,9 +114,9 @@ class LayerMerge:
         merged_layer = ctx.shell.instantiate(self.index, current)
         runs_own = ctx.chain.inside == "own" or ctx.objective.needs_expert_inputs
         own_layers = self._own_layers(gathered, runs_own or self._own_stream_kept())
-        e0 = ctx.experts[0]  # 3
-        groups = linear_call_groups(merged_layer, ctx.streams.merged[e0][0],
-                                    ctx.streams.call(e0, 0, self.index), linears)
+        # 3; the probe enters every layer with the embeddings: only the code path matters
+        probe_hidden, probe_calls = ctx.streams.probe
+        groups = linear_call_groups(merged_layer, probe_hidden, probe_calls[self.index], linears)
         stops = {g[0]: g[0] for g in groups}
         layers = [PausableLayer(merged_layer, stops)]
         layers += [PausableLayer(m, stops) for m in own_layers.values()]

@@ -20,6 +20,9 @@ from mergekit_com.model.activations import ActivationStore, CachedList
 from mergekit_com.model.stepping import LayerCall
 
 Batch = Tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
+# Tokens of the probe that finds each layer's groups of linears: the grouping follows
+# the layer's code, not the values, so a few tokens of one sequence do.
+PROBE_TOKENS = 16
 
 
 class Streams:
@@ -57,7 +60,10 @@ class Streams:
         return range(min(self.merged_count[expert], self.own_count[expert]))
 
     def embed(self, shell, own_params: Dict[Hashable, Dict[str, torch.Tensor]]) -> None:
-        """Hidden states entering layer 0, and every layer's call arguments."""
+        """Hidden states entering layer 0, every layer's call arguments, and the probe."""
+        ids, _mask = self.batches[self.experts[0]][0]
+        short = ids[:1, :PROBE_TOKENS]
+        self.probe = shell.embed(short, torch.ones_like(short))
         for e in self.experts:
             for b, (ids, mask) in enumerate(self.batches[e]):
                 calls = None
