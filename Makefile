@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all demo bench bench-smollm2 bench-scale clean
+.PHONY: install test test-all test-mergekit demo bench bench-smollm2 bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -m ''
 
+# mergekit's own test suite (from its sdist on PyPI) with this package installed
+test-mergekit: $(STAMP)
+	$(PY) tests/mergekit_suite/run_suite.py
+
 demo: $(STAMP)
 	$(PY) -m mergekit_com.demo
 
@@ -39,4 +43,4 @@ bench-scale: $(STAMP)
 	$(PY) -m mergekit_com.bench scale
 
 clean:
-	rm -rf demo_out bench_out .pytest_cache
+	rm -rf demo_out bench_out .pytest_cache .mergekit-suite

@@ -1,9 +1,9 @@
 """``mergekit-com``: ``mergekit-yaml`` with Chain of Merges registered.
 
 Same arguments and flags as ``mergekit-yaml`` (it *is* mergekit's command),
-plus ``--resume``. Mistakes in the config file, the models or the
-calibration data print one line instead of a traceback (add ``-v`` to see
-the traceback).
+plus ``--resume`` and ``--push-to-hub ORG/NAME [--private]``. Mistakes in the
+config file, the models or the calibration data print one line instead of a
+traceback (add ``-v`` to see the traceback).
 """
 
 from __future__ import annotations
@@ -21,22 +21,38 @@ RESUME_HELP = (
 
 
 def _command(seen: dict) -> click.Command:
-    """mergekit's ``mergekit-yaml`` command with a ``--resume`` flag added."""
+    """mergekit's ``mergekit-yaml`` command with ``--resume`` and ``--push-to-hub`` added."""
     from mergekit.scripts.run_yaml import main as run_yaml
 
+    from mergekit_com.errors import MergeInputError
     from mergekit_com.integration.staged_merge import RESUME_ONLY
+    from mergekit_com.io import hub_upload
 
-    def callback(resume: bool, **kwargs):
+    def callback(resume: bool, push_to_hub: Optional[str], private: bool, **kwargs):
         seen["config_file"] = kwargs.get("config_file")
+        if private and not push_to_hub:
+            raise MergeInputError("--private applies to --push-to-hub; add --push-to-hub org/name")
+        if push_to_hub:
+            hub_upload.check_push(push_to_hub)  # before any work
         token = RESUME_ONLY.set(resume)
         try:
-            return run_yaml.callback(**kwargs)
+            run_yaml.callback(**kwargs)
         finally:
             RESUME_ONLY.reset(token)
+        if push_to_hub:
+            url = hub_upload.push(kwargs["out_path"], push_to_hub, private)
+            click.echo(f"uploaded {kwargs['out_path']} to {url}")
 
-    resume = click.Option(["--resume"], is_flag=True, default=False, help=RESUME_HELP)
+    extra = [
+        click.Option(["--resume"], is_flag=True, default=False, help=RESUME_HELP),
+        click.Option(["--push-to-hub"], metavar="ORG/NAME", default=None,
+                     help="After a successful merge, upload the output folder to this Hub "
+                          "model repository (created if needed; needs a token)"),
+        click.Option(["--private"], is_flag=True, default=False,
+                     help="With --push-to-hub: create the repository as private"),
+    ]
     return type(run_yaml)(
-        name="mergekit-com", callback=callback, params=[*run_yaml.params, resume],
+        name="mergekit-com", callback=callback, params=[*run_yaml.params, *extra],
         help=run_yaml.help,
     )
 
@@ -79,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except MergeInputError as e:  # a ClickException too: must come first
         if verbose:
             raise
-        fail(e.message)
+        fail(e.message, e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_com.quiet import quiet_libraries
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "example_configs/tiny_zoo_com.yml"
 TA_SCALE = 0.7
@@ -43,9 +45,11 @@ def main(argv=None) -> None:
     ap.add_argument("--zoo", default="zoo_cache/tiny")
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output too")
     args = ap.parse_args(argv)
     os.chdir(ROOT)  # the example config's paths are relative to the repository
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_libraries(args.verbose)
     torch.set_num_threads(args.threads)
 
     from mergekit_com.evaluate import evaluate_model, load_model, markdown_table, normalized_accuracy

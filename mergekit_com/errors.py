@@ -34,6 +34,10 @@ class ChainConfigError(MergeInputError):
     """A configuration CoM cannot run; the message names what to change."""
 
 
+class CalibrationError(MergeInputError):
+    """A calibration source that cannot be used; the message says what to fix."""
+
+
 class OutputError(MergeInputError):
     """Where the output goes cannot take it: a full disk, a read-only directory, a busy out_path."""
 

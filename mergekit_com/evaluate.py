@@ -189,12 +189,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="score only the first N records per task")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on shared cores)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output too")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
+    from mergekit_com.quiet import quiet_libraries
 
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries(args.verbose)
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",") if args.tasks else None
     results = {

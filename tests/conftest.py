@@ -28,3 +28,14 @@ def zoo_linear_only(tmp_path_factory):
         str(tmp_path_factory.mktemp("zoo_lin")), n_experts=2, layers=2,
         only=pico.is_linear_weight,
     )
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """A datasets cache of the test's own (datasets reads the setting at call time)."""
+    import datasets
+
+    path = tmp_path / "datasets_cache"
+    path.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", path)
+    return path

@@ -1,4 +1,4 @@
-"""python -m mergekit_com.bench [quality --preset tiny | scale]   (see docs/benchmark.md)"""
+"""python -m mergekit_com.bench [quality --preset tiny | scale | cost]   (see docs/benchmark.md)"""
 
 from __future__ import annotations
 
@@ -63,9 +63,27 @@ def _scale(args) -> None:
     print(f"\n\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'scale.json'}")
 
 
+def _cost(args) -> None:
+    from . import cost, report
+
+    families = args.families.split(",")
+    threads = tuple(int(t) for t in args.thread_counts.split(","))
+    result = cost.run(Path(args.out) / "cost", families, threads, Path(args.zoo_cache))
+    result["machine"] = report.machine()
+    result["speedups"] = cost.speedups(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(result, out / "cost.json")
+    print(f"\n## CoM against its compute floor ({result['machine']})\n")
+    print(cost.table(result))
+    for family, value in result["speedups"].items():
+        print(f"\n{family}: CoM at 1 thread / at 2 threads = {value:.2f}", end="")
+    print(f"\n\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'cost.json'}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mergekit_com.bench", description=__doc__)
-    ap.add_argument("what", nargs="?", default="quality", choices=["quality", "scale"])
+    ap.add_argument("what", nargs="?", default="quality", choices=["quality", "scale", "cost"])
     ap.add_argument("--preset", default="tiny", help="zoo preset: tiny, smollm2, or quick (tests)")
     ap.add_argument("--zoo", default=None, help="zoo dir (default zoo_cache/<preset>)")
     ap.add_argument("--out", default="bench_out", help="where merges, JSON and PNG go")
@@ -74,6 +92,10 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset (row labels or merge_method)")
     ap.add_argument("--depths", default="4,8,16,32", help="scale: layer counts")
     ap.add_argument("--no-ablation", action="store_true", help="skip the alpha x num_samples grid")
+    ap.add_argument("--families", default="pico,smollm2,zoo:tiny",
+                    help="cost: pico, smollm2 and zoo:<preset> (a zoo built under --zoo-cache)")
+    ap.add_argument("--zoo-cache", default="zoo_cache", help="cost: where the zoos are built")
+    ap.add_argument("--thread-counts", default="1,2", help="cost: thread counts to compare")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,7 +108,7 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    _scale(args) if args.what == "scale" else _quality(args)
+    {"scale": _scale, "cost": _cost, "quality": _quality}[args.what](args)
 
 
 if __name__ == "__main__":

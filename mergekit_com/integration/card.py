@@ -14,9 +14,12 @@ import os
 from typing import Any, Dict, Optional
 
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from mergekit.card import generate_card, modelref_md
 from mergekit.common import ModelReference
 
+from mergekit_com.integration import mergekit_internals
 from mergekit_com.integration.config_views import ordered_models
 from mergekit_com.io.report import REPORT_NAME
 from mergekit_com.method.parameters import PAPER_URL
@@ -71,16 +74,20 @@ def com_section(report: Optional[Dict[str, Any]]) -> str:
         lines += [
             "#### Calibration data",
             "",
-            "| model | weight | calibration file | samples | tokens | SHA-256 |",
+            "| model | weight | calibration source | samples | tokens | SHA-256 or revision |",
             "|---|---|---|---|---|---|",
         ]
         for e in experts:
             cal = e.get("calibration") or {}
             lines.append(
                 f"| {modelref_md(ModelReference.model_validate(e['model']))} | {_value(e['weight'])} "
-                f"| `{cal.get('file')}` | {cal.get('samples')} | {cal.get('tokens')} "
-                f"| `{cal.get('sha256') or 'n/a (directory)'}` |"
+                f"| {_source_md(cal)} | {cal.get('samples')} | {cal.get('tokens')} "
+                f"| {_version_md(cal)} |"
             )
+        sources = [{k: v for k, v in (e.get("calibration") or {}).items()
+                    if k not in ("samples", "tokens")} for e in experts]
+        if len(experts) > 1 and all(s == sources[0] for s in sources):
+            lines += ["", f"All {len(experts)} experts shared one calibration source."]
         lines += [
             "",
             f"`{REPORT_NAME}` holds, per layer and expert, the regression's relative residual "
@@ -89,6 +96,28 @@ def com_section(report: Optional[Dict[str, Any]]) -> str:
         ]
     lines += ["### Citation", "", "```bibtex", BIBTEX, "```", ""]
     return "\n".join(lines)
+
+
+def _source_md(cal: Dict[str, Any]) -> str:
+    """A file name, or a dataset with the split and settings it was read with."""
+    if "dataset" not in cal:
+        text = f"`{cal.get('file')}`"
+    else:
+        name = cal["dataset"]
+        text = (f"[`{name}`](https://huggingface.co/datasets/{name})" if "/" in name
+                else f"`{name}`") + f", split `{cal.get('split')}`"
+        if cal.get("config"):
+            text += f", config `{cal['config']}`"
+    for key in ("column", "template"):
+        if cal.get(key) is not None:
+            text += f", {key} `{' '.join(repr(cal[key])[1:-1].split())}`"
+    return text.replace("|", "\\|")
+
+
+def _version_md(cal: Dict[str, Any]) -> str:
+    if "dataset" in cal:
+        return f"revision `{cal['revision']}`" if cal.get("revision") else "n/a"
+    return f"`{cal.get('sha256') or 'n/a (directory)'}`"
 
 
 def extend_card(card_md: str, report: Optional[Dict[str, Any]]) -> str:
@@ -131,11 +160,27 @@ class _InConfigOrder:
         return ordered + rest
 
 
+def is_hub_reference(path: str) -> bool:
+    """Whether mergekit loads ``path`` from the Hub: no local path of that name, a valid id.
+
+    Decided without the network, as mergekit's loader decides it; mergekit's card asks the
+    Hub about existing local folders named like ``dir/model``.
+    """
+    if os.path.exists(path):
+        return False
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
 def card_markdown(config, config_yaml: str, name: str,
                   report: Optional[Dict[str, Any]] = None) -> str:
     """mergekit's card for this merge, extended with the CoM section."""
-    text = generate_card(config=_InConfigOrder(config), config_yaml=config_yaml, name=name)
-    return extend_card(text, report)
+    with mergekit_internals.card_hub_check(is_hub_reference):  # links Hub models only
+        text = generate_card(config=_InConfigOrder(config), config_yaml=config_yaml, name=name)
+        return extend_card(text, report)
 
 
 def write_card(config, config_yaml: str, out_dir: str) -> None:

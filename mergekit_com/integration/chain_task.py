@@ -27,6 +27,7 @@ from mergekit.tokenizer import BuildTokenizer
 from mergekit_com.integration import mergekit_internals, output
 from mergekit_com.integration.models import model_tokenizer
 from mergekit_com.io.calibration import load_calibration, make_batches
+from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.report import MergeReport, summarize
 from mergekit_com.io.checkpoints import LayerCheckpoints
 from mergekit_com.method import distributed
@@ -64,6 +65,7 @@ class ChainOfMergesTask(Task[None]):
     options: MergeOptions
     checkpoint_dir: Optional[str] = None  # where completed layers are saved (None: no resume)
     max_seq_len: Optional[int] = None  # as fitted to the model's positions (None: as configured)
+    compute_dtype: str = "float32"  # "float64" when the config reads the models in float64
 
     def arguments(self) -> Dict[str, Task]:
         args: Dict[str, Task] = {"writer": self.writer_task}
@@ -87,11 +89,10 @@ class ChainOfMergesTask(Task[None]):
 class MergekitTensors:
     """The walk's ``TensorIO``: mergekit's gather tasks in, its ``SaveTensor`` out."""
 
-    def __init__(self, task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device,
-                 bar: tqdm.tqdm):
+    def __init__(self, task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device):
         self.saves = {s.tensor_name: s for s in task.save_tasks}
         self.experts, self.base = list(task.experts), task.base_model
-        self.writer, self.device, self.bar = writer, device, bar
+        self.writer, self.device = writer, device
         self.universe = TaskUniverse()
         self.cached = {}
         if task.tokenizer_task is not None:  # the vocabulary permutation needs its value
@@ -137,13 +138,11 @@ class MergekitTensors:
                 value = value.to(dtype_from_name(save.dtype))
             if distributed.is_writer():
                 self.writer.save_tensor(name=name, tensor=value, clone=save.clone)
-        self.bar.update(1)
         return value
 
     def rewrite(self, name: str, written: torch.Tensor) -> None:
         if distributed.is_writer():
             self.writer.save_tensor(name=name, tensor=written, clone=self.saves[name].clone)
-        self.bar.update(1)
 
     def solve_settings(self, name: str) -> SolveSettings:
         task = self.saves[name].tensor_task
@@ -212,8 +211,10 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
             tok.chat_template = template  # `messages` rendered as the output will be
         with PHASES.phase("load"):
             # checked (and short files reported) when the merge was planned
-            cal = load_calibration(first.input_parameters[model]["calibration"], tok, num_samples,
-                                   max_seq_len, model=model, warn_short=False)
+            params = first.input_parameters[model]
+            cal = load_calibration(params["calibration"], tok, num_samples, max_seq_len,
+                                   model=model, warn_short=False,
+                                   spec=RecordSpec.from_parameters(params))
         LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens,
                  cal.path)
         weight = summarize(s.tensor_task.input_parameters[model]["weight"] for s in task.save_tasks)
@@ -222,7 +223,8 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
         # Under torchrun each rank calibrates on a disjoint share of the batches. Sharding
         # whole batches (not samples) keeps every batch's padding and Gram what one
         # process computes, so ranks change only the order of float64 sums.
-        batches = make_batches(cal.sequences, batch_size, pad_id=pad)
+        batches = make_batches(cal.sequences, batch_size, pad_id=pad,
+                               max_tokens=batch_size * max_seq_len)
         out[model] = distributed.shard(batches, f"expert {model}'s calibration (batch_size "
                                                 f"{batch_size})")
     return out
@@ -232,22 +234,26 @@ def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
     """Walk, write every tensor, and leave ``com_report.json`` in the output folder."""
     device = torch.device(task.options.device or "cpu")
     distributed.setup(device)
+    threads = distributed.cpu_threads(task.options.num_threads)
+    torch.set_num_threads(threads)
+    LOG.info("walking on %s with %d CPU thread(s), rank %d of %d", device, threads,
+             distributed.rank(), distributed.world_size())
     settings = walk_settings(task)
     config = _out_config(task)
+    # `dtype: float64` computes everything in float64 (a reference); else float32
+    compute = torch.float64 if task.compute_dtype == "float64" else torch.float32
     shell = ModelShell(config, task.layout_layers[0][0], device,
-                       trust_remote_code=task.options.trust_remote_code)
+                       trust_remote_code=task.options.trust_remote_code, dtype=compute)
     report = MergeReport([str(m) for m in task.experts], parameter_summary(task))
     batches = load_batches(task, getattr(tokenizer_info, "tokenizer", None), report,
                            settings.batch_size)
-    quiet = task.options.quiet
-    write_bar = tqdm.tqdm(total=len(task.save_tasks), desc="Writing tensors", unit="tensor",
-                          disable=quiet)
+    # one bar for the walk: its tensors are written as each layer is merged
     walk_bar = tqdm.tqdm(total=shell.num_layers, desc="Chain of Merges", unit="layer",
-                         disable=quiet)
+                         disable=task.options.quiet)
     try:
         walk_class(
             shell, Layout(task.layout_pre, task.layout_layers, task.layout_post),
-            MergekitTensors(task, writer, tokenizer_info, device, write_bar), report, settings,
+            MergekitTensors(task, writer, tokenizer_info, device), report, settings,
             batches, tied=bool(getattr(config, "tie_word_embeddings", False)), device=device,
             checkpoints=(WriterCheckpoints(task.checkpoint_dir, discard=distributed.is_writer())
                          if task.checkpoint_dir else None),
@@ -255,7 +261,8 @@ def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
         ).run()
     finally:
         walk_bar.close()
-        write_bar.close()
+    report.runtime = {"device": str(device), "cpu_threads": threads,
+                      "ranks": distributed.world_size()}
     if distributed.is_writer():
         report.write(task.writer_task.out_path)
 

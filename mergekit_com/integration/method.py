@@ -4,8 +4,14 @@ mergekit plans one task per output tensor and would call ``merge_group`` for
 each. CoM cannot merge a tensor on its own: every linear depends on the
 merged layers before it and on calibration data. So the planner hands the
 whole plan to the chain task (``chain_task.py``), which executes mergekit's
-loading and writing around the walk, and ``merge_group`` refuses the
-per-tensor entry points.
+loading and writing around the walk.
+
+The per-tensor entry points (``merge_state_dicts``, ``merge_group``,
+``mergekit-pytorch``) have neither a model to run nor calibration data, and
+a tensor-by-tensor fallback would be a different method under CoM's name, so
+they raise ``PerTensorMergeError``. The method declares this as
+``needs_model_walk``, for suites that run every registered method per tensor
+(docs/mergekit-compat.md, ``make test-mergekit``).
 """
 
 from __future__ import annotations
@@ -24,10 +30,18 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from mergekit_com.errors import MergeInputError
 from mergekit_com.method.parameters import METHOD_NAME, PAPER_URL, PARAMETERS
 
 
+class PerTensorMergeError(MergeInputError):
+    """chain_of_merges called on tensors alone, without a model walk (one line in
+    mergekit's commands, such as mergekit-pytorch; a ValueError for Python callers)."""
+
+
 class ChainOfMergesMethod(GroupMergeMethod):
+    # Merges whole models (calibration passes through the merged prefix), never one tensor.
+    needs_model_walk = True
     spec = MergeMethodSpec(
         name=METHOD_NAME,
         pretty_name="Chain of Merges",
@@ -42,9 +56,11 @@ class ChainOfMergesMethod(GroupMergeMethod):
     )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        raise RuntimeError(
-            f"{METHOD_NAME} needs its calibration walk: run it through mergekit-yaml, "
-            "mergekit-com or mergekit.merge.run_merge, not per-tensor APIs"
+        raise PerTensorMergeError(
+            f"{METHOD_NAME} merges whole models (each layer is solved on calibration data "
+            "passed through the layers merged before it), not single tensors: run it "
+            "through mergekit-yaml, mergekit-com or mergekit.merge.run_merge, not "
+            "merge_state_dicts or mergekit-pytorch"
         )
 
 

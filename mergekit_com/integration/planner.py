@@ -66,7 +66,7 @@ def plan_chain(planner: MergePlanner, out_path: str,
                                   explicit=sets_parameter(config, "max_seq_len"))
     preflight.check_calibration(
         experts,
-        {m: first.input_parameters.get(m, {}).get("calibration") for m in experts},
+        {m: first.input_parameters.get(m, {}) for m in experts},
         first.parameters["num_samples"],
         max_seq_len,
         options,
@@ -95,6 +95,7 @@ def plan_chain(planner: MergePlanner, out_path: str,
         options=options,
         checkpoint_dir=work.checkpoints.path if work is not None else None,
         max_seq_len=max_seq_len,
+        compute_dtype="float64" if config.dtype == "float64" else "float32",
     )
     return [chain] + ([tokenizer] if tokenizer is not None else [])
 

@@ -33,6 +33,7 @@ from mergekit_com.integration.models import (
     weight_files,
 )
 from mergekit_com.io.calibration import load_calibration
+from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.inputs import not_regular, tree_entries, within
 
 Shapes = Dict[str, Tuple[int, ...]]
@@ -214,11 +215,14 @@ def check_out_path(shown: str, ours: List[str], config,
                 )
 
 
-def check_calibration(experts, calibration, num_samples: int, max_seq_len: int, options,
+def check_calibration(experts, parameters, num_samples: int, max_seq_len: int, options,
                       shared_tokenizer: bool) -> None:
-    """Every expert's calibration data loads and tokenizes (own tokenizer)."""
+    """Every expert's calibration data loads and tokenizes (own tokenizer).
+
+    ``parameters``: each expert's resolved per-model parameters.
+    """
     for model in experts:
-        source = calibration[model]  # present and existing: see check_planned_values
+        source = parameters[model]["calibration"]  # present: see check_planned_values
         try:
             tok = model_tokenizer(model, options)
         except Exception as e:
@@ -227,7 +231,8 @@ def check_calibration(experts, calibration, num_samples: int, max_seq_len: int, 
                 f"model {model}: its tokenizer could not be loaded ({first_line(e)}); add the "
                 f"tokenizer files to the model{hint}"
             ) from None
-        load_calibration(source, tok, num_samples, max_seq_len, model=model)
+        load_calibration(source, tok, num_samples, max_seq_len, model=model,
+                         spec=RecordSpec.from_parameters(parameters[model]))
 
 
 SCAN_UNMAP_BYTES = 32 << 20

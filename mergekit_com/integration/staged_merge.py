@@ -28,7 +28,8 @@ from mergekit_com.integration.validation import (
     check_parameter_names,
 )
 from mergekit_com.io.calibration import CalibrationError, check_source
-from mergekit_com.io.fingerprint import data_sha256, model_fingerprint, sha256_json
+from mergekit_com.io.datasets_source import is_dataset, source_stamp
+from mergekit_com.io.fingerprint import model_fingerprint, sha256_json
 from mergekit_com.io.publish import PublishBlocked
 from mergekit_com.io.workdir import FORMAT, WorkDir
 from mergekit_com.method import distributed
@@ -46,13 +47,15 @@ ACTIVE: contextvars.ContextVar[Optional[WorkDir]] = contextvars.ContextVar(
 )
 
 
-def _validated_sha256(source: str) -> Optional[str]:
-    """A calibration source is checked before it is read; the planner reports a bad one."""
-    try:
-        check_source(source)
-    except CalibrationError:
-        return None
-    return data_sha256(source)
+def _validated_stamp(source: str) -> Optional[str]:
+    """A local calibration file is checked before it is read (hashed); the planner
+    reports a bad one. Hub datasets and their downloaded folders: ``source_stamp``."""
+    if not is_dataset(source):
+        try:
+            check_source(source)
+        except CalibrationError:
+            return None
+    return source_stamp(source)
 
 
 def fingerprint(config, options, model_dirs: Dict[Any, str]) -> Dict[str, Any]:
@@ -65,7 +68,7 @@ def fingerprint(config, options, model_dirs: Dict[Any, str]) -> Dict[str, Any]:
         "config": sha256_json(config.model_dump(mode="json")),
         "options": sha256_json(relevant),
         "models": {str(m): model_fingerprint(p) for m, p in model_dirs.items()},
-        "calibration": {c: _validated_sha256(c) for c in calibration_sources(config)},
+        "calibration": {c: _validated_stamp(c) for c in calibration_sources(config)},
     }
 
 

@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from mergekit_com.errors import ChainConfigError
 from mergekit_com.integration.config_views import model_lists, parameter_scopes, scalars
+from mergekit_com.io.datasets_source import SPEC_PARAMETERS, is_hub_id
 from mergekit_com.method.parameters import (
     METHOD_NAME,
     PARAMETERS,
@@ -138,7 +139,7 @@ def check_same_experts(save_tasks: List[SaveTensor], experts: List[ModelReferenc
 def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelReference], base) -> None:
     """Range-check every resolved value (filters and gradients included)."""
     first: Dict[str, Any] = {}
-    calibrations: Dict[ModelReference, Tuple[Any, str]] = {}
+    calibrations: Dict[ModelReference, Tuple[Dict[str, Any], str]] = {}
     for save in save_tasks:
         task = save.tensor_task
         for name, value in task.parameters.items():
@@ -165,14 +166,15 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
                         "merge's float32 statistics"
                     )
             if model in experts:
-                seen, where = calibrations.setdefault(model, (params.get("calibration"),
-                                                              save.tensor_name))
-                if seen != params.get("calibration"):
-                    raise ChainConfigError(
-                        f"model {model} has calibration {seen!r} for {where} but "
-                        f"{params.get('calibration')!r} for {save.tensor_name}; give one "
-                        "calibration per model (the same in every slice)"
-                    )
+                settings = {n: params.get(n) for n in ("calibration", *SPEC_PARAMETERS)}
+                seen, where = calibrations.setdefault(model, (settings, save.tensor_name))
+                for name in settings:
+                    if seen[name] != settings[name]:
+                        raise ChainConfigError(
+                            f"model {model} has {name} {seen[name]!r} for {where} but "
+                            f"{settings[name]!r} for {save.tensor_name}; give one {name} per "
+                            "model (the same in every slice)"
+                        )
         weights = [task.input_parameters.get(m, {}).get("weight") for m in experts
                    if m in task.input_parameters]
         if weights and not any(weights):
@@ -183,13 +185,15 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
     if not save_tasks:
         return
     for model in experts:
-        calibration = calibrations.get(model, (None, ""))[0]
+        calibration = calibrations.get(model, ({}, ""))[0].get("calibration")
         if not calibration:
             raise ChainConfigError(
-                f"model {model} has no `calibration` parameter; give every expert a "
-                "calibration file (parameters: {calibration: path/to/data.jsonl})"
+                f"model {model} has no `calibration` parameter; give every expert calibration "
+                "data (parameters: {calibration: data.jsonl or org/dataset}), under the model "
+                "or once under the top-level parameters:"
             )
-        if not os.path.exists(os.path.abspath(os.path.expanduser(calibration))):
+        if not is_hub_id(calibration) and not os.path.exists(
+                os.path.abspath(os.path.expanduser(calibration))):
             raise ChainConfigError(
                 f"calibration file {calibration} (for model {model}) does not exist; fix the "
                 "path (relative paths are resolved from the working directory)"

@@ -40,7 +40,9 @@ DEFINITIONS = {
     "covariate_shift": (
         "per expert t: ||H_merged - H_t|| / ||H_t|| (Frobenius) over expert t's calibration "
         "tokens, H = hidden states entering the layer in the merged model and in expert t's "
-        "own model"
+        "own model; measured on the tokens of expert t's first calibration batch "
+        "(experts[t].covariate_shift_tokens) unless exact_shift is true or the chain and "
+        "objective run both models on every batch anyway"
     ),
 }
 
@@ -48,15 +50,24 @@ DEFINITIONS = {
 class _Ratio:
     """Sums of squared numerators and denominators; the ratio of their roots."""
 
-    __slots__ = ("num", "den")
+    __slots__ = ("num", "den", "count")
 
     def __init__(self) -> None:
         self.num = 0.0
         self.den = 0.0
+        self.count = 0  # tokens measured
 
-    def add(self, num: float, den: float) -> None:
+    def add(self, num: float, den: float, count: int = 0) -> None:
         self.num += max(num, 0.0)  # a Gram quadratic form can round below 0
         self.den += den
+        self.count += count
+
+    def state(self) -> List[float]:
+        return [self.num, self.den, self.count]
+
+    def restore(self, state: List[float]) -> None:
+        self.num, self.den = state[0], state[1]
+        self.count = int(state[2]) if len(state) > 2 else 0
 
     def value(self) -> Optional[float]:
         if self.den <= 0:
@@ -81,6 +92,7 @@ class MergeReport:
         self._order: List[str] = []
         self._shift: Dict[str, List[_Ratio]] = {}
         self._residual: Dict[str, Dict[str, List[_Ratio]]] = defaultdict(dict)
+        self.runtime: Dict[str, Any] = {}  # where and how the walk ran, and its phases' seconds
 
     def _layer(self, layer: str) -> None:
         if layer not in self._shift:
@@ -88,27 +100,25 @@ class MergeReport:
             self._shift[layer] = [_Ratio() for _ in self.experts]
 
     def set_calibration(self, index: int, cal, weight: Any) -> None:
-        self.calibration[index] = {  # no local path: the report ships with the model
-            "file": os.path.basename(cal.path),
-            "sha256": cal.sha256,
-            "samples": cal.num_records,
-            "tokens": cal.num_tokens,
-        }
+        # no local path: the report ships with the model
+        self.calibration[index] = {**cal.origin, "samples": cal.num_records,
+                                   "tokens": cal.num_tokens}
         self.weights[index] = weight
 
     def add_shift(self, layer: str, index: int, merged: torch.Tensor, own: torch.Tensor) -> None:
         """One batch of hidden states (valid tokens only) entering ``layer``."""
         self._layer(layer)
         merged, own = merged.double(), own.double()
-        self._shift[layer][index].add((merged - own).square().sum().item(), own.square().sum().item())
+        self._shift[layer][index].add((merged - own).square().sum().item(), own.square().sum().item(),
+                                      merged.shape[0])
 
     def sum_shift_over_ranks(self, layer: str, device: torch.device) -> None:
         """Under torchrun each rank saw its own share of the tokens: add the shares up."""
         ratios = self._shift[layer]
-        sums = torch.tensor([[r.num, r.den] for r in ratios], dtype=torch.float64, device=device)
+        sums = torch.tensor([r.state() for r in ratios], dtype=torch.float64, device=device)
         distributed.all_reduce_sum(sums)
-        for r, (num, den) in zip(ratios, sums.tolist()):
-            r.num, r.den = num, den
+        for r, state in zip(ratios, sums.tolist()):
+            r.restore(state)
 
     def add_residual(self, layer: str, linear: str, index: int, gram: torch.Tensor,
                      target: torch.Tensor, merged: torch.Tensor) -> None:
@@ -127,8 +137,8 @@ class MergeReport:
     def layer_state(self, layer: str) -> Dict[str, Any]:
         """This layer's running sums, for a checkpoint (exact: JSON keeps floats)."""
         return {
-            "shift": [[r.num, r.den] for r in self._shift.get(layer, [])],
-            "residual": {k: [[r.num, r.den] for r in v]
+            "shift": [r.state() for r in self._shift.get(layer, [])],
+            "residual": {k: [r.state() for r in v]
                          for k, v in self._residual.get(layer, {}).items()},
         }
 
@@ -136,9 +146,9 @@ class MergeReport:
         """Entries of a layer merged before a resume, as ``layer_state`` gave them."""
         self._layer(layer)
 
-        def fill(ratios, pairs):
-            for r, (num, den) in zip(ratios, pairs):
-                r.num, r.den = num, den
+        def fill(ratios, states):
+            for r, state in zip(ratios, states):
+                r.restore(state)
 
         fill(self._shift[layer], state["shift"])
         for linear, pairs in state["residual"].items():
@@ -167,11 +177,19 @@ class MergeReport:
             "settings": self.settings,
             "definitions": DEFINITIONS,
             "experts": [
-                {"model": m, "weight": w, "calibration": c}
-                for m, w, c in zip(self.experts, self.weights, self.calibration)
+                {"model": m, "weight": w, "calibration": c, "covariate_shift_tokens": n}
+                for m, w, c, n in zip(self.experts, self.weights, self.calibration,
+                                      self._shift_tokens())
             ],
             "layers": layers,
+            "runtime": self.runtime,
         }
+
+    def _shift_tokens(self) -> List[int]:
+        """Per expert, the tokens the covariate shift was measured on (at the first layer)."""
+        if not self._order:
+            return [0] * len(self.experts)
+        return [r.count for r in self._shift[self._order[0]]]
 
     def write(self, out_dir: str) -> str:
         path = os.path.join(out_dir, REPORT_NAME)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, Set
+from typing import Dict, Hashable, List, Optional, Set
 
 import torch
 
@@ -11,6 +11,7 @@ from mergekit_com.method import distributed
 from mergekit_com.method.ports import Progress, Report, TensorIO
 from mergekit_com.method.strategies import ChainStrategy
 from mergekit_com.method.streams import Streams
+from mergekit_com.method.timing import PHASES
 from mergekit_com.model.stepping import ModelShell
 
 
@@ -24,8 +25,10 @@ class WalkContext:
     chain: ChainStrategy
     objective: object  # RegMeanObjective or MatchExpertObjective
     device: torch.device
-    # bytes the paused layer passes may hold; past it they restart instead (see model/passes.py)
-    pass_budget: int
+    dtype: torch.dtype  # the walk's compute dtype: float32, or float64 for `dtype: float64`
+    # bytes the paused layer passes may hold (None: what the activation budget has left);
+    # past it they restart instead (see model/passes.py)
+    pass_budget: Optional[int] = None
     warned: Set[Hashable] = field(default_factory=set)  # experts warned about too few tokens
 
     @property
@@ -34,23 +37,25 @@ class WalkContext:
 
     def own_params(self, gathered: Dict[str, Dict[Hashable, torch.Tensor]], expert: Hashable,
                    prefix: str = "") -> Dict[str, torch.Tensor]:
-        """Expert ``expert``'s floating-point tensors among ``gathered``, local names, float32."""
+        """Expert ``expert``'s floating-point tensors among ``gathered``, local names, compute dtype."""
         return {
-            n[len(prefix):]: t[expert].to(device=self.device, dtype=torch.float32)
+            n[len(prefix):]: t[expert].to(device=self.device, dtype=self.dtype)
             for n, t in gathered.items()
             if expert in t and t[expert].is_floating_point()
         }
 
     def installed(self, written: torch.Tensor) -> torch.Tensor:
-        """What the running model uses: a tensor as written, in float32 on the device."""
-        return written.to(device=self.device, dtype=torch.float32)
+        """What the running model uses: a tensor as written, in the compute dtype on the device."""
+        return written.to(device=self.device, dtype=self.dtype)
 
     def record_shift(self, layer: str) -> None:
         """Covariate shift of the hidden states entering ``layer``, per expert."""
         streams = self.streams
-        for t, e in enumerate(self.experts):
-            for b in streams.shared_batches(e):
-                valid = streams.masks[e][b]
-                self.report.add_shift(layer, t, streams.merged[e][b][valid], streams.own[e][b][valid])
-        if distributed.active():
-            self.report.sum_shift_over_ranks(layer, self.device)
+        with PHASES.phase("report"):
+            for t, e in enumerate(self.experts):
+                for b in streams.shared_batches(e):
+                    valid = streams.masks[e][b]
+                    self.report.add_shift(layer, t, streams.merged[e][b][valid],
+                                          streams.own[e][b][valid])
+            if distributed.active():
+                self.report.sum_shift_over_ranks(layer, self.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, List, Sequence, TypeVar
+from typing import Iterable, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,17 @@ from mergekit_com.errors import ChainConfigError
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def cpu_threads(requested: Optional[int]) -> int:
+    """Threads for this process: ``requested`` (``--num-threads``) if given, else torch's
+    current setting (which honours ``OMP_NUM_THREADS``), at most this machine's cores
+    shared among the ranks a launcher started on it, so ranks never oversubscribe."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(torch.get_num_threads(), (cores or 1) // local_ranks))
 
 
 def launched() -> bool:

@@ -60,15 +60,16 @@ def solve_group(ctx: WalkContext, layer_key: str, group: Sequence[str],
         solutions = {}
         if biased:
             merged, bias = merged[:, :-1], merged[:, -1]
-        solutions[weight_name] = (merged.T if transposed else merged).to(torch.float32)
+        solutions[weight_name] = (merged.T if transposed else merged).to(ctx.dtype)
         if biased and bias_name:
-            solutions[bias_name] = bias.to(torch.float32)
+            solutions[bias_name] = bias.to(ctx.dtype)
         for name, value in solutions.items():
             written[name] = ctx.io.write_solved(name, value, gathered[name])
         as_written = _augmented(written[weight_name], written.get(bias_name), transposed, biased,
                                 ctx.device)
-        for t, e in enumerate(ctx.experts):
-            ctx.report.add_residual(layer_key, key, t, stats.grams[e], targets[t], as_written)
+        with PHASES.phase("report"):
+            for t, e in enumerate(ctx.experts):
+                ctx.report.add_residual(layer_key, key, t, stats.grams[e], targets[t], as_written)
     return written
 
 
@@ -113,9 +114,9 @@ class LayerMerge:
         merged_layer = ctx.shell.instantiate(self.index, current)
         runs_own = ctx.chain.inside == "own" or ctx.objective.needs_expert_inputs
         own_layers = self._own_layers(gathered, runs_own or self._own_stream_kept())
-        e0 = ctx.experts[0]  # 3
-        groups = linear_call_groups(merged_layer, ctx.streams.merged[e0][0],
-                                    ctx.streams.call(e0, 0, self.index), linears)
+        # 3; the probe enters every layer with the embeddings: only the code path matters
+        probe_hidden, probe_calls = ctx.streams.probe
+        groups = linear_call_groups(merged_layer, probe_hidden, probe_calls[self.index], linears)
         stops = {g[0]: g[0] for g in groups}
         layers = [PausableLayer(merged_layer, stops)]
         layers += [PausableLayer(m, stops) for m in own_layers.values()]
@@ -164,27 +165,27 @@ class LayerMerge:
                 stop_modules: List[nn.Module]):
         """Per expert and batch: the pass giving ``X_t`` and, for match_expert, ``Z_t``."""
         ctx, streams = self.ctx, self.ctx.streams
-        chain, budget = ctx.chain, ctx.pass_budget
-        width = sum(input_width(m) for m in stop_modules)
+        chain = ctx.chain
+        budget = streams.store.free_bytes if ctx.pass_budget is None else ctx.pass_budget
+        # a paused pass holds about its group inputs and two copies of the residual stream
+        per_token = (sum(input_width(m) for m in stop_modules)
+                     + 2 * input_width(stop_modules[0])) * ctx.dtype.itemsize
         x_passes: Dict[Hashable, List[LayerPass]] = {}
         z_passes: Dict[Hashable, List[LayerPass]] = {}
         for e in ctx.experts:
             layer = merged if chain.inside == "merged" else own[e]
-            source = streams.stream(chain.stream)[e]
             x_passes[e], z_passes[e] = [], []
             for b in range(streams.count(chain.stream, e)):
-                hidden = source[b]
                 call = streams.call(e, b, self.index)
-                # a kept pass holds about the group inputs and the residual stream
-                cost = hidden.numel() // hidden.shape[-1] * (width + 2 * hidden.shape[-1]) * 4
+                cost = streams.masks[e][b].numel() * per_token
                 keep, budget = budget >= cost, budget - cost
-                x_passes[e].append(LayerPass(layer, hidden, call, keep))
+                x_passes[e].append(LayerPass(layer, streams.loader(chain.stream, e, b), call, keep))
                 if ctx.objective.needs_expert_inputs:
                     if chain.stream == "own" and chain.inside == "own":
                         z_passes[e].append(x_passes[e][-1])  # RegMean's X is the expert's own Z
                     else:
                         keep, budget = budget >= cost, budget - cost
-                        z_passes[e].append(LayerPass(own[e], streams.own[e][b], call, keep))
+                        z_passes[e].append(LayerPass(own[e], streams.loader("own", e, b), call, keep))
         return x_passes, z_passes
 
     def _statistics(self, key: str, x_passes, z_passes, biased: bool):

@@ -74,7 +74,9 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
     Parameter("num_samples", int, False, 128, "first N records of each calibration file",
               walk_wide=True),
     Parameter("max_seq_len", int, False, 512, "tokens kept per record", walk_wide=True),
-    Parameter("batch_size", int, False, 8, "sequences per forward pass", walk_wide=True),
+    Parameter("batch_size", int, False, 8,
+              "sequences of `max_seq_len` tokens per forward pass; shorter records are packed "
+              "up to `batch_size` x `max_seq_len` tokens", walk_wide=True),
     Parameter("activation_dtype", str, False, "auto",
               "dtype of the cached activations between layers: `auto` (bfloat16 on "
               "GPU, float32 on CPU), `float32`, `bfloat16`, `float16`; Grams are "
@@ -82,14 +84,30 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
     Parameter("activation_budget", float, False, 0.0,
               "GB of activations kept on the compute device before spilling to CPU "
               "memory, then disk; 0 = half the free memory at start", walk_wide=True),
+    Parameter("exact_shift", bool, False, False,
+              "measure `com_report.json`'s covariate shift on every calibration batch (true), "
+              "not only on each expert's first (false: the merge then runs the experts' own "
+              "models only where `chain` or `objective` needs them)", walk_wide=True),
     Parameter("fallback", str, False, Fallback.AVERAGE.value,
               "rule for non-linear tensors (embeddings, norms): `average` or "
               "`task_arithmetic` (needs `base_model`)", _choices(Fallback)),
     Parameter("lambda", float, False, 1.0,
               "scale of the summed task vectors under `fallback: task_arithmetic`"),
     Parameter("calibration", Optional[str], True, None,
-              "per model: calibration data (.jsonl/.json with `text` or `messages`, "
-              ".txt, .parquet, or a `datasets` directory)"),
+              "per model: calibration data: a .jsonl/.json (`text` or `messages` records), "
+              ".txt or .parquet file, a `datasets.save_to_disk` folder, a downloaded dataset "
+              "repository folder, or a Hub dataset id `org/name`; set under the top-level "
+              "`parameters:`, it is every expert's default"),
+    Parameter("calibration_split", str, True, "train",
+              "per model: the split of a dataset `calibration` to read"),
+    Parameter("calibration_config", Optional[str], True, None,
+              "per model: the configuration (subset) of a dataset `calibration`"),
+    Parameter("calibration_column", Optional[str], True, None,
+              "per model: the field holding each record's text, or its chat as a list of "
+              "`role`/`content` messages, in place of `text`/`messages`"),
+    Parameter("calibration_template", Optional[str], True, None,
+              "per model: a format string over each record's fields, e.g. "
+              "`\"{question}\\n{answer}\"`, whose result is the record's text"),
     Parameter("weight", float, True, 1.0,
               "per model: weight of this expert in every solve and average"),
 )}
@@ -127,6 +145,7 @@ class WalkSettings:
     batch_size: int = 8
     activation_dtype: str = "auto"
     activation_budget: float = 0.0
+    exact_shift: bool = False
 
     @classmethod
     def from_values(cls, values: Dict[str, Any]) -> "WalkSettings":
@@ -136,6 +155,7 @@ class WalkSettings:
             batch_size=values["batch_size"],
             activation_dtype=values["activation_dtype"],
             activation_budget=values["activation_budget"],
+            exact_shift=values.get("exact_shift", False),
         )
 
 

@@ -18,8 +18,10 @@ LOG = logging.getLogger("mergekit.chain_of_merges.statistics")  # under mergekit
 
 
 def token_rows(x: torch.Tensor, valid: torch.Tensor, biased: bool) -> torch.Tensor:
-    """The non-padding tokens of a batch as float32 rows, with a ones column for a bias."""
-    x = x[valid].to(torch.float32)
+    """The non-padding tokens of a batch as float32 rows (float64 stays float64), with a
+    ones column for a bias."""
+    x = x[valid]
+    x = x if x.dtype == torch.float64 else x.to(torch.float32)
     return linalg.with_ones_column(x) if biased else x
 
 

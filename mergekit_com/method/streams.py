@@ -12,7 +12,7 @@ report's covariate shift, on the first batch of each expert (every batch with
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
@@ -20,6 +20,9 @@ from mergekit_com.model.activations import ActivationStore, CachedList
 from mergekit_com.model.stepping import LayerCall
 
 Batch = Tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
+# Tokens of the probe that finds each layer's groups of linears: the grouping follows
+# the layer's code, not the values, so a few tokens of one sequence do.
+PROBE_TOKENS = 16
 
 
 class Streams:
@@ -27,6 +30,7 @@ class Streams:
                  batches: Dict[Hashable, List[Batch]], merged_all: bool, own_all: bool,
                  report_batches: int):
         self.experts = list(experts)
+        self.store = store
         self.batches = batches
         self.masks = {e: [mask.to(store.device).bool() for _, mask in batches[e]] for e in experts}
         self.calls: Dict[Hashable, List[List[LayerCall]]] = {e: [] for e in experts}
@@ -42,6 +46,11 @@ class Streams:
     def stream(self, name: str) -> Dict[Hashable, CachedList]:
         return self.merged if name == "merged" else self.own
 
+    def loader(self, name: str, expert: Hashable, batch: int) -> Callable[[], torch.Tensor]:
+        """Fetches one batch's hidden states from stream ``name`` when called."""
+        stream = self.stream(name)[expert]
+        return lambda: stream[batch]
+
     def count(self, name: str, expert: Hashable) -> int:
         """How many leading batches of ``expert`` the stream ``name`` holds."""
         return (self.merged_count if name == "merged" else self.own_count)[expert]
@@ -51,7 +60,10 @@ class Streams:
         return range(min(self.merged_count[expert], self.own_count[expert]))
 
     def embed(self, shell, own_params: Dict[Hashable, Dict[str, torch.Tensor]]) -> None:
-        """Hidden states entering layer 0, and every layer's call arguments."""
+        """Hidden states entering layer 0, every layer's call arguments, and the probe."""
+        ids, _mask = self.batches[self.experts[0]][0]
+        short = ids[:1, :PROBE_TOKENS]
+        self.probe = shell.embed(short, torch.ones_like(short))
         for e in self.experts:
             for b, (ids, mask) in enumerate(self.batches[e]):
                 calls = None

@@ -1,4 +1,4 @@
-"""Wall-clock seconds per phase of a chain run (load, forward, gram, solve, write).
+"""Wall-clock seconds per phase of a chain run (load, forward, gram, solve, report, write).
 
 The engine wraps each phase in ``PHASES.phase(name)``; the benchmark reads the
 totals after a merge. On CUDA the clock waits for queued kernels, so a phase
@@ -13,7 +13,7 @@ from typing import Dict, Iterator
 
 import torch
 
-ORDER = ("load", "forward", "gram", "solve", "write")
+ORDER = ("load", "forward", "gram", "solve", "report", "write")
 
 
 class PhaseTimer:

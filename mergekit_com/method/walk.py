@@ -64,21 +64,22 @@ class ChainWalk:
     def __init__(self, shell: ModelShell, layout: Layout, io: TensorIO, report: Report,
                  settings: WalkSettings, batches: Dict[Hashable, List[Batch]], *,
                  tied: bool, device: torch.device, checkpoints: Optional[Checkpoints] = None,
-                 progress: Optional[Progress] = None, exact_shift: bool = True,
-                 pass_budget: Optional[int] = None):
+                 progress: Optional[Progress] = None, pass_budget: Optional[int] = None):
         self.shell, self.layout, self.io, self.report = shell, layout, io, report
         self.settings, self.batches, self.tied = settings, batches, tied
         self.device, self.checkpoints = device, checkpoints
         self.progress = progress or NoProgress()
-        self.exact_shift = exact_shift
-        # bytes paused layer passes may hold (None: the activation budget); 0 restarts them
+        # bytes paused layer passes may hold (None: what the activation budget has left);
+        # 0 restarts them all
         self.pass_budget = pass_budget
 
     def run(self) -> None:
         PHASES.reset(self.device)
         s = self.settings
-        store = ActivationStore(self.device, resolve_dtype(s.activation_dtype, self.device),
-                                resolve_budget(s.activation_budget, self.device))
+        dtype = self.shell.dtype
+        cached = dtype if dtype == torch.float64 else resolve_dtype(s.activation_dtype, self.device)
+        store = ActivationStore(self.device, cached, resolve_budget(s.activation_budget, self.device),
+                                compute_dtype=dtype)
         try:
             with torch.no_grad():
                 self._walk(store)
@@ -91,13 +92,13 @@ class ChainWalk:
         experts = list(self.batches)
         streams = Streams(
             store, experts, self.batches,
-            merged_all=chain.stream == "merged" or self.exact_shift,
-            own_all=(chain.stream == "own" or objective.needs_expert_inputs or self.exact_shift),
+            merged_all=chain.stream == "merged" or self.settings.exact_shift,
+            own_all=(chain.stream == "own" or objective.needs_expert_inputs
+                     or self.settings.exact_shift),
             report_batches=1,
         )
-        budget = store.budget if self.pass_budget is None else self.pass_budget
         return WalkContext(self.shell, self.io, self.report, self.progress, streams, chain,
-                           objective, self.device, pass_budget=budget)
+                           objective, self.device, self.shell.dtype, pass_budget=self.pass_budget)
 
     def _walk(self, store: ActivationStore) -> None:
         ctx = self._context(store)

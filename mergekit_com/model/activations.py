@@ -3,7 +3,7 @@
 The chain keeps, per expert and calibration batch, the hidden states entering
 the next layer (merged prefix and/or the expert's own model). They are stored
 in ``activation_dtype`` (bfloat16 by default on GPU, float32 on CPU) and
-handed back in float32 for the next forward and Gram. While they fit the
+handed back in the compute dtype (float32) for the next forward and Gram. While they fit the
 budget they stay on the compute device; past it they go to CPU memory (when
 computing on GPU) and then to disk (safetensors files in a private temporary
 directory), transparently: the engine only sees lists of tensors.
@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 LOG = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
 BUDGET_SHARE = 0.5  # of the free memory at start, when no budget is given
 
 Key = Tuple[str, int, int]  # (kind, expert index, batch index)
@@ -54,8 +55,9 @@ class ActivationStore:
     """Tensors by key, on the device while within budget, then CPU, then disk."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, budget: int,
-                 host_budget: Optional[int] = None):
+                 host_budget: Optional[int] = None, compute_dtype: torch.dtype = torch.float32):
         self.device, self.dtype, self.budget = device, dtype, budget
+        self.compute_dtype = compute_dtype
         # the CPU tier only exists when computing on GPU; its budget is free RAM's share
         self.host_budget = 0 if device.type == "cpu" else (
             host_budget if host_budget is not None else resolve_budget(0, torch.device("cpu")))
@@ -67,6 +69,11 @@ class ActivationStore:
 
     def __len__(self) -> int:
         return len(self._tiers)
+
+    @property
+    def free_bytes(self) -> int:
+        """What is left of the device budget (other work on the device may use it)."""
+        return max(0, self.budget - self._bytes["device"])
 
     def _size(self, t: torch.Tensor) -> int:
         return t.numel() * self.dtype.itemsize
@@ -106,10 +113,10 @@ class ActivationStore:
         self._tiers[key] = tier
 
     def get(self, key: Key) -> torch.Tensor:
-        """The tensor on the compute device, in float32."""
+        """The tensor on the compute device, in the compute dtype."""
         tier = self._tiers[key]
         value = load_file(self._path(key))["h"] if tier == "disk" else self._data[key]
-        return value.to(device=self.device, dtype=torch.float32)
+        return value.to(device=self.device, dtype=self.compute_dtype)
 
     def close(self) -> None:
         self._tiers.clear()

@@ -19,7 +19,7 @@ A pass that is not run to its end must be ``close``d.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import greenlet
 import torch
@@ -54,15 +54,19 @@ class PausableLayer:
 
 
 class LayerPass:
-    """``layer`` run on one batch; ``input_of(key)`` for each stop in call order, then ``output()``."""
+    """``layer`` run on one batch; ``input_of(key)`` for each stop in call order, then ``output()``.
 
-    def __init__(self, layer: PausableLayer, hidden: torch.Tensor, call: LayerCall,
+    ``hidden`` gives the batch's hidden states entering the layer; it is called
+    each time the pass (re)starts, so a pass that is not kept holds nothing.
+    """
+
+    def __init__(self, layer: PausableLayer, hidden: Callable[[], torch.Tensor], call: LayerCall,
                  keep: bool = True):
         self.layer, self.hidden, self.call, self.keep = layer, hidden, call, keep
         self._run: Optional[_PassGreenlet] = None  # a kept pass, paused at its last stop
 
     def _start(self) -> _PassGreenlet:
-        module, hidden, call = self.layer.module, self.hidden, self.call
+        module, hidden, call = self.layer.module, self.hidden(), self.call
 
         def body() -> torch.Tensor:
             # no grad context here: one left paused would restore its grad mode whenever

@@ -100,13 +100,13 @@ class ModelShell:
     """The output architecture as a module tree: decoder layers on meta, the rest real."""
 
     def __init__(self, config, first_layer_weight: str, device: torch.device,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
-        self.device = device
+        self.device, self.dtype = device, dtype
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
-                config, dtype=torch.float32, trust_remote_code=trust_remote_code
+                config, dtype=dtype, trust_remote_code=trust_remote_code
             )
         model.eval()
         self.layers_name, self.layers = find_layer_list(model, first_layer_weight)
@@ -130,7 +130,7 @@ class ModelShell:
         """Load one merged non-layer tensor (its shape may differ: vocab changes)."""
         module_name, _, attr = name.rpartition(".")
         module = self.model.get_submodule(module_name)
-        value = tensor.detach().to(device=self.device, dtype=torch.float32)
+        value = tensor.detach().to(device=self.device, dtype=self.dtype)
         current = getattr(module, attr)
         if isinstance(current, nn.Parameter) and current.shape == value.shape:
             with torch.no_grad():

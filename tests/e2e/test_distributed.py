@@ -36,7 +36,8 @@ def _free_port() -> int:
 
 
 def test_two_gloo_ranks_equal_one_process_and_write_once(zoo2, tmp_path):
-    cfg = com_config(experts(zoo2), objective="match_expert", batch_size=4)
+    # several batches per expert, so that each rank gets a share: 2 x 24 tokens each
+    cfg = com_config(experts(zoo2), objective="match_expert", batch_size=2, max_seq_len=24)
     single = merge(cfg, str(tmp_path / "single"))
     (tmp_path / "com.yml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "child.py").write_text(CHILD)

@@ -3,6 +3,7 @@
 import hashlib
 import os
 
+import huggingface_hub
 import pytest
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
@@ -91,3 +92,25 @@ def test_other_methods_keep_mergekits_card():
         {"merge_method": "linear", "models": [{"model": "pico-org/a", "parameters": {"weight": 1.0}}]})
     text = generate_card(config, "", name="x")
     assert "chain-of-merges" not in text and "Chain of Merges" not in text
+
+
+def test_local_folders_named_like_hub_ids_need_no_hub(tmp_path, monkeypatch):
+    """mergekit's card asks the Hub about an existing `dir/model` folder; offline that raised
+    after the whole merge. Such a folder is local, as mergekit's loader treats it."""
+    import mergekit.card
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_com.integration.card import card_markdown
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("models/expert-a")
+    assert huggingface_hub.is_offline_mode()  # a Hub request would raise
+    cfg = com_config([{"model": "models/expert-a", "calibration": "a.jsonl"},
+                      {"model": "pico-org/expert-b", "calibration": "b.jsonl"}])
+    original = mergekit.card.is_hf
+    card = ModelCard(card_markdown(MergeConfiguration.model_validate(cfg), yaml.safe_dump(cfg),
+                                   name="x"))
+    assert mergekit.card.is_hf is original  # mergekit's own, outside our card
+    assert assert_valid_metadata(card)["base_model"] == ["pico-org/expert-b"]
+    assert "* models/expert-a\n" in card.text
+    assert "* [pico-org/expert-b](https://huggingface.co/pico-org/expert-b)" in card.text

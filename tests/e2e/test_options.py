@@ -178,11 +178,17 @@ def test_trust_remote_code(zoo2, tmp_path, reference):
     assert type(model).__name__ == "PicoLlamaForCausalLM"
 
 
-def test_quiet_silences_every_progress_bar(zoo2, tmp_path, capfd):
+def test_one_bar_per_phase_and_quiet_silences_them(zoo2, tmp_path, capfd):
     merge(com_config(experts(zoo2)), str(tmp_path / "loud"), quiet=False)
     loud = capfd.readouterr().err
-    for bar in ("Loading calibration", "Chain of Merges", "Writing tensors", "model.layers.1"):
+    for bar in ("Checking weights", "Loading calibration", "Chain of Merges", "model.layers.1"):
         assert bar in loud
+    bars = {line.split(":")[0].strip() for line in loud.replace("\r", "\n").splitlines()
+            if "%|" in line}
+    # mergekit's own bars, and one per phase of ours; no transformers loading bars
+    assert bars == {"Warmup loader cache", "Executing graph", "Checking weights",
+                    "Loading calibration", "Chain of Merges"}, bars
+    assert "deprecated" not in loud
     merge(com_config(experts(zoo2)), str(tmp_path / "quiet"), quiet=True)
     quiet = capfd.readouterr().err
     assert "%|" not in quiet and "Chain of Merges" not in quiet

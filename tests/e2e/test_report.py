@@ -24,7 +24,7 @@ def merged(zoo2, tmp_path_factory):
     return out
 
 
-def layer_inputs(model_dir, texts, index):
+def layer_inputs(model_dir, texts, index, max_seq_len=None):
     """Hidden states entering decoder layer ``index``, one unpadded sequence at a time."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -34,7 +34,7 @@ def layer_inputs(model_dir, texts, index):
         with_kwargs=True)
     with torch.no_grad():
         for t in texts:
-            model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+            model(input_ids=torch.tensor([tok(t)["input_ids"][:max_seq_len]]))
     hook.remove()
     return torch.cat(rows).double()
 
@@ -47,6 +47,8 @@ def test_layout_and_calibration_sources(zoo2, merged):
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     assert report["settings"]["chain"] == "module" and report["settings"]["ridge"] == 1e-6
+    # where it ran: the walk sets and reports its thread count (1 here, as the tests run)
+    assert report["runtime"] == {"device": "cpu", "cpu_threads": torch.get_num_threads(), "ranks": 1}
     tok = AutoTokenizer.from_pretrained(zoo2["expert0"])
     for i, entry in enumerate(report["experts"]):
         path = zoo2[f"expert{i}_data"]
@@ -73,14 +75,26 @@ def test_residual_matches_its_definition(zoo2, merged):
             assert 0 < got < 1
 
 
-def test_covariate_shift_matches_its_definition(zoo2, merged):
-    report = report_of(merged)
+@pytest.mark.parametrize("exact", [False, True])
+def test_covariate_shift_matches_its_definition(zoo2, tmp_path, exact):
+    """On each expert's first batch by default (here its 3 longest records of 12, at 16 tokens
+    each), on all of them with exact_shift."""
+    out = str(tmp_path / "out")
+    merge(com_config(experts(zoo2), ridge=1e-6, batch_size=3, max_seq_len=16,
+                     exact_shift=exact), out)
+    report = report_of(out)
+    tok = AutoTokenizer.from_pretrained(zoo2["expert0"])
     for i in range(2):
         texts = texts_of(zoo2[f"expert{i}_data"])
-        h_merged = layer_inputs(merged, texts, 1)
-        h_own = layer_inputs(zoo2[f"expert{i}"], texts, 1)
+        if not exact:  # batches take the longest records first: 3 x 16 tokens fill the first
+            texts = sorted(texts, key=lambda t: min(len(tok(t)["input_ids"]), 16), reverse=True)[:3]
+        h_merged = layer_inputs(out, texts, 1, max_seq_len=16)
+        h_own = layer_inputs(zoo2[f"expert{i}"], texts, 1, max_seq_len=16)
         expected = ((h_merged - h_own).norm() / h_own.norm()).item()
         assert report["layers"][1]["covariate_shift"][i] == pytest.approx(expected, rel=1e-4)
+        tokens = sum(min(len(tok(t)["input_ids"]), 16) for t in texts)
+        assert report["experts"][i]["covariate_shift_tokens"] == tokens
+    assert report["settings"]["exact_shift"] is exact
 
 
 @pytest.mark.parametrize("chain", ["module", "none"])

@@ -20,12 +20,12 @@ def test_a_long_line_is_cut_as_it_is_read_and_the_rest_still_parse(tmp_path):
             {"messages": [{"role": "user", "content": "a" * 30 * budget}] * 3},
             {"text": "short"}]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = [row for _, row in load_labeled(str(p), 10, max_seq_len=8)]
+    got = [row for _, row in load_labeled(str(p), 10, max_seq_len=8)[0]]
     assert got[0]["text"] == long[:len(got[0]["text"])] and 0 < len(got[0]["text"]) <= budget
     assert set(got[0]) == {"meta", "text", "id"}  # other fields: names only, for messages
     assert sum(len(m["content"]) for m in got[1]["messages"]) <= budget
     assert got[2] == {"text": "short"}
-    assert [row for _, row in load_labeled(str(p), 10)] == rows  # no max_seq_len: whole
+    assert [row for _, row in load_labeled(str(p), 10)[0]] == rows  # no max_seq_len: whole
 
 
 def test_a_large_json_array_is_streamed_with_the_same_records(tmp_path):
@@ -34,7 +34,7 @@ def test_a_large_json_array_is_streamed_with_the_same_records(tmp_path):
     p = tmp_path / "d.json"
     p.write_text(json.dumps(rows))
     assert p.stat().st_size > 8 * budget  # too large to read whole with this max_seq_len
-    got = [row for _, row in load_labeled(str(p), 2000, max_seq_len=4)]
+    got = [row for _, row in load_labeled(str(p), 2000, max_seq_len=4)[0]]
     assert got == rows
 
 
@@ -54,7 +54,7 @@ def test_a_malformed_long_line_names_its_line(tmp_path, text, problem):
 def test_a_long_txt_line_is_cut_too(tmp_path):
     p = tmp_path / "d.txt"
     p.write_text("z" * 10**6 + "\nsecond\n")
-    got = [row["text"] for _, row in load_labeled(str(p), 10, max_seq_len=8)]
+    got = [row["text"] for _, row in load_labeled(str(p), 10, max_seq_len=8)[0]]
     assert got == ["z" * record_budget(8), "second"]
 
 

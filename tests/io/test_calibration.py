@@ -55,6 +55,15 @@ def test_truncation_and_padding_mask(tmp_path, tok):
     assert torch.equal(ids[1, :3], torch.tensor(cal.sequences[1]))
 
 
+def test_batches_group_sequences_of_similar_length():
+    seqs = [[1] * n for n in (3, 9, 4, 8, 3, 9)]
+    batches = make_batches(seqs, batch_size=2, pad_id=0)
+    assert [tuple(ids.shape) for ids, _ in batches] == [(2, 9), (2, 8), (2, 3)]
+    assert sum(int(m.sum()) for _, m in batches) == sum(map(len, seqs))
+    padded = sum(m.numel() - int(m.sum()) for _, m in batches)
+    assert padded == 4  # the 4 beside the 8; in file order: 6 + 4 + 6 = 16
+
+
 def test_missing_field_names_the_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "ok"}\n\n{"prompt": "no text"}\n')
@@ -85,3 +94,11 @@ def test_malformed_files_give_one_clear_error(tmp_path, name, content, message):
     p.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(CalibrationError, match=message):
         load_records(str(p), 10)
+
+
+def test_short_records_share_a_batch_up_to_batch_size_full_length_sequences():
+    # batch_size 2 at max_seq_len 9: 18 positions a batch, whatever the records' length
+    full = make_batches([[1] * 9] * 5, batch_size=2, pad_id=0, max_tokens=18)
+    assert [tuple(ids.shape) for ids, _ in full] == [(2, 9), (2, 9), (1, 9)]
+    short = make_batches([[1] * 3] * 10, batch_size=2, pad_id=0, max_tokens=18)
+    assert [tuple(ids.shape) for ids, _ in short] == [(6, 3), (4, 3)]

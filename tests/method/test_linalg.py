@@ -69,3 +69,16 @@ def test_shared_input_factorisation_is_reused():
     s1 = stats.solver(["a"], [1.0], 0.9, 1e-5, "q")
     assert stats.solver(["a"], [1.0], 0.9, 1e-5, "k") is s1
     assert stats.solver(["a"], [1.0], 0.5, 1e-5, "k") is not s1
+
+
+def test_blocked_upper_gram_completes_to_the_full_product():
+    torch.manual_seed(0)
+    for width in (64, 300, 512, 1100):
+        x = torch.randn(40, width, dtype=torch.float64)
+        moments = linalg.Moments()
+        moments.add(x[:25])
+        moments.add(x[25:])
+        torch.testing.assert_close(moments.mean_gram(), x.T @ x / 40)
+        if linalg.gram_blocks(width) > 1:  # the lower blocks were never computed
+            upper = linalg.upper_gram(x)
+            assert upper[-1, 0] == 0 and upper[0, -1] != 0

@@ -44,3 +44,4 @@ def test_walk_settings_take_the_enums():
     values = {name: p.default for name, p in PARAMETERS.items()}
     settings = WalkSettings.from_values({**values, "chain": "none", "objective": "match_expert"})
     assert settings.chain is Chain.NONE and settings.objective is Objective.MATCH_EXPERT
+

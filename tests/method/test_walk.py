@@ -78,7 +78,7 @@ def llama(tmp_path_factory):
         experts[f"e{i}"] = load_file(os.path.join(folder, "model.safetensors"))
         tok = AutoTokenizer.from_pretrained(folder)
         cal = load_calibration(paths[f"expert{i}_data"], tok, num_samples=12, max_seq_len=64)
-        batches[f"e{i}"] = make_batches(cal.sequences, 4, pad_id=tok.pad_token_id)
+        batches[f"e{i}"] = make_batches(cal.sequences, 4, pad_id=tok.pad_token_id, max_tokens=4 * 64)
     return AutoConfig.from_pretrained(paths["llama/expert0"]), experts, batches
 
 

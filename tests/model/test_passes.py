@@ -60,7 +60,7 @@ def test_a_pass_gives_each_group_input_and_the_output_of_a_plain_forward(layer0,
     module = shell.instantiate(0, params)
     want_inputs, want_out = captured(module, hidden, call)
     layer = PausableLayer(module, {g[0]: g[0] for g in GROUPS})
-    run = LayerPass(layer, hidden, call, keep=keep)
+    run = LayerPass(layer, lambda: hidden, call, keep=keep)
     for g in GROUPS:
         assert torch.equal(run.input_of(g[0]), want_inputs[g[0]])
     assert torch.equal(run.output(), want_out)
@@ -73,7 +73,7 @@ def test_weights_installed_while_paused_are_used_when_resumed(layer0, keep):
     shell, params, hidden, call = layer0
     module = shell.instantiate(0, dict(params))
     layer = PausableLayer(module, {g[0]: g[0] for g in GROUPS})
-    run = LayerPass(layer, hidden, call, keep=keep)
+    run = LayerPass(layer, lambda: hidden, call, keep=keep)
     run.input_of("self_attn.o_proj")
     new = {k: torch.randn_like(params[f"{k}.weight"]) for k in ("self_attn.o_proj", "mlp.down_proj")}
     for k, w in new.items():
@@ -90,7 +90,7 @@ def test_a_stop_the_forward_never_reaches_is_an_error(layer0):
     module = shell.instantiate(0, params)
     layer = PausableLayer(module, {"mlp.down_proj": "mlp.down_proj"})
     with pytest.raises(RuntimeError, match="never reached self_attn.q_proj"):
-        LayerPass(layer, hidden, call).input_of("self_attn.q_proj")
+        LayerPass(layer, lambda: hidden, call).input_of("self_attn.q_proj")
     layer.close()
 
 
@@ -99,7 +99,7 @@ def test_many_passes_paused_at_once_do_not_disturb_each_other(layer0):
     module = shell.instantiate(0, params)
     layer = PausableLayer(module, {g[0]: g[0] for g in GROUPS})
     inputs = [hidden * s for s in (1.0, 0.5, 2.0)]
-    runs = [LayerPass(layer, h, call) for h in inputs]
+    runs = [LayerPass(layer, lambda h=h: h, call) for h in inputs]
     for g in GROUPS:  # the walk's order: every batch to group g, then the next group
         for run in runs:
             run.input_of(g[0])
@@ -117,7 +117,7 @@ def test_a_pass_left_paused_is_collected_and_never_changes_the_grad_mode(layer0)
     module = shell.instantiate(0, params)
     layer = PausableLayer(module, {g[0]: g[0] for g in GROUPS})
     assert torch.is_grad_enabled()
-    closed, dropped = LayerPass(layer, hidden, call), LayerPass(layer, hidden, call)
+    closed, dropped = LayerPass(layer, lambda: hidden, call), LayerPass(layer, lambda: hidden, call)
     with torch.no_grad():  # as the walk runs them
         closed.input_of("self_attn.o_proj")
         dropped.input_of("self_attn.o_proj")

@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.support import pico
+from tests.support.hub_datasets import qa_rows, write_repository
 from tests.support.merging import com_config
 from tests.support.paths import DOCS
 
@@ -36,6 +37,7 @@ class Case:
     calibration: Optional[str] = "e1.jsonl"
     first_calibration: Optional[str] = "e0.jsonl"  # of ./expert0; None: no ./expert0
     params: Dict = field(default_factory=dict)
+    model_params: Dict = field(default_factory=dict)  # more of the second model's parameters
     weight: Optional[float] = None
     first_weight: Optional[float] = None
     out: Optional[str] = None
@@ -79,18 +81,27 @@ CASES = {c.id: c for c in [
     Case("17", expert="expert_evil"),
     Case("m1", expert="missing_model"),
     Case("m2", expert="expert_noweights"),
+    Case("d1", calibration="qa_repo",
+         model_params={"calibration_split": "validation", "calibration_column": "question"}),
+    Case("d2", calibration="qa_repo",
+         model_params={"calibration_config": "fr", "calibration_column": "question"}),
+    Case("d3", calibration="qa_repo", model_params={"calibration_column": "answr"}),
+    Case("d4", calibration="qa_repo", model_params={"calibration_template": "{question} {answr}"}),
+    Case("d5", calibration="qa_repo",
+         model_params={"calibration_column": "question", "calibration_template": "{answer}"}),
+    Case("d6", calibration="pico-org/absent"),
     Case("o1", out="expert1"),
     Case("o2", out="expert1/merged"),
     Case("o3", out="."),
     Case("o4", expert="expert_link", out="out-o4", out_holds=("model.safetensors",)),
     Case("i1", calibration="fifo.jsonl"),
     Case("i2", expert="expert_fifo"),
-    Case("d1", expert="expert0", calibration="e0.jsonl"),
-    Case("d2", weight=0.0, first_weight=0.0),
-    Case("d3", weight=1e308),
-    Case("d4", method="chain_of_merge"),
-    Case("d5", args=("--device", "meta")),
-    Case("d6", params={"max_seq_len": 1024}),
+    Case("v1", expert="expert0", calibration="e0.jsonl"),
+    Case("v2", weight=0.0, first_weight=0.0),
+    Case("v3", weight=1e308),
+    Case("v4", method="chain_of_merge"),
+    Case("v5", args=("--device", "meta")),
+    Case("v6", params={"max_seq_len": 1024}),
     Case("w1"),
     Case("w2", out="ro/merged", mount="ro"),
     Case("w3", out="full/merged", mount="full"),
@@ -134,7 +145,8 @@ class World:
 
     # ------------------------------------------------------------ inputs
     def ensure(self, name: Optional[str]) -> None:
-        if name is None or name.startswith("missing") or os.path.lexists(self.path(name)):
+        if (name is None or name.startswith(("missing", "pico-org/"))
+                or os.path.lexists(self.path(name))):
             return
         getattr(self, "_make_" + re.sub(r"\W", "_", name))(self.path(name))
 
@@ -151,6 +163,9 @@ class World:
 
     def _make_tiny_jsonl(self, p):
         pico.write_jsonl(p, ["ab"])
+
+    def _make_qa_repo(self, p):
+        write_repository(p, {"train": qa_rows(12), "test": qa_rows(3, "t")})
 
     def _make_notds(self, p):
         os.makedirs(p)
@@ -235,6 +250,7 @@ class World:
                 second["calibration"] = case.calibration
             if case.weight is not None:
                 second["weight"] = case.weight
+            second.update(case.model_params)
             first = {"model": "./expert0", "calibration": case.first_calibration}
             if case.first_weight is not None:
                 first["weight"] = case.first_weight

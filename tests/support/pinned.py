@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Dict
+import tempfile
+from typing import Dict, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -108,10 +109,30 @@ def config_for(case: str, paths: Dict[str, str]) -> dict:
     return cfg
 
 
-def run_case(case: str, paths: Dict[str, str], out: str) -> Dict[str, torch.Tensor]:
+def run_case(case: str, paths: Dict[str, str], out: str, dtype: str = "float32"
+             ) -> Dict[str, torch.Tensor]:
+    """The case's merge; ``dtype="float64"`` computes it all in float64 (the reference)."""
     from tests.support.merging import merge
 
-    return merge(config_for(case, paths), out)
+    return merge({**config_for(case, paths), "dtype": dtype}, out)
+
+
+def relative_error(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> float:
+    """The largest per-tensor relative error ``||got - want|| / ||want||``."""
+    return max(((got[k].double() - want[k].double()).norm() / want[k].double().norm()).item()
+               for k in want)
+
+
+def float64_errors(root: str) -> Dict[str, Tuple[float, float]]:
+    """Per case: (recorded outputs, current outputs) against the float64 reference."""
+    paths = materialize(os.path.join(root, "in"))
+    rec = recorded()
+    out = {}
+    for case in CASES:
+        reference = run_case(case, paths, os.path.join(root, case + "-f64"), "float64")
+        current = run_case(case, paths, os.path.join(root, case))
+        out[case] = (relative_error(rec[case], reference), relative_error(current, reference))
+    return out
 
 
 def recorded() -> Dict[str, Dict[str, torch.Tensor]]:
@@ -124,15 +145,21 @@ def recorded() -> Dict[str, Dict[str, torch.Tensor]]:
 
 
 def main() -> None:
-    import tempfile
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--record", action="store_true", help="rewrite the recorded outputs")
     ap.add_argument("--inputs", action="store_true", help="rewrite the input fixtures too")
+    ap.add_argument("--float64-errors", action="store_true",
+                    help="print each case's error against a float64 merge, recorded and current")
     args = ap.parse_args()
-    if not args.record:
-        ap.error("nothing to do: pass --record")
     torch.set_num_threads(1)
+    if args.float64_errors:
+        with tempfile.TemporaryDirectory() as tmp:
+            print("| case | recorded vs float64 | current vs float64 |\n|---|---|---|")
+            for case, (before, now) in float64_errors(tmp).items():
+                print(f"| {case} | {before:.2e} | {now:.2e} |")
+        return
+    if not args.record:
+        ap.error("nothing to do: pass --record or --float64-errors")
     os.makedirs(DATA, exist_ok=True)
     if args.inputs:
         _build_inputs()

@@ -1,0 +1,234 @@
+"""CoM against its compute floor: ``python -m mergekit_com.bench cost``.
+
+For each model family, in one run and at each thread count:
+
+* **floor** = ``forward`` (a plain transformers forward of one expert's decoder
+  over every calibration token of every expert; no ``lm_head``, since CoM never
+  computes logits) + ``gram`` (``X^T X`` in float32, one product per batch, for
+  the input of every group of linears of every layer and of the head, over
+  every expert's tokens) + ``io`` (mergekit's ``linear`` on the same models
+  through ``mergekit-yaml``: reading and writing every tensor);
+* **CoM** (``chain: module``, default objective) and CoM with
+  ``objective: match_expert``, through ``mergekit-yaml``, with their phases.
+
+Every merge runs in its own child process (``measure.run_yaml``); the floor's
+forward and Grams run in this process on the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+from .measure import run_yaml
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    experts: int = 0
+    samples: int = 128  # per expert
+    seq_len: int = 512  # tokens kept per sample
+    batch_size: int = 8
+    zoo: str = ""  # a built zoo preset: its experts and calibration files, default parameters
+
+
+FAMILIES = {
+    # the issue's reference: 4 pico-Llama experts, 8 layers, hidden 512, MLP 1536, 24k tokens
+    "pico": Family("pico", experts=4, samples=24, seq_len=256),
+    # SmolLM2-135M-Instruct (30 layers, hidden 576, MLP 1536), 4 experts, 32k tokens
+    "smollm2": Family("smollm2", experts=4, samples=32, seq_len=256),
+}
+PICO_SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=8)
+
+
+def _base(family: Family):
+    if family.name == "smollm2":
+        from ..zoo.smollm2 import load_smollm2
+
+        return load_smollm2()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..zoo.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=family.seq_len + 8,
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **PICO_SHAPE)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config), tok
+
+
+def family(name: str) -> Family:
+    """``pico``, ``smollm2``, or ``zoo:<preset>`` (a zoo built under --zoo-cache)."""
+    if name.startswith("zoo:"):
+        return Family(name, zoo=name[4:])
+    return FAMILIES[name]
+
+
+def zoo_paths(cache: Path, preset: str) -> Dict[str, object]:
+    """A built zoo's experts and calibration files."""
+    from ..zoo.build import ZooManifest
+
+    root = Path(cache) / preset
+    if not (root / "zoo.json").exists():
+        raise FileNotFoundError(f"no {preset} zoo in {cache}: build it with "
+                                f"python -m mergekit_com.zoo --preset {preset}")
+    zoo = ZooManifest.load(root)
+    return {"experts": [str(p) for p in zoo.experts.values()],
+            "calibration": [str(zoo.data_file(t, "calib")) for t in zoo.tasks]}
+
+
+def build(root: Path, family: Family) -> Dict[str, object]:
+    """Base, experts (seeded fine-tune-sized perturbations) and calibration files, cached."""
+    from ..zoo.tasks import ALPHABET
+
+    done = root / "models.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    model, tok = _base(family)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    paths: Dict[str, object] = {"experts": [], "calibration": []}
+    for i in range(family.experts):
+        g = torch.Generator().manual_seed(1 + i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(state[name] + 0.05 * state[name].std() * torch.randn(p.shape, generator=g))
+        path = root / f"expert{i}"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        rng = random.Random(i)
+        # long enough that every record is cut at max_seq_len: exactly samples x seq_len tokens
+        lines = ["".join(rng.choice(ALPHABET) for _ in range(4 * family.seq_len))
+                 for _ in range(family.samples)]
+        calib = root / f"expert{i}.jsonl"
+        calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+        paths["experts"].append(str(path))
+        paths["calibration"].append(str(calib))
+    done.write_text(json.dumps(paths))
+    return paths
+
+
+def configs(paths: Dict[str, object], family: Family) -> Dict[str, dict]:
+    def ours(**extra) -> dict:
+        return {
+            "merge_method": "chain_of_merges", "dtype": "float32",
+            "models": [{"model": m, "parameters": {"calibration": c}}
+                       for m, c in zip(paths["experts"], paths["calibration"])],
+            "parameters": {"num_samples": family.samples, "max_seq_len": family.seq_len,
+                           "batch_size": family.batch_size, **extra},
+        }
+
+    linear = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": m, "parameters": {"weight": 1.0}} for m in paths["experts"]]}
+    return {"linear": linear, "com": ours(), "match_expert": ours(objective="match_expert")}
+
+
+def _batches(paths: Dict[str, object], family: Family) -> List[Dict[str, torch.Tensor]]:
+    from transformers import AutoTokenizer
+
+    from ..io.calibration import load_calibration, make_batches
+
+    out = []
+    for model, calib in zip(paths["experts"], paths["calibration"]):
+        tok = AutoTokenizer.from_pretrained(model)
+        cal = load_calibration(calib, tok, family.samples, family.seq_len)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out += [{"input_ids": ids, "attention_mask": mask}
+                for ids, mask in make_batches(cal.sequences, family.batch_size, pad,
+                                              max_tokens=family.batch_size * family.seq_len)]
+    return out
+
+
+def _group_widths(model) -> List[int]:
+    """The input width of every group of linears sharing an input (q/k/v, o, gate/up,
+    down: both families are Llamas), and of the head."""
+    widths = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        widths += [attn.q_proj.in_features, attn.o_proj.in_features,
+                   mlp.gate_proj.in_features, mlp.down_proj.in_features]
+    return widths + [model.config.hidden_size]
+
+
+def floor(paths: Dict[str, object], family: Family) -> Dict[str, float]:
+    """Seconds of the floor's forward and Gram products, in this process."""
+    from transformers import AutoModelForCausalLM
+
+    batches = _batches(paths, family)
+    model = AutoModelForCausalLM.from_pretrained(paths["experts"][0], dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.model(**batches[0], use_cache=False)  # warm-up
+        start = time.perf_counter()
+        for batch in batches:
+            model.model(**batch, use_cache=False)
+        forward = time.perf_counter() - start
+        gram = 0.0
+        for width in _group_widths(model):
+            for batch in batches:
+                x = torch.randn(int(batch["attention_mask"].sum()), width)
+                start = time.perf_counter()
+                x.T @ x
+                gram += time.perf_counter() - start
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"forward": forward, "gram": gram, "tokens": tokens}
+
+
+def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
+        threads: Sequence[int] = (1, 2), zoo_cache: Path = Path("zoo_cache")) -> dict:
+    out = Path(out)
+    rows = []
+    start = time.perf_counter()
+    for name in families:
+        spec = family(name)
+        paths = zoo_paths(zoo_cache, spec.zoo) if spec.zoo else build(out / "models" / name, spec)
+        cfgs = configs(paths, spec)
+        for t in threads:
+            torch.set_num_threads(t)
+            args = ["--quiet", "--num-threads", str(t)]
+            row: Dict[str, object] = {"family": name, "threads": t, **floor(paths, spec)}
+            for label, cfg in cfgs.items():
+                dest = out / "merges" / f"{name.replace(':', '_')}_{label}_t{t}"
+                m = run_yaml(cfg, dest, args)
+                row[label] = m.to_json()
+                shutil.rmtree(dest, ignore_errors=True)
+                LOG.info("%s, %d thread(s): %s %.1f s", name, t, label, m.merge_s)
+            row["floor"] = row["forward"] + row["gram"] + row["linear"]["merge_s"]
+            rows.append(row)
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+def table(result: dict) -> str:
+    from ..method.timing import ORDER
+
+    lines = ["| model | threads | tokens | floor: forward s | gram s | io (linear) s | floor s "
+             "| CoM s | CoM / floor | CoM phases: " + ", ".join(ORDER) + " | match_expert s "
+             "| match_expert / CoM |", "|---" * 12 + "|"]
+    for r in result["rows"]:
+        com, match = r["com"], r["match_expert"]
+        phases = ", ".join(f"{com['phases'][p]:.1f}" for p in ORDER)
+        lines.append(
+            f"| {r['family']} | {r['threads']} | {r['tokens']} | {r['forward']:.1f} | {r['gram']:.1f} "
+            f"| {r['linear']['merge_s']:.1f} | {r['floor']:.1f} | {com['merge_s']:.1f} "
+            f"| {com['merge_s'] / r['floor']:.2f} | {phases} | {match['merge_s']:.1f} "
+            f"| {match['merge_s'] / com['merge_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def speedups(result: dict) -> Dict[str, float]:
+    """CoM's time at 1 thread over its time at 2, per family."""
+    by = {(r["family"], r["threads"]): r for r in result["rows"]}
+    return {f: by[(f, 1)]["com"]["merge_s"] / by[(f, 2)]["com"]["merge_s"]
+            for f, t in by if t == 1 and (f, 2) in by}
