@@ -62,6 +62,15 @@ class _Stream:
             if self.pos < len(self.buf):
                 return
 
+    def empty(self, closer: str) -> bool:
+        """At an opening bracket: consume it; True (closer consumed too) if nothing is inside."""
+        self.pos += 1
+        self.skip_ws()
+        if self.peek() == closer:
+            self.pos += 1
+            return True
+        return False
+
     def another(self, closer: str) -> bool:
         """After an array or object item: True on ',', False on ``closer`` (both consumed)."""
         self.skip_ws()
@@ -155,10 +164,7 @@ class _Parser:
 
     def array(self, keep: bool, depth: int) -> list:
         s, out = self.s, []
-        s.pos += 1
-        s.skip_ws()
-        if s.peek() == "]":
-            s.pos += 1
+        if s.empty("]"):
             return out
         while True:
             keep_item = keep and self.left > 0
@@ -171,10 +177,7 @@ class _Parser:
 
     def obj(self, keep: bool, depth: int) -> dict:
         s, out = self.s, {}
-        s.pos += 1
-        s.skip_ws()
-        if s.peek() == "}":
-            s.pos += 1
+        if s.empty("}"):
             return out
         while True:
             s.skip_ws()
@@ -224,11 +227,7 @@ def iter_records(read_bytes: Callable[[], bytes], budget: int) -> Iterator[Any]:
             yield _Parser(stream, budget).value(keep=True)
             stream.skip_ws()
         return
-    stream.pos += 1
-    stream.skip_ws()
-    if stream.peek() == "]":
-        stream.pos += 1
-    else:
+    if not stream.empty("]"):
         while True:
             yield _Parser(stream, budget).value(keep=True)
             if not stream.another("]"):
