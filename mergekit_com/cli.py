@@ -101,7 +101,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:  # Ctrl-C; the work directory was reported in the log
+    except click.exceptions.Abort as e:  # Ctrl-C or SIGTERM; the work directory was logged
+        from mergekit_com.errors import Terminated
+
+        if isinstance(e.__cause__, Terminated):
+            fail("terminated (SIGTERM); run the same command again to continue", 143)
         fail("interrupted", 130)
     except (yaml.YAMLError, pydantic.ValidationError) as e:
         if verbose:

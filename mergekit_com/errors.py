@@ -36,3 +36,12 @@ class ChainConfigError(MergeInputError):
 
 class CalibrationError(MergeInputError):
     """A calibration source that cannot be used; the message says what to fix."""
+
+
+class OutputError(MergeInputError):
+    """Where the output goes cannot take it: a full disk, a read-only directory, a busy out_path."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Slurm, Kubernetes), handled like Ctrl-C: the merge stops
+    cleanly and the next run continues it."""

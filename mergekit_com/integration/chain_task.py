@@ -29,7 +29,7 @@ from mergekit_com.integration.models import model_tokenizer
 from mergekit_com.io.calibration import load_calibration, make_batches
 from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.report import MergeReport, summarize
-from mergekit_com.io.workdir import LayerCheckpoints
+from mergekit_com.io.checkpoints import LayerCheckpoints
 from mergekit_com.method import distributed
 from mergekit_com.method.fallback import fallback_merge
 from mergekit_com.method.parameters import (
@@ -64,6 +64,7 @@ class ChainOfMergesTask(Task[None]):
     chat_template: Optional[str] = None
     options: MergeOptions
     checkpoint_dir: Optional[str] = None  # where completed layers are saved (None: no resume)
+    max_seq_len: Optional[int] = None  # as fitted to the model's positions (None: as configured)
     compute_dtype: str = "float32"  # "float64" when the config reads the models in float64
 
     def arguments(self) -> Dict[str, Task]:
@@ -196,7 +197,8 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
                  batch_size: int) -> Dict[ModelReference, List]:
     """Every expert's calibration data, tokenized and batched (this rank's share)."""
     first = _first_parameters(task)
-    num_samples, max_seq_len = first.parameters["num_samples"], first.parameters["max_seq_len"]
+    num_samples = first.parameters["num_samples"]
+    max_seq_len = task.max_seq_len or first.parameters["max_seq_len"]
     template = mergekit_internals.resolve_chat_template(task.chat_template, task.referenced,
                                              task.options.trust_remote_code)
     out = {}
@@ -253,7 +255,8 @@ def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
             shell, Layout(task.layout_pre, task.layout_layers, task.layout_post),
             MergekitTensors(task, writer, tokenizer_info, device), report, settings,
             batches, tied=bool(getattr(config, "tie_word_embeddings", False)), device=device,
-            checkpoints=WriterCheckpoints(task.checkpoint_dir) if task.checkpoint_dir else None,
+            checkpoints=(WriterCheckpoints(task.checkpoint_dir, discard=distributed.is_writer())
+                         if task.checkpoint_dir else None),
             progress=BarProgress(walk_bar),
         ).run()
     finally:

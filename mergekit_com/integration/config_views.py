@@ -22,6 +22,17 @@ def listed_models(config) -> List[ModelReference]:
     return list(dict.fromkeys(out))
 
 
+def model_lists(config) -> Iterable[Tuple[str, List[ModelReference]]]:
+    """Each list of models a user wrote, with where it is (a model may appear once in each)."""
+    yield "models:", [m.model for m in config.models or []]
+    for si, s in enumerate(config.slices or []):
+        yield f"slices[{si}].sources", [src.model for src in s.sources]
+    for name, mod in (config.modules or {}).items():
+        yield f"modules.{name}.models", [m.model for m in mod.models or []]
+        for si, s in enumerate(mod.slices or []):
+            yield f"modules.{name}.slices[{si}].sources", [src.model for src in s.sources]
+
+
 def ordered_models(config) -> List[ModelReference]:
     """Base first, then the experts in the order the config lists them."""
     out = [config.base_model] if config.base_model else []

@@ -7,7 +7,8 @@ mergekit 0.1.5 has no plugin discovery and no hook around planning or
     plans become one chain task (``planner.py``); other methods untouched;
   * ``route_run_merge`` wraps ``mergekit.merge.run_merge`` (and the reference
     ``mergekit.scripts.run_yaml`` took at import): chain_of_merges configs
-    get checks, staged output and resume (``staged_merge.py``);
+    get checks, staged output and resume (``staged_merge.py``); an unknown
+    method name gets a did-you-mean instead of mergekit's traceback;
 Each wrapper is idempotent, marks itself with ``_mergekit_com``, and imports
 what it routes to only when called (this module is imported by the start-up
 hook while mergekit is still importing). The one private mergekit name used
@@ -63,6 +64,9 @@ def route_run_merge() -> None:
     @functools.wraps(original)
     def run_merge(merge_config, out_path, options, config_source=None):
         if merge_config.merge_method != METHOD_NAME:
+            from mergekit_com.integration.validation import check_merge_method
+
+            check_merge_method(merge_config.merge_method)  # a typo: one line, not a traceback
             return original(merge_config, out_path, options, config_source=config_source)
         from mergekit_com.integration.staged_merge import run_chain_merge
 

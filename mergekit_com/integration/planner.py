@@ -28,6 +28,8 @@ from mergekit_com.integration.validation import (
     check_parameter_names,
     check_planned_values,
     check_same_experts,
+    fit_max_seq_len,
+    sets_parameter,
 )
 from mergekit_com.method.parameters import METHOD_NAME
 from mergekit_com.model.stepping import find_layer_list
@@ -60,11 +62,13 @@ def plan_chain(planner: MergePlanner, out_path: str,
     check_same_experts(save_tasks, experts, listed, base)
     check_planned_values(save_tasks, experts, base)
     first = save_tasks[0].tensor_task
+    max_seq_len = fit_max_seq_len(first.parameters["max_seq_len"], out_cfg,
+                                  explicit=sets_parameter(config, "max_seq_len"))
     preflight.check_calibration(
         experts,
         {m: first.input_parameters.get(m, {}) for m in experts},
         first.parameters["num_samples"],
-        first.parameters["max_seq_len"],
+        max_seq_len,
         options,
         shared_tokenizer=tokenizer is not None,
     )
@@ -90,6 +94,7 @@ def plan_chain(planner: MergePlanner, out_path: str,
         chat_template=config.chat_template,
         options=options,
         checkpoint_dir=work.checkpoints.path if work is not None else None,
+        max_seq_len=max_seq_len,
         compute_dtype="float64" if config.dtype == "float64" else "float32",
     )
     return [chain] + ([tokenizer] if tokenizer is not None else [])

@@ -20,7 +20,11 @@ import tqdm
 from mergekit.common import ModelReference
 
 from mergekit_com.errors import ChainConfigError
-from mergekit_com.integration.config_views import ordered_models, tokenizer_source
+from mergekit_com.integration.config_views import (
+    calibration_sources,
+    ordered_models,
+    tokenizer_source,
+)
 from mergekit_com.integration.models import (
     first_line,
     load_config,
@@ -30,6 +34,7 @@ from mergekit_com.integration.models import (
 )
 from mergekit_com.io.calibration import load_calibration
 from mergekit_com.io.datasets_source import RecordSpec
+from mergekit_com.io.inputs import not_regular, tree_entries, within
 
 Shapes = Dict[str, Tuple[int, ...]]
 
@@ -100,6 +105,8 @@ def check_models(config, options) -> Dict[ModelReference, str]:
     """
     models = ordered_models(config)
     paths = {m: local_dir(m, options) for m in models}
+    for m in models:
+        check_regular_files(m, paths[m])
     configs = {m: load_config(m, paths[m], options) for m in models}
     first = models[0]
 
@@ -151,6 +158,61 @@ def check_models(config, options) -> Dict[ModelReference, str]:
                 f"{config.merge_method} merges models of one size fine-tuned from one base"
             )
     return paths
+
+
+def check_regular_files(model: ModelReference, path: str) -> None:
+    """Every file of a model folder is a regular file: nothing read from it can block."""
+    for name in sorted(os.listdir(path)):
+        kind = not_regular(os.path.join(path, name))
+        if kind is not None:
+            raise ChainConfigError(
+                f"model {model}: {name} is {kind}, not a regular file; a model folder may "
+                "hold only files and folders"
+            )
+
+
+def _inputs(config, model_dirs: Dict[ModelReference, str]) -> List[Tuple[str, str]]:
+    """(what, real path) of every local input: model folders (as written and as read),
+    LoRA folders, calibration files."""
+    found = []
+    for m, local in model_dirs.items():
+        for path in (local, m.model.path, m.lora.path if m.lora else None):
+            if path and os.path.exists(os.path.expanduser(path)):
+                found.append((f"model {m}", os.path.realpath(os.path.expanduser(path))))
+    for source in calibration_sources(config):
+        if os.path.exists(os.path.expanduser(source)):
+            found.append((f"calibration file {source}",
+                          os.path.realpath(os.path.expanduser(source))))
+    return found
+
+
+def check_out_path(shown: str, ours: List[str], config,
+                   model_dirs: Dict[ModelReference, str]) -> None:
+    """out_path (and the work directory next to it) is no input, inside none, contains none;
+    and no input file is a symlink into them."""
+    target = ours[0]
+    for what, path in _inputs(config, model_dirs):
+        if path == target:
+            relation = "is"
+        elif within(target, path):
+            relation = "is inside"
+        elif within(path, target):
+            relation = "contains"
+        else:
+            continue
+        raise ChainConfigError(
+            f"out_path {shown} {relation} {what}: the merge would write over its own input; "
+            "choose another out_path"
+        )
+    for what, path in _inputs(config, model_dirs):
+        entries = tree_entries(path) if os.path.isdir(path) else ()
+        for name, full in entries:
+            real = os.path.realpath(full)
+            if any(within(real, mine) for mine in ours):
+                raise ChainConfigError(
+                    f"{what}: {name} is a symlink into out_path {shown}; an input may not "
+                    "be read from the output being written"
+                )
 
 
 def check_calibration(experts, parameters, num_samples: int, max_seq_len: int, options,

@@ -21,14 +21,17 @@ from typing import Any, Dict, Optional
 from mergekit_com.errors import ChainConfigError
 from mergekit_com.integration import card, preflight
 from mergekit_com.integration.config_views import calibration_sources
-from mergekit_com.integration.validation import check_options, check_parameter_names
-from mergekit_com.io.datasets_source import source_stamp
-from mergekit_com.io.workdir import (
-    FORMAT,
-    WorkDir,
-    model_stamp,
-    sha256_json,
+from mergekit_com.integration.output_errors import output_errors, stop_signals
+from mergekit_com.integration.validation import (
+    check_listed_once,
+    check_options,
+    check_parameter_names,
 )
+from mergekit_com.io.calibration import CalibrationError, check_source
+from mergekit_com.io.datasets_source import is_dataset, source_stamp
+from mergekit_com.io.fingerprint import model_fingerprint, sha256_json
+from mergekit_com.io.publish import PublishBlocked
+from mergekit_com.io.workdir import FORMAT, WorkDir
 from mergekit_com.method import distributed
 from mergekit_com.version import __version__
 
@@ -44,6 +47,17 @@ ACTIVE: contextvars.ContextVar[Optional[WorkDir]] = contextvars.ContextVar(
 )
 
 
+def _validated_stamp(source: str) -> Optional[str]:
+    """A local calibration file is checked before it is read (hashed); the planner
+    reports a bad one. Hub datasets and their downloaded folders: ``source_stamp``."""
+    if not is_dataset(source):
+        try:
+            check_source(source)
+        except CalibrationError:
+            return None
+    return source_stamp(source)
+
+
 def fingerprint(config, options, model_dirs: Dict[Any, str]) -> Dict[str, Any]:
     """Everything the result depends on: a resume with anything changed is refused."""
     relevant = {k: getattr(options, k) for k in (
@@ -53,18 +67,28 @@ def fingerprint(config, options, model_dirs: Dict[Any, str]) -> Dict[str, Any]:
         "package": __version__,
         "config": sha256_json(config.model_dump(mode="json")),
         "options": sha256_json(relevant),
-        "models": {str(m): model_stamp(p) for m, p in model_dirs.items()},
-        "calibration": {c: source_stamp(c) for c in calibration_sources(config)},
+        "models": {str(m): model_fingerprint(p) for m, p in model_dirs.items()},
+        "calibration": {c: _validated_stamp(c) for c in calibration_sources(config)},
     }
 
 
-def _warn_if_not_empty(out_path: str) -> None:
-    if os.path.isdir(out_path) and os.listdir(out_path):
-        LOG.warning(
-            "out_path %s already exists and is not empty: as with mergekit-yaml, the merged "
-            "model's files will replace those with the same names and the others stay; "
-            "nothing there changes until the merge is complete", out_path,
+def _check_out_path_contents(work: WorkDir) -> None:
+    """Someone else's files in out_path stay as they are, or the merge does not start."""
+    blocking = work.blocking_files()
+    if blocking:
+        raise ChainConfigError(
+            f"out_path {work.shown} holds files that mergekit-com did not write (or that "
+            f"changed since it did), which the merged model would replace or load with: "
+            f"{_names(blocking)}; move them away or choose another out_path"
         )
+    others = work.other_files()
+    if others:
+        LOG.warning("out_path %s also holds %s; the merge leaves them as they are",
+                    work.shown, _names(others))
+
+
+def _names(names) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 class _HideMergekitDeprecation(logging.Filter):
@@ -80,42 +104,45 @@ def run_chain_merge(run_merge, merge_config, out_path: str, options, config_sour
     hide = _HideMergekitDeprecation()
     noise.addFilter(hide)
     try:
-        _run_chain_merge(run_merge, merge_config, out_path, options, config_source)
+        with stop_signals():
+            _run_chain_merge(run_merge, merge_config, out_path, options, config_source)
     finally:
         noise.removeFilter(hide)
 
 
 def _run_chain_merge(run_merge, merge_config, out_path: str, options, config_source) -> None:
-    if os.path.exists(out_path) and not os.path.isdir(out_path):
+    if os.path.lexists(out_path) and not os.path.isdir(out_path):
         raise ChainConfigError(f"out_path {out_path} exists and is not a directory")
     check_parameter_names(merge_config)
+    check_listed_once(merge_config)
     check_options(options)
     model_dirs = preflight.check_models(merge_config, options)
-    writer = distributed.is_writer()  # under torchrun: rank 0
-    work = WorkDir(out_path).open(fingerprint(merge_config, options, model_dirs),
-                                  resume_only=RESUME_ONLY.get(), create=writer)
-    if not writer:
+    work = WorkDir(out_path)
+    preflight.check_out_path(work.shown, [work.target, work.path], merge_config, model_dirs)
+    if not distributed.is_writer():  # under torchrun: rank 0 writes
+        work.open(fingerprint(merge_config, options, model_dirs), RESUME_ONLY.get(), create=False)
         _run_other_rank(run_merge, merge_config, work, options, config_source)
         return
-    _warn_if_not_empty(out_path)
+    with output_errors(work) as progress:
+        os.makedirs(os.path.dirname(work.path), exist_ok=True)
+        with work.lock():  # a second merge into out_path stops here, touching nothing
+            work.recover()  # a publish a kill interrupted: finished or undone first
+            _check_out_path_contents(work)
+            work.open(fingerprint(merge_config, options, model_dirs), resume_only=RESUME_ONLY.get())
+            progress.work = work
+            _merge_and_publish(run_merge, merge_config, work, options, config_source)
+
+
+def _merge_and_publish(run_merge, merge_config, work: WorkDir, options, config_source) -> None:
     try:
-        if not work.is_complete():
-            work.discard_staged_output()
-            _staged(run_merge, merge_config, work, work.staged, options, config_source)
-            work.mark_complete()
-        work.publish()
-    except BaseException:
-        done = work.checkpoints.completed_layers()
-        if work.is_complete() or done:
-            LOG.warning(
-                "merge stopped; %s holds its progress (%s): run the same command again "
-                "(mergekit-com: add --resume) to continue", work.path,
-                "complete" if work.is_complete() else f"{done} layer(s) merged",
-            )
-        else:
-            work.remove()  # nothing worth keeping
-        raise
-    work.remove()
+        work.complete_and_publish(
+            lambda: _staged(run_merge, merge_config, work, work.staged, options, config_source))
+    except PublishBlocked as e:
+        raise ChainConfigError(
+            f"out_path {work.shown} now holds {_names(e.names)}, which mergekit-com did not "
+            f"write; move them away and run the same command again to publish the finished "
+            f"merge kept in {work.path}"
+        ) from None
 
 
 def _staged(run_merge, merge_config, work: WorkDir, out_dir: str, options, config_source) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from mergekit.common import ModelReference
@@ -13,7 +14,7 @@ from mergekit.options import MergeOptions
 from pydantic import TypeAdapter, ValidationError
 
 from mergekit_com.errors import ChainConfigError
-from mergekit_com.integration.config_views import parameter_scopes, scalars
+from mergekit_com.integration.config_views import model_lists, parameter_scopes, scalars
 from mergekit_com.io.datasets_source import SPEC_PARAMETERS, is_hub_id
 from mergekit_com.method.parameters import (
     METHOD_NAME,
@@ -21,6 +22,39 @@ from mergekit_com.method.parameters import (
     WALK_WIDE,
     check_value,
 )
+
+LOG = logging.getLogger("mergekit.chain_of_merges.validation")
+# Weights are relative (only their ratios matter to a solve or an average); far larger
+# values overflow the float32 statistics they scale.
+MAX_WEIGHT = 1e6
+
+
+def check_merge_method(name: str) -> None:
+    """An unknown ``merge_method`` names the closest known one (mergekit raises at planning)."""
+    from mergekit.merge_methods import registry
+
+    known = sorted(m.spec.name for m in registry.registered_methods())
+    if name in known:
+        return
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ChainConfigError(
+        f"merge_method '{name}' is not a mergekit merge method; {hint}known methods: "
+        f"{', '.join(known)}"
+    )
+
+
+def check_listed_once(config) -> None:
+    """mergekit refuses a model listed twice in one list with a traceback; say it in one line."""
+    for where, models in model_lists(config):
+        seen = set()
+        for model in models:
+            if model in seen:
+                raise ChainConfigError(
+                    f"model {model} is listed twice under {where}; list each model once "
+                    "(to count it more, give it a larger `weight`)"
+                )
+            seen.add(model)
 
 
 def _has_type(ty, value) -> bool:
@@ -71,6 +105,11 @@ def check_options(options: MergeOptions) -> None:
         device = torch.device(options.device or "cpu")
     except (RuntimeError, ValueError):
         raise ChainConfigError(f"--device {options.device!r} is not a torch device") from None
+    if device.type == "meta":
+        raise ChainConfigError(
+            "--device meta holds no values, so there is nothing to merge on it; use --device "
+            "cpu, cuda or auto"
+        )
     backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps
     if device.type not in ("cpu", "meta") and hasattr(backend, "is_available"):
         count = backend.device_count() if backend.is_available() else 0
@@ -120,6 +159,12 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
             for name, value in params.items():
                 if value is not None:
                     check_value(name, value, f"of model {model}")
+                if name == "weight" and value is not None and value > MAX_WEIGHT:
+                    raise ChainConfigError(
+                        f"parameter 'weight' = {value!r} of model {model} must be at most "
+                        f"{MAX_WEIGHT:g}: weights are relative, and larger ones overflow the "
+                        "merge's float32 statistics"
+                    )
             if model in experts:
                 settings = {n: params.get(n) for n in ("calibration", *SPEC_PARAMETERS)}
                 seen, where = calibrations.setdefault(model, (settings, save.tensor_name))
@@ -130,6 +175,13 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
                             f"{settings[name]!r} for {save.tensor_name}; give one {name} per "
                             "model (the same in every slice)"
                         )
+        weights = [task.input_parameters.get(m, {}).get("weight") for m in experts
+                   if m in task.input_parameters]
+        if weights and not any(weights):
+            raise ChainConfigError(
+                f"every model has weight 0 (at {save.tensor_name}); give at least one model "
+                "a positive `weight`"
+            )
     if not save_tasks:
         return
     for model in experts:
@@ -146,3 +198,25 @@ def check_planned_values(save_tasks: List[SaveTensor], experts: List[ModelRefere
                 f"calibration file {calibration} (for model {model}) does not exist; fix the "
                 "path (relative paths are resolved from the working directory)"
             )
+
+
+def fit_max_seq_len(value: int, out_config, explicit: bool) -> int:
+    """``max_seq_len`` within the model's positions: beyond them a forward pass fails or
+    extrapolates. Clamped, with a warning when the value was set in the config."""
+    limit: Optional[int] = None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        limit = getattr(out_config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            break
+        limit = None
+    if limit is None or value <= limit:
+        return value
+    if explicit:
+        LOG.warning("max_seq_len %d is more than the model's %d positions (%s); using %d",
+                    value, limit, key, limit)
+    return limit
+
+
+def sets_parameter(config, name: str) -> bool:
+    """Whether the config writes ``name`` anywhere (else it is the default)."""
+    return any(name in (params or {}) for _where, params, _ in parameter_scopes(config))

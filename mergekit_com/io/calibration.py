@@ -1,7 +1,11 @@
 """Calibration data: load records, tokenize, batch.
 
 JSON and JSON Lines files are read with ``json`` (so an error can name its
-line or record); .txt, .parquet and saved datasets with ``datasets``.
+line or record), .txt files line by line, .parquet and saved datasets with
+``datasets``. Only regular files are opened (``inputs.open_regular``), and at
+most ``record_budget(max_seq_len)`` characters of a record are kept and
+tokenized: a record far longer than that is read in chunks
+(``bounded_json``), so one huge record costs no more memory than a normal one.
 Anything malformed becomes a ``CalibrationError`` naming the file and the
 line or record. Records are taken in file order; the first ``num_samples`` usable ones are
 kept. Batches group sequences of similar length, are right-padded and carry
@@ -11,7 +15,7 @@ an attention mask so that padding positions never enter a statistic.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import io
 import json
 import logging
 import os
@@ -21,11 +25,24 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 
 from mergekit_com.errors import CalibrationError
+from mergekit_com.io import bounded_json
 from mergekit_com.io.datasets_source import RecordSpec, is_dataset, open_dataset
+from mergekit_com.io.fingerprint import file_sha256
+from mergekit_com.io.inputs import not_regular, open_regular, tree_entries
 
 LOG = logging.getLogger("mergekit.chain_of_merges.calibration")  # under mergekit's logger
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+def record_budget(max_seq_len: int) -> int:
+    """Characters of a record kept: far more than ``max_seq_len`` tokens ever take."""
+    return 64 * max_seq_len + 4096
+
+
+def _line_cap(budget: Optional[int]) -> int:
+    """Bytes of a line read whole; longer lines are parsed in chunks (up to 6 bytes a character)."""
+    return -1 if budget is None else 8 * budget + 1024
 
 
 @dataclass
@@ -44,16 +61,6 @@ class CalibrationSet:
 def resolve_path(path: str) -> str:
     # mergekit resolves local model paths against the working directory.
     return os.path.abspath(os.path.expanduser(path))
-
-
-def file_sha256(path: str) -> Optional[str]:
-    if not os.path.isfile(path):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_exists(path: str, shown: str) -> str:
@@ -91,11 +98,15 @@ _JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool
 _LINE = 'each line must hold one JSON object such as {"text": "..."}'
 
 
-def _jsonl_records(path: str, shown: str) -> Iterator[Labeled]:
+def _jsonl_records(path: str, shown: str, budget: Optional[int] = None) -> Iterator[Labeled]:
     """JSON Lines read line by line, so that every error can name its line."""
-    with open(path, "rb") as fp:
-        for number, raw in enumerate(fp, start=1):
+    cap = _line_cap(budget)
+    with open_regular(path) as fp:
+        for number, raw in enumerate(iter(lambda: fp.readline(cap), b""), start=1):
             where = f"calibration file {shown}: line {number}"
+            if cap > 0 and len(raw) >= cap and not raw.endswith(b"\n"):
+                yield f"line {number}", _long_line(fp, raw, budget, where, number == 1)
+                continue
             line = _decode(raw, where, number == 1).rstrip("\r\n")
             if not line.strip():
                 continue
@@ -110,14 +121,32 @@ def _jsonl_records(path: str, shown: str) -> Iterator[Labeled]:
             yield f"line {number}", _record(row, where, _LINE)
 
 
-def _json_records(path: str, shown: str) -> Iterator[Labeled]:
+def _long_line(fp, first: bytes, budget: int, where: str, bom: bool) -> Dict[str, Any]:
+    """A line too long to read whole: parsed in chunks, its text cut to ``budget``."""
+    read = bounded_json.LineReader(fp, first)
+    try:
+        row = bounded_json.parse_record(read, budget, bom=bom)
+    except bounded_json.JsonSyntaxError as e:
+        raise CalibrationError(f"{where} is not valid JSON ({e}); {_LINE}") from None
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{where} is not valid UTF-8 text") from None
+    except RecursionError:
+        raise CalibrationError(f"{where} is nested too deeply") from None
+    read.finish()
+    return _record(row, where, _LINE)
+
+
+def _json_records(path: str, shown: str, budget: Optional[int] = None) -> Iterator[Labeled]:
     """A .json file: an array of records, one record, or JSON Lines (as datasets reads them).
 
     Read with ``json``, not pyarrow: pyarrow's JSON reader crashed the process
     (a segfault, not an exception) on some malformed files found by fuzzing.
     """
     where = f"calibration file {shown}"
-    with open(path, "rb") as fp:
+    if budget is not None and os.path.getsize(path) > _line_cap(budget):
+        yield from _long_json_records(path, where, budget)
+        return
+    with open_regular(path) as fp:
         text = _decode(fp.read(), where, True)
     try:
         value = json.loads(text)
@@ -132,9 +161,41 @@ def _json_records(path: str, shown: str) -> Iterator[Labeled]:
     except RecursionError:
         raise CalibrationError(f"{where} is nested too deeply") from None
     rows = value if isinstance(value, list) else [value]
-    example = 'give a JSON array of objects such as [{"text": "..."}]'
     for number, row in enumerate(rows, start=1):
-        yield f"record {number}", _record(row, f"{where}: record {number}", example)
+        yield f"record {number}", _record(row, f"{where}: record {number}", _ARRAY)
+
+
+_ARRAY = 'give a JSON array of objects such as [{"text": "..."}]'
+
+
+def _long_json_records(path: str, where: str, budget: int) -> Iterator[Labeled]:
+    """A large .json file, record by record, each cut to ``budget``."""
+    with open_regular(path) as fp:
+        records = bounded_json.iter_records(lambda: fp.read(bounded_json.CHUNK), budget)
+        number = 0
+        try:
+            for number, row in enumerate(records, start=1):
+                yield f"record {number}", _record(row, f"{where}: record {number}", _ARRAY)
+        except bounded_json.JsonSyntaxError as e:
+            raise CalibrationError(
+                f"{where} is not valid JSON (after record {number}: {e.msg} at character "
+                f"{e.colno}); give a JSON array of objects or JSON Lines") from None
+        except UnicodeDecodeError:
+            raise CalibrationError(f"{where} is not valid UTF-8 text") from None
+        except RecursionError:
+            raise CalibrationError(f"{where}: record {number + 1} is nested too deeply") from None
+
+
+def _txt_records(path: str, shown: str, budget: Optional[int] = None) -> Iterator[Labeled]:
+    """A .txt file: one record per line (as datasets' text builder reads it), cut to ``budget``."""
+    cap = -1 if budget is None else budget
+    with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as fp:
+        for number, line in enumerate(iter(lambda: fp.readline(cap), ""), start=1):
+            if cap > 0 and len(line) >= cap and not line.endswith("\n"):
+                rest = fp.readline(bounded_json.CHUNK)  # a line longer than the budget:
+                while rest and not rest.endswith("\n"):  # skip what is left of it
+                    rest = fp.readline(bounded_json.CHUNK)
+            yield f"record {number}", {"text": line.rstrip("\n")}
 
 
 def _dataset_records(path: str, shown: str, split: str = "train") -> Iterator[Labeled]:
@@ -196,37 +257,59 @@ def _check_record(where: str, row: Dict[str, Any]) -> bool:
     return bool(messages)
 
 
-def _open_file(path: str, shown: str, spec: RecordSpec) -> Iterator[Labeled]:
-    """The records of a local file or saved dataset, after checks that need no reading."""
+def check_source(path: str, shown: Optional[str] = None) -> str:
+    """A calibration path that can be read: a regular file of a known kind with something
+    in it, or a directory of regular files. Checked before anything reads (or hashes) it;
+    returns the resolved path."""
+    shown = path if shown is None else shown
     path = check_exists(path, shown)
-    ext = os.path.splitext(path)[1].lower()
-    if not os.path.isdir(path):
-        if ext not in _BUILDERS:
-            raise CalibrationError(
-                f"calibration file {shown}: unsupported extension {ext!r}; use "
-                ".jsonl, .json, .txt, .parquet or a datasets directory"
-            )
-        if os.path.getsize(path) == 0:
-            raise CalibrationError(f"calibration file {shown} is empty")
-        for name, value in (("calibration_split", spec.split != "train"),
-                            ("calibration_config", spec.config is not None)):
-            if value:
+    kind = not_regular(path)
+    if kind is not None:
+        raise CalibrationError(f"calibration file {shown} is {kind}, not a regular file")
+    if os.path.isdir(path):
+        for name, full in tree_entries(path):
+            kind = not_regular(full)
+            if kind is not None:
                 raise CalibrationError(
-                    f"calibration file {shown} is one file, with no splits or configs; remove "
-                    f"{name} (it applies to datasets)")
+                    f"calibration directory {shown}: {name} is {kind}, not a regular file")
+        return path
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _BUILDERS:
+        raise CalibrationError(
+            f"calibration file {shown}: unsupported extension {ext!r}; use "
+            ".jsonl, .json, .txt, .parquet or a datasets directory"
+        )
+    if os.path.getsize(path) == 0:
+        raise CalibrationError(f"calibration file {shown} is empty")
+    return path
+
+
+def _open_file(path: str, shown: str, spec: RecordSpec,
+               budget: Optional[int]) -> Iterator[Labeled]:
+    """The records of a local file or saved dataset, after checks that need no reading."""
+    path = check_source(path, shown)
     if os.path.isdir(path):
         return _dataset_records(path, shown, spec.split)
-    reader = {".jsonl": _jsonl_records, ".json": _json_records}.get(ext, _dataset_records)
-    return reader(path, shown)
+    for name, value in (("calibration_split", spec.split != "train"),
+                        ("calibration_config", spec.config is not None)):
+        if value:
+            raise CalibrationError(
+                f"calibration file {shown} is one file, with no splits or configs; remove "
+                f"{name} (it applies to datasets)")
+    reader = {".jsonl": _jsonl_records, ".json": _json_records,
+              ".txt": _txt_records}.get(os.path.splitext(path)[1].lower())
+    return reader(path, shown, budget) if reader else _dataset_records(path, shown)
 
 
 def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
-                 warn_short: bool = True,
-                 spec: RecordSpec = RecordSpec()) -> Tuple[List[Labeled], Dict[str, Any]]:
+                 warn_short: bool = True, spec: RecordSpec = RecordSpec(),
+                 max_seq_len: Optional[int] = None) -> Tuple[List[Labeled], Dict[str, Any]]:
     """The first ``num_samples`` non-empty records, each with where it came from, and
-    the source's origin for the report."""
+    the source's origin for the report. With ``max_seq_len``, a local file's records are
+    cut to ``record_budget(max_seq_len)`` characters as they are read."""
     shown = path if shown is None else shown
     spec.check(shown)
+    budget = None if max_seq_len is None else record_budget(max_seq_len)
     noun = "calibration file"
     out: List[Labeled] = []
     total = 0
@@ -237,7 +320,7 @@ def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
                 opened = open_dataset(path, spec, shown)
                 rows, origin = opened.rows, opened.origin
             else:
-                rows = _open_file(path, shown, spec)
+                rows = _open_file(path, shown, spec, budget)
                 origin = {"file": os.path.basename(resolve_path(path)), **spec.described()}
             for where, row in rows:
                 if len(out) >= num_samples:
@@ -287,18 +370,19 @@ def tokenize_records(
     noun: str = "calibration file",
 ) -> List[List[int]]:
     owner = "its model's tokenizer"
+    budget = record_budget(max_seq_len)
     seqs = []
     for where, row in records:
         try:
             if row.get("text"):
-                ids = tokenizer(row["text"], truncation=False)["input_ids"]
+                ids = tokenizer(row["text"][:budget], truncation=False)["input_ids"]
             else:
                 if not getattr(tokenizer, "chat_template", None):
                     raise CalibrationError(
                         f"{noun} {shown} has `messages` records but {owner} has "
                         "no chat template; use `text` records instead"
                     )
-                text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+                text = tokenizer.apply_chat_template(_cut(row["messages"], budget), tokenize=False)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         except CalibrationError:
             raise
@@ -319,19 +403,31 @@ def tokenize_records(
     return seqs
 
 
+def _cut(messages: List[Dict[str, str]], budget: int) -> List[Dict[str, str]]:
+    """The messages whose content falls within the first ``budget`` characters."""
+    out = []
+    for m in messages:
+        if budget <= 0:
+            break
+        out.append({**m, "content": m["content"][:budget]})
+        budget -= len(m["content"]) + 1
+    return out
+
+
 def load_calibration(
     path: str, tokenizer, num_samples: int, max_seq_len: int, model: Any = None,
     warn_short: bool = True, spec: RecordSpec = RecordSpec(),
 ) -> CalibrationSet:
     shown = path if model is None else f"{path} (for model {model})"
-    records, origin = load_labeled(path, num_samples, shown, warn_short, spec)
+    records, origin = load_labeled(path, num_samples, shown, warn_short, spec,
+                                   max_seq_len=max_seq_len)
     noun = "calibration dataset" if "dataset" in origin else "calibration file"
     seqs = tokenize_records(records, tokenizer, max_seq_len, shown, noun)
     if "dataset" in origin:
         return CalibrationSet(path=path, sequences=seqs, num_records=len(records), sha256=None,
                               origin=origin)
     resolved = resolve_path(path)
-    sha256 = file_sha256(resolved)  # None for a saved dataset's folder
+    sha256 = file_sha256(resolved) if os.path.isfile(resolved) else None  # None: a folder
     return CalibrationSet(path=resolved, sequences=seqs, num_records=len(records),
                           sha256=sha256, origin={**origin, "sha256": sha256})
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from mergekit_com.errors import CalibrationError
-from mergekit_com.io.workdir import data_sha256, sha256_json
+from mergekit_com.io.fingerprint import data_sha256, sha256_json
 
 # Parameter names of the settings below, as written under a model's `parameters:`.
 SPEC_PARAMETERS = ("calibration_split", "calibration_config", "calibration_column",

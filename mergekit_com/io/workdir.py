@@ -1,164 +1,68 @@
-"""The work directory next to the output: staged output and layer checkpoints.
+"""The work directory of a merge: staged output and layer checkpoints.
 
-``<out_path>.com-work/`` holds
+``<out_path>.com-work/`` (``<out_path>/.com-work/`` when ``out_path`` is a
+mount point: the work must be on the filesystem it is published to) holds
   * ``manifest.json``: a fingerprint of everything the result depends on
     (config, options, input model files, calibration data, package version);
-  * ``layers/pre.safetensors``, ``layers/layer-00003.safetensors``: the
-    tensors written for the embeddings and for each completed decoder layer,
-    with their write order in the metadata (each file appears atomically);
-  * ``output/<name>/``: the model being written; renamed to ``out_path``
-    only when complete.
+  * ``layers/``: the layer checkpoints (``checkpoints.py``);
+  * ``output/<name>/``: the model being written; published to ``out_path``
+    only when complete (``publish.py``);
+  * ``complete``: written once the staged model is, with each file's size
+    and SHA-256, checked again before a later run publishes it.
+Next to it, ``<work dir>.lock`` keeps a second merge away (``lock.py``).
 A resumed run replays the checkpointed tensors to the writer and re-runs the
 merged prefix on the calibration data to rebuild the activations.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from typing import Any, Dict, List, Optional, Tuple
-
-import torch
+from typing import Any, Callable, Dict, List
 
 from mergekit_com.errors import MergeInputError
+from mergekit_com.io import fsops, publish
+from mergekit_com.io.checkpoints import LayerCheckpoints
+from mergekit_com.io.fingerprint import describe_changes, file_sha256
+from mergekit_com.io.lock import OutPathLock
 
 LOG = logging.getLogger(__name__)
 
 SUFFIX = ".com-work"
+INSIDE = ".com-work"  # the work directory's name inside a mounted out_path
 MANIFEST = "manifest.json"
-FORMAT = 2  # 2: checkpoints record (name, tensor as written), no mergekit clone flag
-
-# (name, tensor as handed to the writer), in write order
-Record = Tuple[str, torch.Tensor]
+COMPLETE = "complete"
+FORMAT = 3  # 3: checkpoints carry a hash; models fingerprinted by content
 
 
 class WorkDirError(MergeInputError):
     """A work directory that does not belong to this merge."""
 
 
-def work_dir_for(out_path: str) -> str:
-    return os.path.abspath(out_path) + SUFFIX
-
-
-# ------------------------------------------------------------------ fingerprint
-
-
-def sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def data_sha256(path: str) -> Optional[str]:
-    """Content hash of a calibration file or directory (None if missing)."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(path):
-        return _file_sha256(path)
-    if not os.path.isdir(path):
-        return None
-    entries = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for f in sorted(files):
-            full = os.path.join(root, f)
-            entries.append((os.path.relpath(full, path), _file_sha256(full)))
-    return sha256_json(entries)
-
-
-def model_stamp(path: str) -> str:
-    """Names, sizes and modification times of a model directory's files.
-
-    Not a content hash: hashing hundreds of GB would cost as much as the merge.
-    """
-    entries = []
-    for f in sorted(os.listdir(path)):
-        full = os.path.join(path, f)
-        if os.path.isfile(full):
-            st = os.stat(full)
-            entries.append((f, st.st_size, st.st_mtime_ns))
-    return sha256_json(entries)
-
-
-def describe_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    changes = []
-    for key, label in (("format", "work directory format"), ("package", "mergekit-com version"),
-                       ("config", "merge configuration"), ("options", "device or merge options")):
-        if old.get(key) != new.get(key):
-            changes.append(label)
-    for key, label in (("models", "model"), ("calibration", "calibration data")):
-        before, after = old.get(key, {}), new.get(key, {})
-        for name in sorted(set(before) | set(after)):
-            if before.get(name) != after.get(name):
-                changes.append(f"{label} {name}")
-    return changes
-
-
-class LayerCheckpoints:
-    """``pre.safetensors`` and ``layer-NNNNN.safetensors``: the tensors written per step."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def _file(self, key) -> str:
-        name = "pre" if key == "pre" else f"layer-{int(key):05d}"
-        return os.path.join(self.path, f"{name}.safetensors")
-
-    def has(self, key) -> bool:
-        return os.path.isfile(self._file(key))
-
-    def completed_layers(self) -> int:
-        """Length of the checkpointed prefix: pre, then layers 0, 1, ..."""
-        if not self.has("pre"):
-            return 0
-        n = 0
-        while self.has(n):
-            n += 1
-        return n
-
-    def save(self, key, records: List[Record], report: Optional[dict] = None) -> None:
-        """The written tensors in write order, and the step's merge-report entries."""
-        from safetensors.torch import save_file
-
-        os.makedirs(self.path, exist_ok=True)
-        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in records}
-        order = [name for name, _ in records]
-        final = self._file(key)
-        tmp = final + ".tmp"
-        save_file(tensors, tmp, metadata={"order": json.dumps(order),
-                                          "report": json.dumps(report)})
-        os.replace(tmp, final)  # a checkpoint is either complete or absent
-
-    def load(self, key) -> Tuple[List[Record], Optional[dict]]:
-        from safetensors import safe_open
-
-        with safe_open(self._file(key), framework="pt") as f:
-            meta = f.metadata()
-            records = [(name, f.get_tensor(name)) for name in json.loads(meta["order"])]
-            return records, json.loads(meta.get("report", "null"))
-
-
-# ------------------------------------------------------------------ directory
-
-
 class WorkDir:
     def __init__(self, out_path: str):
+        self.shown = out_path  # as the user wrote it, for messages
         self.out_path = os.path.abspath(out_path)
-        self.path = work_dir_for(out_path)
+        # a symlinked out_path: the model goes where it points
+        self.target = os.path.realpath(out_path)
+        self.inside = os.path.isdir(self.target) and os.path.ismount(self.target)
+        self.path = (os.path.join(self.target, INSIDE) if self.inside
+                     else self.target + SUFFIX)
         self.checkpoints = LayerCheckpoints(os.path.join(self.path, "layers"))
         self.output_root = os.path.join(self.path, "output")
         # same basename as out_path: mergekit names the model card after it
         self.staged = os.path.join(self.output_root, os.path.basename(self.out_path))
-        self.previous = os.path.join(self.path, "previous")
+
+    def lock(self) -> OutPathLock:
+        return OutPathLock(self.path + ".lock", self.shown)
+
+    def ours_in_target(self) -> List[str]:
+        """Our own entries inside out_path while a merge into a mount point runs."""
+        if not self.inside:
+            return []
+        name = os.path.basename(self.path)
+        return [name, name + ".lock", name + ".new", name + ".old"]
 
     # -------------------------------------------------------------- lifecycle
     def open(self, stamp: Dict[str, Any], resume_only: bool, create: bool = True) -> "WorkDir":
@@ -167,8 +71,10 @@ class WorkDir:
         ``create=False`` (ranks other than 0 under torchrun) only validates.
         """
         manifest = os.path.join(self.path, MANIFEST)
-        if os.path.exists(self.path):
+        if os.path.lexists(self.path):
             try:
+                if os.path.islink(self.path) and not os.path.isdir(self.path):
+                    raise ValueError
                 with open(manifest, encoding="utf-8") as fp:
                     old = json.load(fp)
             except (OSError, ValueError):
@@ -199,61 +105,111 @@ class WorkDir:
             return self
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
-        # The manifest is in place before the directory appears under its name.
-        tmp = tempfile.mkdtemp(prefix=".com-work-", dir=parent)
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fp:
-            json.dump({"fingerprint": stamp, "out_path": self.out_path}, fp, indent=1)
-        os.rename(tmp, self.path)
+        # The manifest is in place before the directory appears under its name. A
+        # failure (a full disk) removes the half-made directory; a kill leaves it under
+        # this fixed name, for the next run to remove.
+        tmp = self.path + ".new"
+        fsops.remove_tree(tmp)
+        try:
+            fsops.mkdir(tmp)
+            manifest = {"fingerprint": stamp, "out_path": self.out_path}
+            fsops.write_bytes(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
+            fsops.rename(tmp, self.path)
+            fsops.fsync_dir(parent)
+        except BaseException:
+            fsops.remove_tree(tmp)
+            raise
         return self
 
     def mark_complete(self) -> None:
-        with open(os.path.join(self.path, "complete"), "w", encoding="utf-8"):
-            pass
+        """The staged model is whole: record what it is, durably."""
+        publish.sync_tree(self.staged)
+        files = {n: [os.path.getsize(os.path.join(self.staged, n)),
+                     file_sha256(os.path.join(self.staged, n))]
+                 for n in sorted(os.listdir(self.staged))}
+        fsops.write_atomic(os.path.join(self.path, COMPLETE), json.dumps(files).encode())
 
     def is_complete(self) -> bool:
-        return os.path.exists(os.path.join(self.path, "complete"))
+        return os.path.exists(os.path.join(self.path, COMPLETE))
+
+    def staged_is_intact(self) -> bool:
+        """The staged model is still what ``mark_complete`` recorded."""
+        try:
+            with open(os.path.join(self.path, COMPLETE), encoding="utf-8") as fp:
+                files = json.load(fp)
+            names = sorted(os.listdir(self.staged))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(files, dict) or sorted(files) != names:
+            return False
+        for name, (size, digest) in files.items():
+            path = os.path.join(self.staged, name)
+            if os.path.getsize(path) != size or file_sha256(path) != digest:
+                return False
+        return True
+
+    def discard_complete(self) -> None:
+        """A staged model that changed after it was complete is written again."""
+        fsops.unlink(os.path.join(self.path, COMPLETE))
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Renamed first, so that a half-removed work directory is never taken for one."""
+        fsops.rename(self.path, self.path + ".old")
+        fsops.remove_tree(self.path + ".old")
 
     def discard_staged_output(self) -> None:
         """An interrupted run's partial output is rewritten from the checkpoints."""
-        shutil.rmtree(self.output_root, ignore_errors=True)
+        fsops.remove_tree(self.output_root)
+
+    def complete_and_publish(self, build: Callable[[], None]) -> None:
+        """Finish the merge (``build`` writes the staged model, resuming from the
+        checkpoints), publish it, and remove the work directory. Every step may be
+        interrupted: the same call continues from where the last one stopped."""
+        try:
+            if self.is_complete() and not os.path.isdir(self.staged):
+                pass  # published by an earlier run, which stopped before removing its work
+            else:
+                if self.is_complete() and not self.staged_is_intact():
+                    LOG.warning("the finished model in %s changed after it was written; "
+                                "writing it again from the layer checkpoints", self.staged)
+                    self.discard_complete()
+                if not self.is_complete():
+                    self.discard_staged_output()
+                    build()
+                    self.mark_complete()
+                self.publish()
+        except publish.PublishBlocked:
+            raise
+        except BaseException:
+            if not (self.is_complete() or self.checkpoints.completed_layers(verify=False)):
+                self.remove()  # nothing worth keeping
+            raise
+        try:
+            self.remove()
+        except OSError as e:
+            LOG.warning("the merge is published to %s, but its work directory %s could not be "
+                        "removed (%s); the next merge into it removes it", self.out_path,
+                        self.path, e)
 
     # -------------------------------------------------------------- publishing
+    def recover(self) -> None:
+        """Finish or undo a publish that was interrupted (kill, power loss)."""
+        fsops.remove_tree(self.path + ".old")  # a removal that was interrupted
+        if os.path.isdir(self.target):
+            publish.recover(self.target)
+
+    def blocking_files(self) -> List[str]:
+        return publish.blocking_files(self.target, self.ours_in_target())
+
+    def other_files(self) -> List[str]:
+        """Entries in out_path that are not ours and that the merge leaves alone."""
+        if not os.path.isdir(self.target):
+            return []
+        return publish.inventory(self.target, self.ours_in_target())[1]
+
     def publish(self) -> None:
-        """Move the complete staged model to out_path (docs/errors.md, row 15).
-
-        Safe to repeat after an interruption at any point.
-        """
-        out = self.out_path
+        """Move the complete staged model to out_path; safe to repeat after any fault."""
         if not os.path.isdir(self.staged):
-            return  # moved already by an earlier, interrupted run
-        if os.path.lexists(self.previous):
-            pass  # interrupted after the old out_path was moved aside
-        elif os.path.isdir(out) and os.listdir(out):
-            # As mergekit-yaml: the new files replace same-named ones, the rest stay.
-            for entry in os.listdir(out):
-                target = os.path.join(self.staged, entry)
-                if not os.path.lexists(target):
-                    _link_or_copy(os.path.join(out, entry), target)
-            os.rename(out, self.previous)
-        elif os.path.isdir(out):
-            os.rmdir(out)
-        os.rename(self.staged, out)
+            return  # published already by an earlier run that stopped before cleaning up
+        publish.publish(self.staged, self.target, self.ours_in_target())
 
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Hard links where the filesystem allows (no second copy of big files)."""
-    def copy(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    if os.path.isdir(src) and not os.path.islink(src):
-        shutil.copytree(src, dst, copy_function=copy, symlinks=True)
-    elif os.path.islink(src):
-        os.symlink(os.readlink(src), dst)
-    else:
-        copy(src, dst)

@@ -8,6 +8,7 @@ warning and produce the model.
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,8 +17,21 @@ import torch
 
 from mergekit_com import cli
 from mergekit_com.errors import ChainConfigError
-from tests.support.bad_inputs import CASES, Case, World, cli_args, documented_rows
-from tests.support.merging import count_merged_layers, read_tensors
+from mergekit_com.io.workdir import WorkDir
+from tests.support.bad_inputs import (
+    CASES,
+    Case,
+    World,
+    can_mount,
+    cli_args,
+    documented_rows,
+    normalized,
+    run_in_mount,
+)
+from tests.support.faults import snapshot
+from tests.support.merging import count_merged_layers, read_tensors, run_cli
+
+MOUNTS_OK = can_mount()
 
 
 @pytest.fixture(scope="module")
@@ -32,46 +46,105 @@ def in_world(world, monkeypatch):
     return world
 
 
-def run_cli(args) -> int:
-    """mergekit-com in this process; its exit code."""
-    try:
-        cli.main(args)
-        return 0
-    except SystemExit as e:
-        return e.code
-
-
 def test_docs_list_every_case_and_nothing_else():
     assert set(documented_rows()) == set(CASES)
 
 
 @pytest.mark.parametrize("case_id", sorted(CASES))
-def test_case_behaves_as_the_docs_say(in_world, case_id, capsys, caplog):
+def test_case_behaves_as_the_docs_say(in_world, case_id, capsys, caplog, monkeypatch):
     world, case = in_world, CASES[case_id]
     outcome, message = documented_rows()[case_id]
     args = cli_args(world, case)
     before = world.prepare_out(case)
+    out = world.path(case.out_path)
+    out_before = snapshot(out)
+    if case.mount:
+        if not MOUNTS_OK:
+            pytest.skip("no unprivileged mount namespace here (unshare -rm)")
+        _mounted_case_behaves(world, case, outcome, message)
+        return
     capsys.readouterr()  # building the inputs prints progress bars
     caplog.set_level(logging.WARNING)
-    code = run_cli(args)
+    with _circumstances(world, case, monkeypatch):
+        code = run_cli(args)
     err = capsys.readouterr().err
-    out = world.path(case.out_path)
-    assert not os.path.exists(out + ".com-work"), "the work directory is left behind"
+    kept = os.path.exists(out + ".com-work")
+    assert kept == (case.code != 2), "the work directory is left behind, or not kept"
     if outcome == "stops":
         lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("mergekit-com: error: "), err
-        actual = lines[0].removeprefix("mergekit-com: error: ")
+        assert code == case.code and len(lines) == 1, err
+        assert lines[0].startswith("mergekit-com: error: "), err
+        actual = normalized(lines[0].removeprefix("mergekit-com: error: "), world)
         assert actual == message, f"README row for case {case_id} should read:\n{actual}"
-        assert not os.path.exists(out), "out_path was created"
-        assert world.merged_layers == [], "a layer was merged before the error"
+        assert snapshot(out) == out_before, "out_path was created or changed"
+        if case.code == 2:
+            assert world.merged_layers == [], "a layer was merged before the error"
     else:
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert code == 0, err
         assert message in warnings, f"case {case_id} warned:\n" + "\n".join(warnings)
         assert all(torch.isfinite(t).all() for t in read_tensors(out).values())
-        for name, data in before.items():  # case 15: see test_existing_out_path
-            if name != "config.json":
-                assert open(os.path.join(out, name), "rb").read() == data
+        for name, data in before.items():  # someone else's files stay as they were
+            assert open(os.path.join(out, name), "rb").read() == data
+
+
+class _Terminate(Exception):
+    pass
+
+
+def _circumstances(world, case, monkeypatch):
+    """What a case needs around the command: a merge holding out_path, a SIGTERM."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def held():
+        if case.id == "w1":  # another merge holds out_path's lock
+            with WorkDir(world.path(case.out_path)).lock():
+                yield
+        elif case.id == "s1":  # SIGTERM, as docker stop sends, after the first layer
+            import mergekit_com.io.checkpoints as ck
+
+            original = ck.LayerCheckpoints.save
+
+            def save(self, key, *a):
+                original(self, key, *a)
+                if key == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            with monkeypatch.context() as m:
+                m.setattr(ck.LayerCheckpoints, "save", save)
+                yield
+        else:
+            yield
+
+    return held()
+
+
+def _mounted_case_behaves(world, case, outcome, message):
+    """The case in a child process, with its filesystem mounted (then gone with the child)."""
+    r = run_in_mount(world, case, cli_args(world, case))
+    lines = r.stderr.strip().splitlines()
+    if outcome == "stops":
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        actual = normalized(lines[0].removeprefix("mergekit-com: error: "), world)
+        assert actual == message, f"README row for case {case.id} should read:\n{actual}"
+        assert ".com-work" not in r.stdout, "a work directory was left on the mounted disk"
+    else:
+        assert r.returncode == 0, r.stderr
+        listed = r.stdout.split()
+        assert {"config.json", "model.safetensors"} <= set(listed), r.stdout
+        assert not any(n.startswith(".com-") for n in listed), r.stdout
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_continues(in_world, monkeypatch):
+    world, case = in_world, Case("s1-again")
+    with _circumstances(world, CASES["s1"], monkeypatch):
+        assert run_cli(cli_args(world, case)) == 143
+    work = WorkDir(world.path(case.out_path))
+    assert work.checkpoints.completed_layers() == 1, "the merge so far was not kept"
+    assert not os.path.exists(work.path + ".lock"), "the lock outlived the merge"
+    assert run_cli(cli_args(world, case)) == 0
+    assert world.merged_layers == [0, 1], "the continued merge redid a layer"
 
 
 def test_jsonl_errors_name_the_line(in_world):
@@ -120,19 +193,18 @@ def test_rank_deficient_gram_is_regularised_not_nan(in_world, caplog):
     assert any("raising the ridge" in r.getMessage() for r in caplog.records)
 
 
-def test_existing_out_path_is_replaced_only_when_complete(in_world):
-    # case 15, as mergekit-yaml: same-named files replaced, others kept ...
-    world, case = in_world, CASES["15"]
+def test_someone_elses_files_in_out_path_are_never_touched(in_world):
+    # case 15b: unrelated files stay, the same files; case 15: the merge does not start
+    world = in_world
+    case = CASES["15b"]
     out = world.path(case.out_path)
-    before = world.prepare_out(case)
-    snapshot = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
-    # ... and a merge that fails leaves it exactly as it was
+    world.prepare_out(case)
+    notes = os.stat(os.path.join(out, "notes.txt"))
     failing = Case("15-fail", expert="expert_nan", out=case.out_path)
     assert run_cli(cli_args(world, failing)) == 2
-    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == snapshot
     assert run_cli(cli_args(world, case)) == 0
-    assert open(os.path.join(out, "notes.txt"), "rb").read() == before["notes.txt"]
-    assert open(os.path.join(out, "config.json"), "rb").read() != before["config.json"]
+    after = os.stat(os.path.join(out, "notes.txt"))
+    assert (after.st_ino, after.st_mtime_ns) == (notes.st_ino, notes.st_mtime_ns)
     assert "model.safetensors" in os.listdir(out)
 
 

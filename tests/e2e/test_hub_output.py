@@ -10,12 +10,14 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from mergekit_com.integration.card import BIBTEX
+from mergekit_com.io.publish import MARKER
 from tests.support.merging import com_config, experts, merge
 
 # what `huggingface-cli upload` should find in a merged model's folder
+# MARKER: what the merge published (docs/errors.md, row 15), ignored by from_pretrained
 EXPECTED = {"README.md", "config.json", "generation_config.json", "model.safetensors",
             "tokenizer.json", "tokenizer_config.json", "mergekit_config.yml", "com_report.json"}
-ALLOWED = EXPECTED | {"chat_template.jinja", "special_tokens_map.json"}
+ALLOWED = EXPECTED | {"chat_template.jinja", "special_tokens_map.json", MARKER}
 
 
 def assert_valid_metadata(card: ModelCard) -> dict:

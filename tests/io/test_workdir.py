@@ -6,13 +6,9 @@ import os
 import pytest
 import torch
 
-from mergekit_com.io.workdir import (
-    LayerCheckpoints,
-    WorkDir,
-    WorkDirError,
-    describe_changes,
-    model_stamp,
-)
+from mergekit_com.io.checkpoints import LayerCheckpoints
+from mergekit_com.io.fingerprint import describe_changes
+from mergekit_com.io.workdir import WorkDir, WorkDirError
 
 
 def test_checkpoints_keep_names_order_dtypes_and_the_report(tmp_path):
@@ -56,21 +52,3 @@ def test_resume_only_needs_a_work_directory(tmp_path):
     assert not os.path.exists(tmp_path / "merged.com-work")
 
 
-def test_publish_swaps_in_the_new_model_and_keeps_other_files(tmp_path):
-    out = tmp_path / "merged"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    (out / "model.safetensors").write_text("old")
-    work = WorkDir(str(out)).open({}, resume_only=False)
-    os.makedirs(work.staged)
-    open(os.path.join(work.staged, "model.safetensors"), "w").write("new")
-    work.publish()
-    assert (out / "model.safetensors").read_text() == "new"
-    assert (out / "notes.txt").read_text() == "mine"
-
-
-def test_model_stamp_changes_with_a_files_size(tmp_path):
-    (tmp_path / "w.bin").write_bytes(b"1234")
-    before = model_stamp(str(tmp_path))
-    (tmp_path / "w.bin").write_bytes(b"12345")
-    assert model_stamp(str(tmp_path)) != before

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -36,8 +39,14 @@ class Case:
     params: Dict = field(default_factory=dict)
     model_params: Dict = field(default_factory=dict)  # more of the second model's parameters
     weight: Optional[float] = None
+    first_weight: Optional[float] = None
     out: Optional[str] = None
     raw_config: Optional[str] = None  # a config file text instead of a built config
+    method: str = "chain_of_merges"
+    args: Tuple[str, ...] = ()  # more command-line flags
+    out_holds: Tuple[str, ...] = ()  # files in out_path before the merge (World.prepare_out)
+    mount: Optional[str] = None  # run in a mount namespace, this mounted (World.mounts)
+    code: int = 2  # the exit code of a case that stops
 
     @property
     def out_path(self) -> str:
@@ -66,7 +75,8 @@ CASES = {c.id: c for c in [
     Case("12", expert="expert_vocab"),
     Case("13", expert="expert_nan"),
     Case("14", calibration="tiny.jsonl", params={"ridge": 0.0, "alpha": 1.0}),
-    Case("15", out="merged"),
+    Case("15", out="merged", out_holds=("notes.txt", "config.json")),
+    Case("15b", out="merged-15b", out_holds=("notes.txt",)),
     Case("16", expert="expert_remote"),
     Case("17", expert="expert_evil"),
     Case("m1", expert="missing_model"),
@@ -80,6 +90,24 @@ CASES = {c.id: c for c in [
     Case("d5", calibration="qa_repo",
          model_params={"calibration_column": "question", "calibration_template": "{answer}"}),
     Case("d6", calibration="pico-org/absent"),
+    Case("o1", out="expert1"),
+    Case("o2", out="expert1/merged"),
+    Case("o3", out="."),
+    Case("o4", expert="expert_link", out="out-o4", out_holds=("model.safetensors",)),
+    Case("i1", calibration="fifo.jsonl"),
+    Case("i2", expert="expert_fifo"),
+    Case("v1", expert="expert0", calibration="e0.jsonl"),
+    Case("v2", weight=0.0, first_weight=0.0),
+    Case("v3", weight=1e308),
+    Case("v4", method="chain_of_merge"),
+    Case("v5", args=("--device", "meta")),
+    Case("v6", params={"max_seq_len": 1024}),
+    Case("w1"),
+    Case("w2", out="ro/merged", mount="ro"),
+    Case("w3", out="full/merged", mount="full"),
+    Case("w4", out="small/merged", mount="small", params={"num_samples": 12}),
+    Case("w5", out="mnt", mount="mnt", params={"num_samples": 12}),
+    Case("s1", code=143),
     Case("c1", raw_config="merge_method: chain_of_merges\nmodels: [\n"),
     Case("c2", raw_config="merge_method: chain_of_merges\nmodels:\n  - parameters: {}\n"),
 ]}
@@ -223,25 +251,81 @@ class World:
             if case.weight is not None:
                 second["weight"] = case.weight
             second.update(case.model_params)
-            first = [{"model": "./expert0", "calibration": case.first_calibration}]
-            cfg = com_config((first if case.first_calibration else []) + [second], **case.params)
+            first = {"model": "./expert0", "calibration": case.first_calibration}
+            if case.first_weight is not None:
+                first["weight"] = case.first_weight
+            cfg = com_config(([first] if case.first_calibration else []) + [second], **case.params)
+            cfg["merge_method"] = case.method
             text = yaml.safe_dump(cfg, sort_keys=False)
         with open(path, "w") as fp:
             fp.write(text)
         return path
 
     def prepare_out(self, case: Case) -> Dict[str, bytes]:
-        """Case 15 merges into a non-empty directory; returns what it held."""
-        if case.id != "15":
-            return {}
+        """The files ``case.out_holds`` in out_path before the merge; returns them."""
         out = self.path(case.out_path)
-        os.makedirs(out, exist_ok=True)
-        before = {"notes.txt": b"kept by the merge\n", "config.json": b"{}\n"}
-        for name, data in before.items():
+        before = {}
+        for name in case.out_holds:
+            os.makedirs(out, exist_ok=True)
+            data = open(os.path.join(self.zoo["expert1"], name), "rb").read() \
+                if name == "model.safetensors" else f"{name}: not the merge's\n".encode()
             with open(os.path.join(out, name), "wb") as fp:
                 fp.write(data)
+            before[name] = data
         return before
+
+    def _make_fifo_jsonl(self, p):
+        os.mkfifo(p)
+
+    def _make_expert_fifo(self, p):
+        self._copy_expert1(p)
+        os.mkfifo(os.path.join(p, "extra"))
+
+    def _make_expert_link(self, p):
+        self._copy_expert1(p)
+        os.remove(os.path.join(p, "model.safetensors"))
+        os.symlink(os.path.join("..", "out-o4", "model.safetensors"),
+                   os.path.join(p, "model.safetensors"))
+
+
+# What a case mounts (in a user and mount namespace, as `unshare -rm` gives without root):
+# a read-only folder, a full disk, a disk too small for the merge, a mount point out_path.
+MOUNTS = {
+    "ro": "mount -t tmpfs -o ro tmpfs ro",
+    "full": "mount -t tmpfs -o size=64k tmpfs full && (cat /dev/zero > full/filler 2>/dev/null || true)",
+    "small": "mount -t tmpfs -o size=40k tmpfs small",
+    "mnt": "mount -t tmpfs tmpfs mnt",
+}
+
+
+def can_mount() -> bool:
+    """Whether this machine lets an unprivileged user and mount namespace mount a tmpfs."""
+    try:
+        r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def run_in_mount(world: "World", case: Case, args: List[str]) -> subprocess.CompletedProcess:
+    """mergekit-com in a child process, with ``case.mount`` mounted in the world's root."""
+    os.makedirs(world.path(case.mount), exist_ok=True)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "mergekit_com.cli", *args])
+    # what is left on the mounted filesystem, listed before it goes with the namespace
+    script = f"{MOUNTS[case.mount]} && {{ {command}; s=$?; ls -A {case.mount}; exit $s; }}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=world.root, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def cli_args(world: World, case: Case, *extra: str) -> List[str]:
-    return [os.path.basename(world.config_file(case)), case.out_path, "--quiet", *extra]
+    return [os.path.basename(world.config_file(case)), case.out_path, "--quiet", *case.args,
+            *extra]
+
+
+def normalized(message: str, world: World) -> str:
+    """A message as the docs show it: no machine-specific path, pid, host or time."""
+    message = message.replace(world.root + os.sep, "")
+    return re.sub(r"pid \d+ on host \S+, started [\d-]+ [\d:]+",
+                  "pid PID on host HOST, started TIME", message)

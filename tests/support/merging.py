@@ -63,3 +63,14 @@ def count_merged_layers(monkeypatch) -> List[int]:
 
     monkeypatch.setattr(LayerMerge, "merge", counting)
     return merged
+
+
+def run_cli(args) -> int:
+    """mergekit-com in this process; its exit code."""
+    from mergekit_com import cli
+
+    try:
+        cli.main(args)
+        return 0
+    except SystemExit as e:
+        return e.code
