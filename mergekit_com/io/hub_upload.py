@@ -7,12 +7,15 @@ published output folder with huggingface_hub.
 
 from __future__ import annotations
 
+import glob
+
 import huggingface_hub
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from mergekit_com.errors import MergeInputError
+from mergekit_com.io.publish import published_files
 
 
 class HubUploadError(MergeInputError):
@@ -40,11 +43,19 @@ def check_push(repo_id: str) -> None:
 
 
 def push(folder: str, repo_id: str, private: bool) -> str:
-    """Create (or reuse) the model repository and upload ``folder``; its URL."""
+    """Create (or reuse) the model repository and upload the merge in ``folder``; its URL.
+
+    Only the files the merge published go up: never anything else the user keeps in
+    ``out_path``, nor this package's bookkeeping there.
+    """
+    names = published_files(folder)
+    if not names:
+        raise HubUploadError(f"{folder} holds no merge published by mergekit-com to upload")
     api = HfApi()
     try:
         repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(repo_id=repo.repo_id, folder_path=folder, repo_type="model",
+                          allow_patterns=[glob.escape(n) for n in names],
                           commit_message="Upload a Chain of Merges merge (mergekit-com)")
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -75,6 +75,11 @@ def _read_marker(folder: str) -> Dict[str, List[int]]:
         return {}
 
 
+def published_files(folder: str) -> List[str]:
+    """The files the last merge published in ``folder`` (its marker's list), sorted."""
+    return sorted(_read_marker(folder))
+
+
 def inventory(folder: str, ignore: Iterable[str] = ()) -> Tuple[Set[str], List[str]]:
     """(our files, everyone else's entries) in ``folder``, leaving out ``ignore``."""
     listed = _read_marker(folder)

@@ -6,6 +6,7 @@ import huggingface_hub
 import pytest
 import yaml
 from huggingface_hub import RepoUrl
+from huggingface_hub.utils import filter_repo_objects
 
 from mergekit_com import cli
 from mergekit_com.io import hub_upload
@@ -24,11 +25,13 @@ class RecordingHfApi:
         self.calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, *, repo_id, folder_path, repo_type=None, commit_message=None):
+    def upload_folder(self, *, repo_id, folder_path, repo_type=None, commit_message=None,
+                      allow_patterns=None):
         if self.fail_upload:
             raise RuntimeError("403 Forbidden: no write access\nmore detail")
-        self.calls.append(("upload_folder", repo_id, str(folder_path), repo_type,
-                           sorted(os.listdir(folder_path))))
+        # what huggingface_hub itself would select from the folder with these patterns
+        files = sorted(filter_repo_objects(os.listdir(folder_path), allow_patterns=allow_patterns))
+        self.calls.append(("upload_folder", repo_id, str(folder_path), repo_type, files))
 
 
 @pytest.fixture
@@ -60,6 +63,8 @@ def run(*args) -> int:
 
 def test_merge_then_upload_of_the_published_folder(hub, config, tmp_path, capsys):
     out = str(tmp_path / "out")
+    os.makedirs(out)
+    (tmp_path / "out" / "my_notes.txt").write_text("private")  # the user's, not the merge's
     assert run(config, out, "--push-to-hub", REPO_ID, "--private") == 0
     create, upload = hub.calls
     assert create == ("create_repo", REPO_ID, "model", True, True)
@@ -67,7 +72,8 @@ def test_merge_then_upload_of_the_published_folder(hub, config, tmp_path, capsys
     assert (name, repo_id, folder, repo_type) == ("upload_folder", REPO_ID, out, "model")
     # uploaded once published: the whole model, nothing of the work directory
     assert {"model.safetensors", "config.json", "README.md", "com_report.json"} <= set(files)
-    assert files == sorted(os.listdir(out)) and not os.path.exists(out + ".com-work")
+    assert "my_notes.txt" not in files and ".mergekit-com.json" not in files
+    assert not os.path.exists(out + ".com-work")
     assert f"uploaded {out} to https://huggingface.co/{REPO_ID}" in capsys.readouterr().out
 
 
