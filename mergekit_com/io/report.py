@@ -40,8 +40,8 @@ DEFINITIONS = {
     "covariate_shift": (
         "per expert t: ||H_merged - H_t|| / ||H_t|| (Frobenius) over expert t's calibration "
         "tokens, H = hidden states entering the layer in the merged model and in expert t's "
-        "own model; measured on the tokens of expert t's first calibration batch "
-        "(experts[t].covariate_shift_tokens) unless exact_shift is true or the chain and "
+        "own model; measured on a sample of expert t's longest records, at most 256 tokens "
+        "(experts[t].covariate_shift_tokens), unless exact_shift is true or the chain and "
         "objective run both models on every batch anyway"
     ),
 }

@@ -50,12 +50,9 @@ class WalkContext:
 
     def record_shift(self, layer: str) -> None:
         """Covariate shift of the hidden states entering ``layer``, per expert."""
-        streams = self.streams
         with PHASES.phase("report"):
             for t, e in enumerate(self.experts):
-                for b in streams.shared_batches(e):
-                    valid = streams.masks[e][b]
-                    self.report.add_shift(layer, t, streams.merged[e][b][valid],
-                                          streams.own[e][b][valid])
+                for merged, own, valid in self.streams.shift_pairs(e):
+                    self.report.add_shift(layer, t, merged[valid], own[valid])
             if distributed.active():
                 self.report.sum_shift_over_ranks(layer, self.device)

@@ -152,7 +152,8 @@ class LayerMerge:
 
     # ------------------------------------------------------------ steps
     def _own_stream_kept(self) -> bool:
-        return any(self.ctx.streams.own_count.values())
+        streams = self.ctx.streams
+        return streams.sample is not None or any(streams.own_count.values())
 
     def _own_layers(self, gathered: Gathered, needed: bool) -> Dict[Hashable, nn.Module]:
         """Each expert's own layer, where a chain, objective or own stream runs it."""
@@ -225,6 +226,10 @@ class LayerMerge:
                     else:
                         out = run_layer(own_layers[e], streams.own[e][b], streams.call(e, b, self.index))
                     streams.own[e][b] = out
+                if streams.sample is not None:  # the covariate shift's sample, in both models
+                    call = streams.sample_calls[e][self.index]
+                    streams.sample_merged[e][0] = run_layer(merged_layer, streams.sample_merged[e][0], call)
+                    streams.sample_own[e][0] = run_layer(own_layers[e], streams.sample_own[e][0], call)
         # Unmap this layer's weight files: mapped pages would otherwise stay resident
         # and make memory grow with depth (they are re-opened for the next layer).
         ctx.io.end_layer()

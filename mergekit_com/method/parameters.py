@@ -85,9 +85,10 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
               "GB of activations kept on the compute device before spilling to CPU "
               "memory, then disk; 0 = half the free memory at start", walk_wide=True),
     Parameter("exact_shift", bool, False, False,
-              "measure `com_report.json`'s covariate shift on every calibration batch (true), "
-              "not only on each expert's first (false: the merge then runs the experts' own "
-              "models only where `chain` or `objective` needs them)", walk_wide=True),
+              "measure `com_report.json`'s covariate shift on every calibration token (true), "
+              "not on a sample of at most 256 tokens per expert (false: the merge then runs "
+              "the experts' own models only where `chain` or `objective` needs them)",
+              walk_wide=True),
     Parameter("fallback", str, False, Fallback.AVERAGE.value,
               "rule for non-linear tensors (embeddings, norms): `average` or "
               "`task_arithmetic` (needs `base_model`)", _choices(Fallback)),

@@ -5,14 +5,17 @@ Two streams per expert t:
     module`` / ``block``) and the activations the output model will have;
   * ``own``: in expert t's unmerged model: RegMean's inputs (``chain:
     none``) and the targets of ``objective: match_expert``.
-A stream the chain and objective do not need is kept only for the merge
-report's covariate shift, on the first batch of each expert (every batch with
-``exact_shift``), so it costs one batch of forwards, not a second model's.
+Each is kept for every batch only where the chain or objective reads it.
+The merge report's covariate shift compares the two: on every batch when
+both are kept (or with ``exact_shift``), else on a small ``sample`` batch of
+each expert (its first records, at most ``SAMPLE_TOKENS`` tokens) carried
+through both models, which costs a few hundred tokens of forward per layer
+instead of a second model's whole forward.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, List, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,12 +26,25 @@ Batch = Tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
 # Tokens of the probe that finds each layer's groups of linears: the grouping follows
 # the layer's code, not the values, so a few tokens of one sequence do.
 PROBE_TOKENS = 16
+SAMPLE_TOKENS = 256  # per expert, for the covariate shift when it is not measured on everything
+
+
+def sample_of(batch: Batch, tokens: int = SAMPLE_TOKENS) -> Batch:
+    """The first rows of ``batch`` (at least one) holding at most ``tokens`` real tokens."""
+    ids, mask = batch
+    counts = mask.sum(dim=1).tolist()
+    rows, total = 1, counts[0]
+    while rows < len(counts) and total + counts[rows] <= tokens:
+        total += counts[rows]
+        rows += 1
+    width = int(mask[:rows].sum(dim=1).max())
+    return ids[:rows, :width], mask[:rows, :width]
 
 
 class Streams:
     def __init__(self, store: ActivationStore, experts: Sequence[Hashable],
                  batches: Dict[Hashable, List[Batch]], merged_all: bool, own_all: bool,
-                 report_batches: int):
+                 exact_shift: bool):
         self.experts = list(experts)
         self.store = store
         self.batches = batches
@@ -36,12 +52,17 @@ class Streams:
         self.calls: Dict[Hashable, List[List[LayerCall]]] = {e: [] for e in experts}
         self.merged = {e: CachedList(store, "merged", i) for i, e in enumerate(experts)}
         self.own = {e: CachedList(store, "own", i) for i, e in enumerate(experts)}
-
-        def kept(everything: bool) -> Dict[Hashable, int]:
-            return {e: len(batches[e]) if everything else min(report_batches, len(batches[e]))
-                    for e in experts}
-
-        self.merged_count, self.own_count = kept(merged_all), kept(own_all)
+        if exact_shift:
+            merged_all = own_all = True
+        self.merged_count = {e: len(batches[e]) if merged_all else 0 for e in experts}
+        self.own_count = {e: len(batches[e]) if own_all else 0 for e in experts}
+        # the shift's sample, through both models, when the streams do not both run everywhere
+        self.sample: Optional[Dict[Hashable, Batch]] = None
+        if not (merged_all and own_all):
+            self.sample = {e: sample_of(batches[e][0]) for e in experts}
+            self.sample_merged = {e: CachedList(store, "sample_merged", i) for i, e in enumerate(experts)}
+            self.sample_own = {e: CachedList(store, "sample_own", i) for i, e in enumerate(experts)}
+            self.sample_calls: Dict[Hashable, List[LayerCall]] = {}
 
     def stream(self, name: str) -> Dict[Hashable, CachedList]:
         return self.merged if name == "merged" else self.own
@@ -52,12 +73,17 @@ class Streams:
         return lambda: stream[batch]
 
     def count(self, name: str, expert: Hashable) -> int:
-        """How many leading batches of ``expert`` the stream ``name`` holds."""
+        """How many batches of ``expert`` the stream ``name`` holds (all or none)."""
         return (self.merged_count if name == "merged" else self.own_count)[expert]
 
-    def shared_batches(self, expert: Hashable) -> range:
-        """Batches both streams hold: where the covariate shift is measured."""
-        return range(min(self.merged_count[expert], self.own_count[expert]))
+    def shift_pairs(self, expert: Hashable):
+        """(merged, own, valid) hidden states on which the covariate shift is measured."""
+        if self.sample is None:
+            for b, valid in enumerate(self.masks[expert]):
+                yield self.merged[expert][b], self.own[expert][b], valid
+        else:
+            valid = self.sample[expert][1].to(self.store.device).bool()
+            yield self.sample_merged[expert][0], self.sample_own[expert][0], valid
 
     def embed(self, shell, own_params: Dict[Hashable, Dict[str, torch.Tensor]]) -> None:
         """Hidden states entering layer 0, every layer's call arguments, and the probe."""
@@ -75,6 +101,11 @@ class Streams:
                     self.own[e].append(h)
                     calls = calls or own_calls
                 self.calls[e].append(calls)
+            if self.sample is not None:
+                ids, mask = self.sample[e]
+                h, self.sample_calls[e] = shell.embed(ids, mask)
+                self.sample_merged[e].append(h)
+                self.sample_own[e].append(shell.embed(ids, mask, overrides=own_params[e])[0])
 
     def call(self, expert: Hashable, batch: int, layer: int) -> LayerCall:
         return self.calls[expert][batch][layer]

@@ -92,10 +92,9 @@ class ChainWalk:
         experts = list(self.batches)
         streams = Streams(
             store, experts, self.batches,
-            merged_all=chain.stream == "merged" or self.settings.exact_shift,
-            own_all=(chain.stream == "own" or objective.needs_expert_inputs
-                     or self.settings.exact_shift),
-            report_batches=1,
+            merged_all=chain.stream == "merged",
+            own_all=chain.stream == "own" or objective.needs_expert_inputs,
+            exact_shift=self.settings.exact_shift,
         )
         return WalkContext(self.shell, self.io, self.report, self.progress, streams, chain,
                            objective, self.device, self.shell.dtype, pass_budget=self.pass_budget)

@@ -77,8 +77,8 @@ def test_residual_matches_its_definition(zoo2, merged):
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_covariate_shift_matches_its_definition(zoo2, tmp_path, exact):
-    """On each expert's first batch by default (here its 3 longest records of 12, at 16 tokens
-    each), on all of them with exact_shift."""
+    """On a sample of each expert's longest records by default (here its first batch: 3 of
+    12 records, at 16 tokens each), on all of them with exact_shift."""
     out = str(tmp_path / "out")
     merge(com_config(experts(zoo2), ridge=1e-6, batch_size=3, max_seq_len=16,
                      exact_shift=exact), out)

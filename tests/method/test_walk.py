@@ -134,3 +134,16 @@ def test_the_walk_leaves_the_grad_mode_as_it_found_it(llama, chain):
     walk(llama, chain)
     gc.collect()
     assert torch.is_grad_enabled()
+
+
+def test_the_shift_sample_is_the_first_rows_of_a_batch_up_to_its_token_bound():
+    from mergekit_com.method.streams import sample_of
+
+    ids = torch.arange(4 * 6).reshape(4, 6)
+    mask = torch.tensor([[1] * 6, [1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    got_ids, got_mask = sample_of((ids, mask), tokens=11)
+    assert torch.equal(got_ids, ids[:2]) and int(got_mask.sum()) == 11
+    one_ids, _ = sample_of((ids, mask), tokens=3)  # never fewer than one record
+    assert torch.equal(one_ids, ids[:1])
+    _, trimmed = sample_of((ids[2:], mask[2:]), tokens=100)
+    assert trimmed.shape == (2, 4)  # padded only to its own longest row
