@@ -2,11 +2,13 @@
 
 Importing this package makes the method available to mergekit (it is also
 made available automatically at start-up by ``mergekit_com_autoload.pth``
-unless ``MERGEKIT_COM_AUTOLOAD=0``).
+unless ``MERGEKIT_COM_AUTOLOAD=0``). The method itself is in ``method/``;
+``integration/`` connects it to mergekit; ``docs/architecture.md`` has the map.
 """
 
-__version__ = "0.1.0"
-
-from mergekit_com import _autoload
+from mergekit_com.integration import autoload as _autoload
+from mergekit_com.version import __version__
 
 _autoload.install()
+
+__all__ = ["__version__"]

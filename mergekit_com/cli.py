@@ -24,7 +24,7 @@ def _command(seen: dict) -> click.Command:
     """mergekit's ``mergekit-yaml`` command with a ``--resume`` flag added."""
     from mergekit.scripts.run_yaml import main as run_yaml
 
-    from mergekit_com.staged_merge import RESUME_ONLY
+    from mergekit_com.integration.staged_merge import RESUME_ONLY
 
     def callback(resume: bool, **kwargs):
         seen["config_file"] = kwargs.get("config_file")

@@ -1,18 +1,18 @@
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Merges in child processes must use the thread count of the in-process references they
+# are compared with bit for bit: BLAS sums in another order with another thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Tiny models on 2 shared cores: one thread is far faster than the default.
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(__file__))
-
-import pico  # noqa: E402
+from tests.support import pico  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 quality: every method, knobs tuned on val, scored on eval (with 95% bootstrap CIs);
 candidates: fixed configurations of ours (the defaults investigation), on val and eval;
 budget: the default merge against calibration tokens per expert; scale: cost vs depth.
+See docs/benchmark.md.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def _child(argv: List[str]) -> None:
     import mergekit_com  # noqa: F401  (chain_of_merges available even with autoload off)
     from mergekit.scripts.run_yaml import main as run_yaml_cmd
 
-    from mergekit_com.timing import PHASES
+    from mergekit_com.method.timing import PHASES
 
     if os.environ.get("MERGEKIT_COM_BENCH_NAIVE") == "1":
         from .naive import install

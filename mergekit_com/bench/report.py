@@ -73,7 +73,7 @@ def _report_tokens(path: str) -> int:
 
 def cost_table(result: dict) -> str:
     """Where our merges spend their time, and their calibration throughput."""
-    from ..timing import ORDER
+    from ..method.timing import ORDER
 
     rows = [r for r in result["methods"] if r["merge_method"] == "chain_of_merges"
             and (Path(r["path"]) / "com_report.json").exists()]

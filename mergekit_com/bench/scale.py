@@ -125,7 +125,7 @@ def run(out: Path, depths: Sequence[int] = (4, 8, 16, 32), threads: int = 1, dev
 
 
 def table(result: dict) -> str:
-    from ..timing import ORDER
+    from ..method.timing import ORDER
 
     lines = ["| layers | CoM s | " + " | ".join(ORDER) + " | ties s | CoM / ties | naive s | naive / CoM "
              "| CoM peak RSS MB | ties peak RSS MB |",

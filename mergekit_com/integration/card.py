@@ -1,0 +1,153 @@
+"""The model card of a CoM merge: mergekit's card, extended.
+
+The staged ``run_merge`` (``staged_merge.py``) has mergekit skip its card and
+writes it here instead, with mergekit's public ``generate_card``: the card
+keeps mergekit's text and front matter, gains the ``chain-of-merges`` tag,
+and a section with the method, the parameters used, each expert's
+calibration source (read back from ``com_report.json``) and the citation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+from huggingface_hub import ModelCard
+from mergekit.card import generate_card, modelref_md
+from mergekit.common import ModelReference
+
+from mergekit_com.integration.config_views import ordered_models
+from mergekit_com.io.report import REPORT_NAME
+from mergekit_com.method.parameters import PAPER_URL
+
+TAG = "chain-of-merges"
+
+BIBTEX = """@misc{buzzega2025chainofmerges,
+  title         = {Rethinking Layer-wise Model Merging through Chain of Merges},
+  author        = {Buzzega, Pietro and Salami, Riccardo and Porrello, Angelo and Calderara, Simone},
+  year          = {2025},
+  eprint        = {2508.21421},
+  archivePrefix = {arXiv},
+  url           = {https://arxiv.org/abs/2508.21421}
+}"""
+
+_CHAIN_TEXT = {
+    "module": "measured in the already merged model, including the merged linears and norms "
+              "of the same layer (`chain: module`, the method of the paper)",
+    "block": "measured in the already merged model up to each layer, then each expert's own "
+             "weights inside it (`chain: block`)",
+    "none": "measured in each expert's own model (`chain: none`, i.e. RegMean)",
+}
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict) and "varies" in v:
+        return "per tensor: " + ", ".join(f"`{x}`" for x in v["varies"])
+    return f"`{v}`"
+
+
+def com_section(report: Optional[Dict[str, Any]]) -> str:
+    settings = (report or {}).get("settings", {})
+    chain = settings.get("chain")
+    how = _CHAIN_TEXT.get(chain, "measured as set by `chain`") if isinstance(chain, str) else (
+        "measured as set by `chain`")
+    lines = [
+        "### Chain of Merges",
+        "",
+        f"Merged with [Chain of Merges]({PAPER_URL}) (CoM; Buzzega et al., 2025) through the "
+        "`mergekit-com` package: layer by layer in forward order, every linear layer is solved "
+        "in closed form so that its outputs match each expert's on that expert's calibration "
+        f"data, with its inputs {how}. Embeddings, norms and other tensors follow the "
+        "`fallback` rule.",
+        "",
+    ]
+    if settings:
+        lines += ["| parameter | value |", "|---|---|"]
+        lines += [f"| `{k}` | {_value(v)} |" for k, v in settings.items()]
+        lines.append("")
+    experts = (report or {}).get("experts", [])
+    if experts:
+        lines += [
+            "#### Calibration data",
+            "",
+            "| model | weight | calibration file | samples | tokens | SHA-256 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in experts:
+            cal = e.get("calibration") or {}
+            lines.append(
+                f"| {modelref_md(ModelReference.model_validate(e['model']))} | {_value(e['weight'])} "
+                f"| `{cal.get('file')}` | {cal.get('samples')} | {cal.get('tokens')} "
+                f"| `{cal.get('sha256') or 'n/a (directory)'}` |"
+            )
+        lines += [
+            "",
+            f"`{REPORT_NAME}` holds, per layer and expert, the regression's relative residual "
+            "and the covariate shift between this model's activations and the expert's own.",
+            "",
+        ]
+    lines += ["### Citation", "", "```bibtex", BIBTEX, "```", ""]
+    return "\n".join(lines)
+
+
+def extend_card(card_md: str, report: Optional[Dict[str, Any]]) -> str:
+    """mergekit's card with the CoM tag and section (before its configuration block)."""
+    card = ModelCard(card_md)
+    data = card.data
+    data.library_name = data.library_name or "transformers"
+    tags = list(data.tags or [])
+    for tag in ("mergekit", "merge", TAG):
+        if tag not in tags:
+            tags.append(tag)
+    data.tags = tags
+    if not data.base_model:
+        data.base_model = None  # the Hub wants repo ids; local inputs have none
+    section = com_section(report)
+    text = card.text
+    marker = "### Configuration"
+    text = text.replace(marker, section + "\n" + marker, 1) if marker in text else (
+        text.rstrip() + "\n\n" + section)
+    card.text = text
+    return str(card)
+
+
+class _InConfigOrder:
+    """The config, with ``referenced_models()`` in config order instead of a set's.
+
+    mergekit lists a set (its order changes with the process's hash seed), so
+    the card would differ from run to run; CoM output is bit-identical.
+    """
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+    def referenced_models(self):
+        ordered = ordered_models(self._config)
+        rest = sorted(set(self._config.referenced_models()) - set(ordered), key=str)
+        return ordered + rest
+
+
+def card_markdown(config, config_yaml: str, name: str,
+                  report: Optional[Dict[str, Any]] = None) -> str:
+    """mergekit's card for this merge, extended with the CoM section."""
+    text = generate_card(config=_InConfigOrder(config), config_yaml=config_yaml, name=name)
+    return extend_card(text, report)
+
+
+def write_card(config, config_yaml: str, out_dir: str) -> None:
+    """``README.md`` and ``mergekit_config.yml``, as mergekit's ``run_merge`` writes them,
+    with the card extended (called after the merge, so the report is there to read)."""
+    path = os.path.join(out_dir, REPORT_NAME)
+    report = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fp:
+            report = json.load(fp)
+    text = card_markdown(config, config_yaml, os.path.basename(out_dir), report)
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as fp:
+        fp.write(text)
+    with open(os.path.join(out_dir, "mergekit_config.yml"), "w", encoding="utf-8") as fp:
+        fp.write(config_yaml)

@@ -1,0 +1,75 @@
+"""Read-only views of a mergekit ``MergeConfiguration``: the models and the
+``parameters:`` mappings a user wrote, wherever the config syntax puts them."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Tuple
+
+from mergekit.common import ModelReference
+
+
+def listed_models(config) -> List[ModelReference]:
+    """Models the user wrote under models:/slices:/modules: (before mergekit adds the base)."""
+    out: List[ModelReference] = []
+    for m in config.models or []:
+        out.append(m.model)
+    for s in config.slices or []:
+        out.extend(src.model for src in s.sources)
+    for mod in (config.modules or {}).values():
+        out.extend(m.model for m in mod.models or [])
+        for s in mod.slices or []:
+            out.extend(src.model for src in s.sources)
+    return list(dict.fromkeys(out))
+
+
+def ordered_models(config) -> List[ModelReference]:
+    """Base first, then the experts in the order the config lists them."""
+    out = [config.base_model] if config.base_model else []
+    return list(dict.fromkeys(out + listed_models(config)))
+
+
+def parameter_scopes(config) -> Iterable[Tuple[str, Dict[str, Any], bool]]:
+    """Every ``parameters:`` mapping a user can write: (where, mapping, is per-model)."""
+    yield "parameters", config.parameters, False
+    for i, m in enumerate(config.models or []):
+        yield f"models[{i}] ({m.model})", m.parameters, True
+    for si, s in enumerate(config.slices or []):
+        yield f"slices[{si}]", s.parameters, False
+        for j, src in enumerate(s.sources):
+            yield f"slices[{si}].sources[{j}] ({src.model})", src.parameters, True
+    for name, mod in (config.modules or {}).items():
+        yield f"modules.{name}", mod.parameters, False
+        for i, m in enumerate(mod.models or []):
+            yield f"modules.{name}.models[{i}] ({m.model})", m.parameters, True
+        for si, s in enumerate(mod.slices or []):
+            yield f"modules.{name}.slices[{si}]", s.parameters, False
+            for j, src in enumerate(s.sources):
+                yield f"modules.{name}.slices[{si}].sources[{j}] ({src.model})", src.parameters, True
+
+
+def scalars(setting: Any) -> Iterable[Any]:
+    """The plain values inside a setting (a scalar, a gradient, or filters)."""
+    if isinstance(setting, list):
+        for item in setting:
+            yield from scalars(item)
+    elif hasattr(setting, "value"):  # ConditionalParameter
+        yield from scalars(setting.value)
+    else:
+        yield setting
+
+
+def calibration_sources(config) -> List[str]:
+    """Every `calibration` value written anywhere in the config."""
+    found = []
+    for _where, params, _per_model in parameter_scopes(config):
+        for value in scalars((params or {}).get("calibration")):
+            if isinstance(value, str) and value:
+                found.append(value)
+    return sorted(set(found))
+
+
+def tokenizer_source(config):
+    """``tokenizer.source`` or ``tokenizer_source``: set when mergekit builds the output vocabulary."""
+    if config.tokenizer is not None:
+        return config.tokenizer.source
+    return config.tokenizer_source

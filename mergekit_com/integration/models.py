@@ -1,0 +1,103 @@
+"""Reaching an input model's files through mergekit's ``ModelReference``: its local
+folder (a LoRA applied first), config, weight files and tokenizer, each failure as
+one line naming the model."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Tuple
+
+from mergekit.common import ModelReference
+
+from mergekit_com.errors import ChainConfigError
+from mergekit_com.io.calibration import CalibrationError
+
+
+def first_line(error: BaseException) -> str:
+    return ((str(error).strip().splitlines() or [type(error).__name__])[0])[:200]
+
+
+def local_dir(model: ModelReference, options) -> str:
+    try:
+        merged = model.merged(  # applies a LoRA, as mergekit itself would next
+            cache_dir=options.lora_merge_cache,
+            trust_remote_code=options.trust_remote_code,
+            lora_merge_dtype=options.lora_merge_dtype,
+        )
+    except Exception as e:
+        raise ChainConfigError(f"model {model}: its LoRA could not be applied ({first_line(e)})") from None
+    path = merged.model.path
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # as mergekit's card tells
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ChainConfigError(f"model {model} does not exist; check the path")
+    try:
+        return merged.local_path(cache_dir=options.transformers_cache)
+    except Exception as e:
+        raise ChainConfigError(
+            f"model {model}: not a local directory and not available from the Hugging Face "
+            f"hub ({first_line(e)}); check the path"
+        ) from None
+
+
+def load_config(model: ModelReference, path: str, options):
+    try:
+        return model.config(trust_remote_code=options.trust_remote_code)
+    except Exception as e:
+        config_file = os.path.join(path, "config.json")
+        auto_map = None
+        if os.path.isfile(config_file):
+            try:
+                with open(config_file, encoding="utf-8") as fp:
+                    auto_map = json.load(fp).get("auto_map")
+            except (ValueError, AttributeError):
+                pass
+        if auto_map and not options.trust_remote_code:
+            raise ChainConfigError(
+                f"model {model} needs its own Python code to load (config.json has auto_map); "
+                "that code is not run unless you pass --trust-remote-code (review it first)"
+            ) from None
+        raise ChainConfigError(f"model {model}: its config could not be loaded ({first_line(e)})") from None
+
+
+def weight_files(model: ModelReference, path: str) -> Tuple[bool, List[str]]:
+    """The weight files mergekit reads (the same choice as its ShardedTensorIndex)."""
+    for name, safe in (("model.safetensors", True), ("pytorch_model.bin", False)):
+        index = os.path.join(path, name + ".index.json")
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as fp:
+                    weight_map = json.load(fp)["weight_map"]
+                return safe, sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ChainConfigError(f"model {model}: {name}.index.json is malformed ({e})") from None
+        if os.path.exists(os.path.join(path, name)):
+            return safe, [name]
+    raise ChainConfigError(
+        f"model {model}: no model.safetensors or pytorch_model.bin (nor a sharded index) in {path}"
+    )
+
+
+def model_tokenizer(model: ModelReference, options):
+    """The expert's tokenizer; a LoRA-merged copy has none, so fall back to the
+    adapter's folder, then the base model's."""
+    from transformers import AutoTokenizer
+
+    merged = model.merged(
+        cache_dir=options.lora_merge_cache,
+        trust_remote_code=options.trust_remote_code,
+        lora_merge_dtype=options.lora_merge_dtype,
+    )
+    places = [merged.model] + ([model.lora, model.model] if model.lora else [])
+    for place in places:
+        try:
+            return AutoTokenizer.from_pretrained(
+                place.path, revision=place.revision,
+                trust_remote_code=options.trust_remote_code,
+            )
+        except (OSError, ValueError, TypeError) as e:
+            error = e
+    raise CalibrationError(
+        f"no tokenizer for model {model} (looked in {', '.join(p.path for p in places)}): "
+        f"{error}; add tokenizer files or set tokenizer_source"
+    )

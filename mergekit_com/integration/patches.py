@@ -1,0 +1,74 @@
+"""Every change this package makes to mergekit, in one place.
+
+mergekit 0.1.5 has no plugin discovery and no hook around planning or
+``run_merge``, so:
+  * ``register_method`` adds ``chain_of_merges`` through the public registry;
+  * ``route_planner`` wraps ``MergePlanner.plan_to_disk``: chain_of_merges
+    plans become one chain task (``planner.py``); other methods untouched;
+  * ``route_run_merge`` wraps ``mergekit.merge.run_merge`` (and the reference
+    ``mergekit.scripts.run_yaml`` took at import): chain_of_merges configs
+    get checks, staged output and resume (``staged_merge.py``);
+Each wrapper is idempotent, marks itself with ``_mergekit_com``, and imports
+what it routes to only when called (this module is imported by the start-up
+hook while mergekit is still importing). The one private mergekit name used
+is in ``mergekit_internals.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+
+from mergekit_com.method.parameters import METHOD_NAME
+
+
+def register_method() -> None:
+    module = sys.modules.get("mergekit_com.integration.method")
+    if module is None:
+        importlib.import_module("mergekit_com.integration.method")  # registers when imported
+    elif hasattr(module, "chain_of_merges"):
+        module.register()
+    # else it is being imported right now, and registers itself at the end
+
+
+def route_planner() -> None:
+    from mergekit.plan import MergePlanner
+
+    original = MergePlanner.plan_to_disk
+    if getattr(original, "_mergekit_com", False):
+        return
+
+    @functools.wraps(original)
+    def plan_to_disk(self: MergePlanner, out_path: str):
+        if self.config.merge_method != METHOD_NAME:
+            return original(self, out_path)
+        from mergekit_com.integration.planner import plan_chain
+
+        return plan_chain(self, out_path, original)
+
+    plan_to_disk._mergekit_com = True
+    MergePlanner.plan_to_disk = plan_to_disk
+
+
+def route_run_merge() -> None:
+    import mergekit.merge as merge_module
+
+    original = merge_module.run_merge
+    if getattr(original, "_mergekit_com", False):
+        return
+
+    @functools.wraps(original)
+    def run_merge(merge_config, out_path, options, config_source=None):
+        if merge_config.merge_method != METHOD_NAME:
+            return original(merge_config, out_path, options, config_source=config_source)
+        from mergekit_com.integration.staged_merge import run_chain_merge
+
+        return run_chain_merge(original, merge_config, out_path, options, config_source)
+
+    run_merge._mergekit_com = True
+    merge_module.run_merge = run_merge
+    # A command module imported before us holds its own reference.
+    module = sys.modules.get("mergekit.scripts.run_yaml")
+    if module is not None and getattr(module, "run_merge", None) is original:
+        module.run_merge = run_merge

@@ -1,0 +1,204 @@
+"""Checks on the input models that stop a chain_of_merges run before heavy work.
+
+``check_models`` reads only configs, tokenizers and weight-file headers
+(pickled ``.bin`` files are opened with the weights-only unpickler, which
+refuses anything but tensors, so no code in them ever runs).
+``check_calibration`` reads and tokenizes each expert's calibration data.
+``scan_weights`` reads every tensor once for NaN/Inf: as much I/O as the
+merge's own loading, but none of its compute, so it runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import tqdm
+from mergekit.common import ModelReference
+
+from mergekit_com.errors import ChainConfigError
+from mergekit_com.integration.config_views import ordered_models, tokenizer_source
+from mergekit_com.integration.models import (
+    first_line,
+    load_config,
+    local_dir,
+    model_tokenizer,
+    weight_files,
+)
+from mergekit_com.io.calibration import load_calibration
+
+Shapes = Dict[str, Tuple[int, ...]]
+
+
+def safe_unpickle(path: str, shown: str) -> Dict[str, torch.Tensor]:
+    """A pickled checkpoint through the weights-only unpickler, on the meta device.
+
+    Explicit ``weights_only=True`` holds even when the environment sets
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``; once this succeeded, mergekit's own
+    loads of the same file can only build tensors too.
+    """
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it refers to {found.group(1)}" if found else "not a plain tensor checkpoint"
+        raise ChainConfigError(
+            f"{shown} holds pickled objects other than tensors ({what}); it was not "
+            "unpickled, since that could run code. Use a safetensors copy of this model"
+        ) from None
+    except Exception as e:
+        raise ChainConfigError(f"{shown} could not be read as a PyTorch checkpoint ({first_line(e)})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ChainConfigError(f"{shown} is not a state dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def tensor_shapes(model: ModelReference, path: str) -> Shapes:
+    from safetensors import safe_open
+
+    safe, files = weight_files(model, path)
+    shapes: Shapes = {}
+    for name in files:
+        full = os.path.join(path, name)
+        shown = f"model {model}: {name}"
+        if not os.path.isfile(full):
+            raise ChainConfigError(f"{shown} is listed in the index but missing")
+        if safe:
+            try:
+                with safe_open(full, framework="pt") as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except Exception as e:
+                raise ChainConfigError(f"{shown} is not a readable safetensors file ({first_line(e)})") from None
+        else:
+            shapes.update({k: tuple(v.shape) for k, v in safe_unpickle(full, shown).items()})
+    return shapes
+
+
+def _vocabulary(model: ModelReference, options) -> Optional[Dict[str, int]]:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            model.model.path, revision=model.model.revision,
+            trust_remote_code=options.trust_remote_code,
+        )
+    except Exception:
+        return None  # no tokenizer: reported where calibration needs one
+    return tok.get_vocab()
+
+
+def check_models(config, options) -> Dict[ModelReference, str]:
+    """Same architecture, same vocabulary, same tensor shapes; weights safely readable.
+
+    Returns each model's local directory.
+    """
+    models = ordered_models(config)
+    paths = {m: local_dir(m, options) for m in models}
+    configs = {m: load_config(m, paths[m], options) for m in models}
+    first = models[0]
+
+    def arch(m):
+        return (configs[m].model_type, tuple(configs[m].architectures or ()))
+
+    for m in models[1:]:
+        if arch(m) != arch(first):
+            raise ChainConfigError(
+                f"model {m} is a {'/'.join(arch(m)[1]) or arch(m)[0]} but {first} is a "
+                f"{'/'.join(arch(first)[1]) or arch(first)[0]}; {config.merge_method} merges "
+                "models of one architecture fine-tuned from one base"
+            )
+
+    shapes = {m: tensor_shapes(m, paths[m]) for m in models}
+
+    if tokenizer_source(config) is None:
+        vocabs = {m: _vocabulary(m, options) for m in models}
+        for m in models[1:]:
+            sizes = (getattr(configs[m], "vocab_size", None), getattr(configs[first], "vocab_size", None))
+            differ = sizes[0] != sizes[1] or (
+                vocabs[m] is not None and vocabs[first] is not None and vocabs[m] != vocabs[first]
+            )
+            if differ:
+                raise ChainConfigError(
+                    f"models {first} and {m} have different vocabularies; set "
+                    "`tokenizer_source: union` (or base, or one model) so that mergekit "
+                    "aligns their embeddings"
+                )
+
+    for m in models[1:]:
+        tied = getattr(configs[m], "tie_word_embeddings", False) or getattr(
+            configs[first], "tie_word_embeddings", False)
+        for name in sorted(set(shapes[first]) | set(shapes[m])):
+            a, b = shapes[first].get(name), shapes[m].get(name)
+            if a == b or (tied and "lm_head" in name):
+                continue
+            if a is not None and b is not None and tokenizer_source(config) is not None and (
+                "embed" in name or "lm_head" in name
+            ):
+                continue  # vocabularies differ on purpose; mergekit aligns them
+            if a is None or b is None:
+                lacking, other = (first, m) if a is None else (m, first)
+                detail = f"{lacking} lacks {name}, which {other} has"
+            else:
+                detail = f"{name} is {list(b)} in {m} but {list(a)} in {first}"
+            raise ChainConfigError(
+                f"models {first} and {m} differ in shape: {detail}; "
+                f"{config.merge_method} merges models of one size fine-tuned from one base"
+            )
+    return paths
+
+
+def check_calibration(experts, calibration, num_samples: int, max_seq_len: int, options,
+                      shared_tokenizer: bool) -> None:
+    """Every expert's calibration data loads and tokenizes (own tokenizer)."""
+    for model in experts:
+        source = calibration[model]  # present and existing: see check_planned_values
+        try:
+            tok = model_tokenizer(model, options)
+        except Exception as e:
+            hint = "" if shared_tokenizer else " or set tokenizer_source"
+            raise ChainConfigError(
+                f"model {model}: its tokenizer could not be loaded ({first_line(e)}); add the "
+                f"tokenizer files to the model{hint}"
+            ) from None
+        load_calibration(source, tok, num_samples, max_seq_len, model=model)
+
+
+SCAN_UNMAP_BYTES = 32 << 20
+
+
+def scan_weights(models: List[ModelReference], options) -> None:
+    """NaN or Inf anywhere in an input model stops the merge, naming the tensor."""
+    from mergekit.io.tasks import LoaderCache
+
+    cache = LoaderCache()
+    for model in tqdm.tqdm(models, desc="Checking weights", disable=options.quiet):
+        loader = cache.get(model)
+        # shard by shard: a pickled shard is read whole each time the loader switches
+        paths = loader.index.tensor_paths
+        mapped = 0
+        for name in sorted(paths, key=lambda n: (paths[n], n)):
+            t = loader.get_tensor(name, device="cpu")
+            # Unmap a safetensors file every few MB read: its touched pages would otherwise
+            # stay resident and the check alone would hold a whole shard (pickled shards
+            # are read whole anyway, so they are left open until the loader moves on).
+            mapped += t.numel() * t.element_size()
+            if mapped > SCAN_UNMAP_BYTES and paths[name].endswith(".safetensors"):
+                loader.flush()
+                mapped = 0
+            if not t.is_floating_point():
+                continue
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(t).sum())
+                inf = int((~finite).sum()) - nan
+                what = " and ".join(f"{n} {k}" for n, k in ((nan, "NaN"), (inf, "Inf")) if n)
+                raise ChainConfigError(
+                    f"model {model}: tensor {name} holds {what} value(s); a merge would spread "
+                    "them, so repair or re-export this model"
+                )
+        loader.flush()

@@ -1,0 +1,148 @@
+"""Every parameter of ``chain_of_merges``: name, type, scope, default, meaning, valid values.
+
+The single source of truth: mergekit's method spec, the config checks, the
+README's parameter table (tested) and the merge report are all built from
+``PARAMETERS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Dict, Optional, Tuple
+
+from mergekit_com.errors import ChainConfigError
+
+METHOD_NAME = "chain_of_merges"
+PAPER_URL = "https://arxiv.org/abs/2508.21421"
+
+
+class Chain(str, Enum):
+    """Where each linear's inputs are measured."""
+
+    MODULE = "module"  # CoM: the merged model so far, inside the layer too
+    BLOCK = "block"  # the merged model up to the layer, the expert's own weights inside it
+    NONE = "none"  # the expert's own model: RegMean
+
+
+class Objective(str, Enum):
+    """What each linear is fitted to reproduce."""
+
+    REGMEAN = "regmean"
+    MATCH_EXPERT = "match_expert"
+
+
+class Fallback(str, Enum):
+    """The rule for every tensor that is not a linear's weight or bias."""
+
+    AVERAGE = "average"
+    TASK_ARITHMETIC = "task_arithmetic"
+
+
+ACTIVATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: Any
+    per_model: bool  # set under a model's `parameters:` (else the merge's)
+    default: Any
+    description: str
+    choices: Tuple[str, ...] = ()
+    walk_wide: bool = False  # shapes the walk itself: one value for the whole merge
+
+
+def _choices(enum) -> Tuple[str, ...]:
+    return tuple(e.value for e in enum)
+
+
+PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
+    Parameter("chain", str, False, Chain.MODULE.value,
+              "where each linear's inputs come from: `module` (CoM: the merged model so far, "
+              "inside the block too), `block` (merged block inputs, expert's own block), "
+              "`none` (expert's own model: plain RegMean)", _choices(Chain), walk_wide=True),
+    Parameter("objective", str, False, Objective.REGMEAN.value,
+              "`regmean`: fit each expert's weights on its inputs; `match_expert`: fit "
+              "what expert t's own layer outputs on its own activations",
+              _choices(Objective), walk_wide=True),
+    Parameter("alpha", float, False, 0.9,
+              "off-diagonal keep ratio of each Gram, in [0, 1] (1 = no shrinkage)"),
+    Parameter("ridge", float, False, 1e-5,
+              "ridge added to the summed Gram, relative to its mean diagonal"),
+    Parameter("num_samples", int, False, 128, "first N records of each calibration file",
+              walk_wide=True),
+    Parameter("max_seq_len", int, False, 512, "tokens kept per record", walk_wide=True),
+    Parameter("batch_size", int, False, 8, "sequences per forward pass", walk_wide=True),
+    Parameter("activation_dtype", str, False, "auto",
+              "dtype of the cached activations between layers: `auto` (bfloat16 on "
+              "GPU, float32 on CPU), `float32`, `bfloat16`, `float16`; Grams are "
+              "always summed in float32 or better", ACTIVATION_DTYPES, walk_wide=True),
+    Parameter("activation_budget", float, False, 0.0,
+              "GB of activations kept on the compute device before spilling to CPU "
+              "memory, then disk; 0 = half the free memory at start", walk_wide=True),
+    Parameter("fallback", str, False, Fallback.AVERAGE.value,
+              "rule for non-linear tensors (embeddings, norms): `average` or "
+              "`task_arithmetic` (needs `base_model`)", _choices(Fallback)),
+    Parameter("lambda", float, False, 1.0,
+              "scale of the summed task vectors under `fallback: task_arithmetic`"),
+    Parameter("calibration", Optional[str], True, None,
+              "per model: calibration data (.jsonl/.json with `text` or `messages`, "
+              ".txt, .parquet, or a `datasets` directory)"),
+    Parameter("weight", float, True, 1.0,
+              "per model: weight of this expert in every solve and average"),
+)}
+
+WALK_WIDE = tuple(name for name, p in PARAMETERS.items() if p.walk_wide)
+_POSITIVE = ("num_samples", "max_seq_len", "batch_size")
+_NON_NEGATIVE = ("ridge", "weight", "activation_budget")
+
+
+def check_value(name: str, value: Any, where: str) -> None:
+    """Range and choice checks; ``where`` says where the value came from."""
+
+    def bad(rule: str) -> ChainConfigError:
+        return ChainConfigError(f"parameter '{name}' = {value!r} {where} {rule}")
+
+    parameter = PARAMETERS[name]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad("must be a finite number")
+    if name == "alpha" and not 0.0 <= value <= 1.0:
+        raise bad("must be in [0, 1]")
+    if name in _POSITIVE and value <= 0:
+        raise bad("must be a positive integer")
+    if name in _NON_NEGATIVE and value < 0:
+        raise bad("must be >= 0")
+    if parameter.choices and value not in parameter.choices:
+        raise bad(f"must be one of {', '.join(parameter.choices)}")
+
+
+@dataclass(frozen=True)
+class WalkSettings:
+    """The walk-wide values (one for the whole merge)."""
+
+    chain: Chain = Chain.MODULE
+    objective: Objective = Objective.REGMEAN
+    batch_size: int = 8
+    activation_dtype: str = "auto"
+    activation_budget: float = 0.0
+
+    @classmethod
+    def from_values(cls, values: Dict[str, Any]) -> "WalkSettings":
+        return cls(
+            chain=Chain(values["chain"]),
+            objective=Objective(values["objective"]),
+            batch_size=values["batch_size"],
+            activation_dtype=values["activation_dtype"],
+            activation_budget=values["activation_budget"],
+        )
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """What one linear's solve uses, as resolved for its weight tensor (filters, slices)."""
+
+    alpha: float
+    ridge: float
+    weights: Tuple[float, ...]  # one per expert, in the walk's expert order

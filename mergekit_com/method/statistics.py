@@ -1,0 +1,59 @@
+"""Calibration statistics of one input shared by a group of linears (q/k/v, gate/up, ...).
+
+Per expert: the running sums of ``X^T X`` (and ``X^T Z`` for ``match_expert``)
+over that expert's non-padding tokens, summed over ranks under torchrun,
+then turned into the mean statistics the solve uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Hashable, Optional, Sequence, Set
+
+import torch
+
+from mergekit_com.method import distributed, linalg
+
+LOG = logging.getLogger("mergekit.chain_of_merges.statistics")  # under mergekit's logger
+
+
+def token_rows(x: torch.Tensor, valid: torch.Tensor, biased: bool) -> torch.Tensor:
+    """The non-padding tokens of a batch as float32 rows, with a ones column for a bias."""
+    x = x[valid].to(torch.float32)
+    return linalg.with_ones_column(x) if biased else x
+
+
+class GroupStatistics:
+    """Moments of one shared input, per expert."""
+
+    def __init__(self, experts: Sequence[Hashable], biased: bool, cross: bool):
+        self.experts = list(experts)
+        self.biased = biased  # the group has a bias: solved as a column on a constant input
+        self.cross = cross  # also accumulate X^T Z (objective: match_expert)
+        self.moments: Dict[Hashable, linalg.Moments] = {e: linalg.Moments() for e in experts}
+
+    def add(self, expert: Hashable, x: torch.Tensor, valid: torch.Tensor,
+            z: Optional[torch.Tensor] = None) -> None:
+        """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term)."""
+        rows = token_rows(x, valid, self.biased)
+        targets = token_rows(z, valid, self.biased) if self.cross else None
+        self.moments[expert].add(rows, targets)
+
+    def finish(self, where: str, warned: Set[Hashable]) -> linalg.SharedInputStats:
+        """Sum over ranks, warn once per expert about too few tokens, return the means."""
+        distributed.all_reduce_moments(self.moments.values())
+        for expert, mo in self.moments.items():
+            if mo.gram is None or expert in warned:
+                continue
+            width = mo.gram.shape[0]
+            if mo.count < width:
+                warned.add(expert)  # once per expert: later layers are alike
+                LOG.warning(
+                    "model %s: %d calibration tokens for %d input features (%s): the Gram is "
+                    "rank-deficient and only the ridge regularises it; give more calibration "
+                    "data for a better merge", expert, mo.count, width, where,
+                )
+        return linalg.SharedInputStats(
+            grams={e: mo.mean_gram() for e, mo in self.moments.items()},
+            crosses={e: mo.mean_cross() for e, mo in self.moments.items()} if self.cross else {},
+        )

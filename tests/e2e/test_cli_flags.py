@@ -1,0 +1,35 @@
+"""mergekit-yaml's flags parsed for real, all in one run (each start-up costs seconds)."""
+
+import os
+import subprocess
+import sys
+
+import torch
+import yaml
+
+from tests.support.merging import com_config, experts, merge, read_tensors
+
+FLAGS = ["--lazy-unpickle", "--low-cpu-memory", "--out-shard-size", "20K", "--no-copy-tokenizer",
+         "--no-write-model-card", "--random-seed", "3", "--trust-remote-code", "--device", "cpu",
+         "--quiet", "-v"]
+
+
+def test_mergekit_yaml_with_every_cpu_flag(zoo2, tmp_path):
+    cfg = com_config(experts(zoo2))
+    path = tmp_path / "com.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
+                        str(path), str(out), *FLAGS],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    files = set(os.listdir(out))
+    assert "model.safetensors.index.json" in files  # --out-shard-size
+    assert not {"tokenizer.json", "README.md"} & files  # --no-copy-tokenizer, --no-write-model-card
+    assert "com_report.json" in files
+    assert "INFO:mergekit.chain_of_merges.walk:" in r.stderr  # -v reaches our logger
+    assert "%|" not in r.stderr  # --quiet: no progress bars
+    reference = merge(cfg, str(tmp_path / "api"))
+    merged = read_tensors(str(out))
+    assert merged.keys() == reference.keys()
+    assert all(torch.equal(merged[k], reference[k]) for k in reference)

@@ -1,0 +1,104 @@
+"""com_report.json: relative residuals and covariate shifts, checked against direct computation."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.support.closed_form import captured_inputs, texts_of
+from tests.support.merging import com_config, experts, merge, read_tensors
+
+
+def report_of(out):
+    with open(os.path.join(out, "com_report.json"), encoding="utf-8") as fp:
+        return json.load(fp)
+
+
+@pytest.fixture(scope="module")
+def merged(zoo2, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report") / "out")
+    merge(com_config(experts(zoo2), ridge=1e-6), out)
+    return out
+
+
+def layer_inputs(model_dir, texts, index):
+    """Hidden states entering decoder layer ``index``, one unpadded sequence at a time."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = []
+    hook = model.model.layers[index].register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(kwargs.get("hidden_states", args[0] if args else None)[0]),
+        with_kwargs=True)
+    with torch.no_grad():
+        for t in texts:
+            model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+    hook.remove()
+    return torch.cat(rows).double()
+
+
+def test_layout_and_calibration_sources(zoo2, merged):
+    report = report_of(merged)
+    assert [e["model"] for e in report["experts"]] == [zoo2["expert0"], zoo2["expert1"]]
+    assert [l["name"] for l in report["layers"]] == ["model.layers.0", "model.layers.1", "head"]
+    assert set(report["layers"][0]["linears"]) == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert report["settings"]["chain"] == "module" and report["settings"]["ridge"] == 1e-6
+    tok = AutoTokenizer.from_pretrained(zoo2["expert0"])
+    for i, entry in enumerate(report["experts"]):
+        path = zoo2[f"expert{i}_data"]
+        cal = entry["calibration"]
+        assert cal["file"] == os.path.basename(path)
+        assert cal["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+        assert cal["samples"] == len(texts_of(path))
+        assert cal["tokens"] == sum(len(tok(t)["input_ids"]) for t in texts_of(path))
+
+
+def test_residual_matches_its_definition(zoo2, merged):
+    # chain: module -> the solve's inputs are those of the output model itself
+    report = report_of(merged)
+    out = read_tensors(merged)
+    for i in range(2):
+        expert = read_tensors(zoo2[f"expert{i}"])
+        for layer, linear in [(0, "self_attn.q_proj"), (1, "mlp.down_proj")]:
+            name = f"model.layers.{layer}.{linear}"
+            x = captured_inputs(merged, texts_of(zoo2[f"expert{i}_data"]), [name])[name].double()
+            target = x @ expert[f"{name}.weight"].double().T
+            expected = ((x @ out[f"{name}.weight"].double().T - target).norm() / target.norm()).item()
+            got = report["layers"][layer]["linears"][linear][i]
+            assert got == pytest.approx(expected, rel=1e-4)
+            assert 0 < got < 1
+
+
+def test_covariate_shift_matches_its_definition(zoo2, merged):
+    report = report_of(merged)
+    for i in range(2):
+        texts = texts_of(zoo2[f"expert{i}_data"])
+        h_merged = layer_inputs(merged, texts, 1)
+        h_own = layer_inputs(zoo2[f"expert{i}"], texts, 1)
+        expected = ((h_merged - h_own).norm() / h_own.norm()).item()
+        assert report["layers"][1]["covariate_shift"][i] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("chain", ["module", "none"])
+def test_no_shift_at_layer0_when_experts_share_embeddings(zoo_linear_only, tmp_path, chain):
+    out = str(tmp_path / "out")
+    merge(com_config(experts(zoo_linear_only), chain=chain), out)
+    layers = report_of(out)["layers"]
+    assert layers[0]["covariate_shift"] == [0.0, 0.0]
+    assert all(s > 1e-3 for s in layers[1]["covariate_shift"])  # the merged layer 0 drifts
+
+
+def test_identical_experts_have_nothing_to_report(zoo2, tmp_path):
+    models = [{"model": zoo2["expert0"], "calibration": zoo2[f"expert{i % 2}_data"]} for i in range(3)]
+    for i, m in enumerate(models[1:], start=1):  # distinct paths make distinct inputs
+        os.symlink(zoo2["expert0"], tmp_path / f"copy{i}")
+        m["model"] = str(tmp_path / f"copy{i}")
+    out = str(tmp_path / "out")
+    merge(com_config(models, ridge=1e-9), out)
+    for layer in report_of(out)["layers"]:
+        assert max(layer["covariate_shift"]) < 1e-5, layer["name"]
+        assert max(layer["relative_residual"]) < 1e-5, layer["name"]

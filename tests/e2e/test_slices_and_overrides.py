@@ -1,0 +1,87 @@
+"""`slices:`/`layer_range` and per-slice / per-tensor parameters, resolved as mergekit does."""
+
+import pytest
+import torch
+
+from mergekit_com.errors import ChainConfigError
+from tests.support.every_linear import assert_every_linear_is_closed_form
+from tests.support.merging import com_config, experts, merge
+
+
+def sources(zoo, layer_range, **params):
+    return [
+        {"model": zoo[f"expert{i}"], "layer_range": list(layer_range),
+         "parameters": {"calibration": zoo[f"expert{i}_data"], **params}}
+        for i in range(2)
+    ]
+
+
+def sliced(zoo, *slices, **params):
+    return {"merge_method": "chain_of_merges", "dtype": "float32", "parameters": params,
+            "slices": [dict(s) for s in slices]}
+
+
+def check(zoo, out, **kwargs):
+    return assert_every_linear_is_closed_form(
+        out, [zoo["expert0"], zoo["expert1"]], [zoo["expert0_data"], zoo["expert1_data"]],
+        ridge=1e-6, **kwargs)
+
+
+def test_slices_covering_every_layer_equal_the_models_form(zoo2, tmp_path):
+    whole = merge(com_config(experts(zoo2), ridge=1e-6), str(tmp_path / "models"))
+    cfg = sliced(zoo2, {"sources": sources(zoo2, (0, 1))}, {"sources": sources(zoo2, (1, 2))},
+                 ridge=1e-6)
+    parts = merge(cfg, str(tmp_path / "slices"))
+    assert parts.keys() == whole.keys()
+    assert all(torch.equal(parts[k], whole[k]) for k in whole)
+
+
+def test_layer_range_walks_the_output_layer_order(zoo2, tmp_path):
+    # output layer 0 is the experts' layer 1, fed by the (merged) embeddings directly
+    out = str(tmp_path / "out")
+    merged = merge(sliced(zoo2, {"sources": sources(zoo2, (1, 2))}, ridge=1e-6), out)
+    assert not any(k.startswith("model.layers.1.") for k in merged)
+    check(zoo2, out, alpha=lambda _n: 0.9,
+          source_name=lambda n: n.replace("model.layers.0.", "model.layers.1."))
+
+
+def test_per_slice_parameters(zoo2, tmp_path):
+    out = str(tmp_path / "out")
+    cfg = sliced(zoo2, {"sources": sources(zoo2, (0, 1)), "parameters": {"alpha": 0.5}},
+                 {"sources": sources(zoo2, (1, 2)), "parameters": {"alpha": 0.7}}, ridge=1e-6)
+    merge(cfg, out)
+    # mergekit plans the head with the last slice's parameters
+    check(zoo2, out, alpha=lambda n: 0.5 if n.startswith("model.layers.0.") else 0.7)
+
+
+def test_per_tensor_filters_for_alpha_and_weight(zoo2, tmp_path):
+    out = str(tmp_path / "out")
+    models = experts(zoo2)
+    models[1]["weight"] = [{"filter": "mlp", "value": 3.0}, {"value": 1.0}]
+    merge(com_config(models, ridge=1e-6,
+                     alpha=[{"filter": "self_attn", "value": 0.5}, {"value": 0.95}]), out)
+    check(zoo2, out,
+          alpha=lambda n: 0.5 if "self_attn" in n else 0.95,
+          weights=lambda n: [1.0, 3.0 if ".mlp." in n else 1.0])
+
+
+def test_alpha_gradient_over_layers(zoo2, tmp_path):
+    out = str(tmp_path / "out")
+    merge(com_config(experts(zoo2), ridge=1e-6, alpha=[0.5, 0.9]), out)
+    # t = layer / (layers - 1); the head is planned at t = 0
+    check(zoo2, out, alpha=lambda n: 0.9 if n.startswith("model.layers.1.") else 0.5)
+
+
+def test_slices_must_merge_the_same_models(zoo2, tmp_path):
+    first = sources(zoo2, (0, 1))
+    only_one = sources(zoo2, (1, 2))[:1]
+    with pytest.raises(ChainConfigError, match="every slice must list the same models"):
+        merge(sliced(zoo2, {"sources": first}, {"sources": only_one}), str(tmp_path / "out"))
+
+
+def test_one_calibration_per_model(zoo2, tmp_path):
+    second = sources(zoo2, (1, 2))
+    second[0]["parameters"]["calibration"] = zoo2["expert1_data"]
+    with pytest.raises(ChainConfigError, match="give one calibration per model"):
+        merge(sliced(zoo2, {"sources": sources(zoo2, (0, 1))}, {"sources": second}),
+              str(tmp_path / "out"))

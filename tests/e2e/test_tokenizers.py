@@ -1,0 +1,113 @@
+"""tokenizer_source (base, union) and chat_template with chain_of_merges.
+
+The probe: expert1 with its vocabulary renumbered (embedding and head rows
+moved along, one extra token) computes the same function as expert1. Merged
+with expert0 it must give exactly the merge of expert0 and expert1 -- which
+holds only if mergekit's row permutation is applied *and* every expert's
+calibration is tokenized with the output vocabulary (tokenized with its own
+one, the renumbered expert's statistics would come from the wrong rows).
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.support import pico
+from tests.support.merging import com_config, merge, read_tensors
+
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@pytest.fixture(scope="module")
+def renumbered(zoo2, tmp_path_factory):
+    """expert1 with a shuffled vocabulary plus one extra token, and the reference merge."""
+    root = tmp_path_factory.mktemp("renumbered")
+    chars = list(pico.CHARS)
+    order = torch.randperm(len(chars), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = pico.SPECIALS + [chars[i] for i in order] + ["<extra>"]
+    old_id = {t: i for i, t in enumerate(pico.SPECIALS + chars)}
+    tensors = read_tensors(zoo2["expert1"])
+    for name in VOCAB_ROWS:
+        rows = tensors[name]
+        extra = rows.mean(0, keepdim=True)  # a row only B has
+        tensors[name] = torch.cat([rows[[old_id[t] for t in tokens[:-1]]], extra])
+    config = pico.llama_config(vocab_size=len(tokens))
+    path = pico.save_model(str(root / "renumbered"), config, tensors,
+                           tokenizer=pico.make_tokenizer(tokens))
+    reference = merge(pair(zoo2, zoo2["expert1"]), str(root / "reference"))
+    return {"zoo": zoo2, "path": path, "reference": reference,
+            "extra_row": tensors["model.embed_tokens.weight"][-1]}
+
+
+def pair(zoo, second, **top):
+    cfg = com_config([{"model": zoo["expert0"], "calibration": zoo["expert0_data"]},
+                      {"model": second, "calibration": zoo["expert1_data"]}],
+                     base=zoo["expert0"])
+    cfg.update(top)
+    return cfg
+
+
+def assert_close(actual, expected, name):
+    atol = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("source", ["base", "union"])
+def test_renumbered_expert_merges_as_the_original(renumbered, tmp_path, source):
+    out = str(tmp_path / source)
+    merged = merge(pair(renumbered["zoo"], renumbered["path"], tokenizer_source=source), out)
+    n = pico.VOCAB
+    for name, value in renumbered["reference"].items():
+        got = merged[name][:n] if name in VOCAB_ROWS else merged[name]
+        assert_close(got, value, name)
+    vocab = AutoTokenizer.from_pretrained(out).get_vocab()
+    config = json.load(open(os.path.join(out, "config.json")))
+    if source == "base":
+        assert merged["model.embed_tokens.weight"].shape[0] == n == config["vocab_size"]
+        assert "<extra>" not in vocab
+    else:  # the token only B has keeps B's row
+        extra = vocab["<extra>"]
+        assert config["vocab_size"] == len(vocab) == n + 1
+        assert_close(merged["model.embed_tokens.weight"][extra], renumbered["extra_row"], "extra")
+
+
+def with_template(expert_dir, out_dir, template):
+    """A copy of an expert whose own tokenizer carries ``template``."""
+    shutil.copytree(expert_dir, out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    tok.chat_template = template
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def test_chat_template_renders_message_calibration_and_the_output(zoo2, tmp_path):
+    from importlib.resources import files
+
+    from mergekit._data import chat_templates
+
+    chatml = files(chat_templates).joinpath("chatml.jinja").read_text()
+    chats = [{"messages": [{"role": "user", "content": t[:10]},
+                           {"role": "assistant", "content": t[10:]}]}
+             for t in pico.sample_texts(7)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+
+    def run(name, models, **top):
+        cfg = com_config([{"model": m, "calibration": str(data)} for m in models])
+        cfg.update(top)
+        return merge(cfg, str(tmp_path / name))
+
+    experts = [zoo2["expert0"], zoo2["expert1"]]
+    named = run("named", experts, chat_template="chatml")
+    own = run("own", [with_template(e, tmp_path / f"chatml{i}", chatml)
+                      for i, e in enumerate(experts)])
+    plain = run("plain", experts)  # the experts' own (non-chatml) template
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(named[q], own[q])
+    assert not torch.allclose(named[q], plain[q])
+    assert AutoTokenizer.from_pretrained(tmp_path / "named").chat_template == chatml
+    assert (tmp_path / "named" / "generation_config.json").exists()

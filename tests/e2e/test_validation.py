@@ -1,0 +1,62 @@
+"""Bad configurations stop before any work, naming what to fix."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mergekit_com.errors import ChainConfigError
+from tests.support.merging import com_config, experts, merge
+
+
+def bad_configs(zoo):
+    ok = experts(zoo)
+    no_cal = [dict(ok[0]), {"model": zoo["expert1"]}]
+    missing_file = [dict(ok[0]), {"model": zoo["expert1"], "calibration": "/nonexistent/x.jsonl"}]
+    negative = [dict(ok[0]), dict(ok[1], weight=-1.0)]
+    return {
+        "misspelled": (com_config(ok, alpah=0.9), r"unknown parameter 'alpah'.*valid parameters: .*alpha"),
+        "alpha": (com_config(ok, alpha=2), r"'alpha' = 2.* must be in \[0, 1\]"),
+        "chain": (com_config(ok, chain="foo"), r"'chain' = 'foo'.*module, block, none"),
+        "objective": (com_config(ok, objective="bar"), r"'objective' = 'bar'"),
+        "fallback": (com_config(ok, fallback="median"), r"'fallback' = 'median'"),
+        "num_samples": (com_config(ok, num_samples=0), r"'num_samples' = 0.*positive"),
+        "max_seq_len": (com_config(ok, max_seq_len=-3), r"'max_seq_len' = -3.*positive"),
+        "type": (com_config(ok, alpha="high"), r"'alpha' = 'high' is not a valid float"),
+        "bool_number": (com_config(ok, num_samples=True), r"'num_samples' = True is not a valid int"),
+        "nan": (com_config(ok, alpha=float("nan")), r"'alpha' = nan .*must be a finite number"),
+        "weight": (com_config(negative), r"'weight' = -1.0.*>= 0"),
+        "no_calibration": (com_config(no_cal), r"expert1 has no `calibration`"),
+        "missing_file": (com_config(missing_file), r"/nonexistent/x.jsonl.*does not exist"),
+        "ta_without_base": (com_config(ok, fallback="task_arithmetic"), r"needs a base_model"),
+        "per_model_chain": (com_config([dict(ok[0], chain="none"), ok[1]]),
+                            r"'chain' applies to the whole merge"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "misspelled", "alpha", "chain", "objective", "fallback", "num_samples", "max_seq_len",
+    "type", "bool_number", "nan", "weight", "no_calibration", "missing_file", "ta_without_base", "per_model_chain",
+])
+def test_bad_config_fails_before_any_work(zoo2, tmp_path, case):
+    cfg, pattern = bad_configs(zoo2)[case]
+    out = tmp_path / "out"
+    with pytest.raises(ChainConfigError, match=pattern):
+        merge(cfg, str(out))
+    assert not out.exists()
+
+
+def test_cli_prints_one_line(zoo2, tmp_path):
+    cfg, _ = bad_configs(zoo2)["alpha"]
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-com"),
+                        str(path), str(tmp_path / "out"), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    errors = [l for l in r.stderr.splitlines() if l.startswith("mergekit-com: error:")]
+    assert len(errors) == 1 and "alpha" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,87 @@
+"""Calibration sources load through `datasets`, in file order, padding masked."""
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from mergekit_com.io.calibration import (
+    CalibrationError,
+    load_calibration,
+    load_records,
+    make_batches,
+)
+from tests.support import pico
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return pico.make_tokenizer()
+
+
+def test_jsonl_text_and_messages(tmp_path, tok):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "abc"}, {"messages": [{"role": "user", "content": "hi"}]}, {"text": "zz"},
+    ]))
+    cal = load_calibration(str(p), tok, num_samples=2, max_seq_len=512)
+    assert cal.num_records == 2
+    assert cal.sequences[0] == tok("abc")["input_ids"]
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert cal.sequences[1] == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert len(cal.sha256) == 64
+
+
+def test_txt_parquet_and_saved_dataset_agree(tmp_path, tok):
+    lines = ["first line", "", "second", "third one"]
+    (tmp_path / "d.txt").write_text("\n".join(lines))
+    ds = datasets.Dataset.from_dict({"text": [l for l in lines if l]})
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    got = [load_records(str(tmp_path / name), 10)
+           for name in ("d.txt", "d.parquet", "saved")]
+    assert all([r["text"] for r in g] == ["first line", "second", "third one"] for g in got)
+
+
+def test_truncation_and_padding_mask(tmp_path, tok):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "x" * 50}) + "\n" + json.dumps({"text": "ab"}) + "\n")
+    cal = load_calibration(str(p), tok, num_samples=8, max_seq_len=10)
+    assert [len(s) for s in cal.sequences] == [10, 3]
+    (ids, mask), = make_batches(cal.sequences, batch_size=8, pad_id=0)
+    assert ids.shape == (2, 10)
+    assert mask.sum().item() == 13 and mask[1, 3:].sum() == 0
+    assert torch.equal(ids[1, :3], torch.tensor(cal.sequences[1]))
+
+
+def test_missing_field_names_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "ok"}\n\n{"prompt": "no text"}\n')
+    with pytest.raises(CalibrationError, match="line 3 has neither"):
+        load_records(str(p), 10)
+
+
+def test_json_array_record_without_text_names_the_record(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[{"text": "ok"}, {"prompt": "no text"}]')
+    with pytest.raises(CalibrationError, match="record 2 has neither"):
+        load_records(str(p), 10)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.json", '[{"text": "a"},\n {"text": }]', r"is not valid JSON \(line 2, column 11"),
+    ("d.json", '{"text": "a"} trailing', "not valid JSON"),
+    ("d.txt", b"\xff\xfe not utf-8", "is not valid UTF-8 text"),
+    ("d.jsonl", b'{"text": "\xff"}', "line 1 is not valid UTF-8 text"),
+    ("d.jsonl", '["a list"]', "line 1 is a JSON list, not an object"),
+    ("d.jsonl", '{"text": 5}', "line 1: `text` must be a string, not int"),
+    ("d.jsonl", '{"messages": "hi"}', "line 1: `messages` must be a list of"),
+    ("d.jsonl", '{"text": "  "}\n\n', "holds no text: all 1 records are blank"),
+    ("d.csv", "text\nabc\n", "unsupported extension '.csv'"),
+])
+def test_malformed_files_give_one_clear_error(tmp_path, name, content, message):
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CalibrationError, match=message):
+        load_records(str(p), 10)

@@ -1,0 +1,36 @@
+"""Statistics of a shared input: padding never counts, a bias is a ones column, and too
+few tokens are reported once per expert."""
+
+import logging
+
+import torch
+
+from mergekit_com.method.statistics import GroupStatistics
+
+
+def test_means_over_valid_tokens_with_a_ones_column_for_a_bias():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    z = torch.randn(2, 5, 3)
+    stats = GroupStatistics(["a"], biased=True, cross=True)
+    stats.add("a", x, valid, z)
+    rows = torch.cat([x[valid], torch.ones(8, 1)], dim=1).double()
+    zrows = torch.cat([z[valid], torch.ones(8, 1)], dim=1).double()
+    got = stats.finish("layer 0 q", set())
+    torch.testing.assert_close(got.grams["a"], rows.T @ rows / 8)
+    torch.testing.assert_close(got.crosses["a"], rows.T @ zrows / 8)
+
+
+def test_too_few_tokens_are_reported_once_per_expert(caplog):
+    warned = set()
+    for layer in range(3):
+        stats = GroupStatistics(["a", "b"], biased=False, cross=False)
+        stats.add("a", torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool))  # 2 < 8
+        stats.add("b", torch.randn(1, 20, 8), torch.ones(1, 20, dtype=torch.bool))
+        with caplog.at_level(logging.WARNING):
+            stats.finish(f"layer {layer} q", warned)
+    lines = [r.getMessage() for r in caplog.records if "rank-deficient" in r.getMessage()]
+    assert lines == ["model a: 2 calibration tokens for 8 input features (layer 0 q): the Gram is "
+                     "rank-deficient and only the ridge regularises it; give more calibration "
+                     "data for a better merge"]

@@ -1,0 +1,231 @@
+"""The bad inputs of docs/errors.md's "What happens when..." table, built on pico models.
+
+Every case runs from one directory (``World.root``) holding the models and
+data under short relative names, so that its message is the same on every
+machine: docs/errors.md shows exactly that message, and the tests compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.support import pico
+from tests.support.merging import com_config
+from tests.support.paths import DOCS
+
+ERRORS_DOC = os.path.join(DOCS, "errors.md")
+ROW = re.compile(r"^\| (\w+) \| [^|]+ \| (stops|merges)[^|]* \| (.+) \|$", re.M)
+
+
+@dataclass
+class Case:
+    id: str
+    expert: str = "expert1"  # the second model; the first is always expert0 on e0.jsonl
+    calibration: Optional[str] = "e1.jsonl"
+    first_calibration: Optional[str] = "e0.jsonl"  # of ./expert0; None: no ./expert0
+    params: Dict = field(default_factory=dict)
+    weight: Optional[float] = None
+    out: Optional[str] = None
+    raw_config: Optional[str] = None  # a config file text instead of a built config
+
+    @property
+    def out_path(self) -> str:
+        return self.out or f"out-{self.id}"
+
+
+CASES = {c.id: c for c in [
+    Case("1", calibration="missing.jsonl"),
+    Case("2", calibration="empty.jsonl"),
+    Case("3", calibration="notext.jsonl"),
+    Case("4", calibration="broken.jsonl"),
+    Case("5", calibration="notds"),
+    Case("6", expert="expert_notok"),
+    Case("7", calibration=None),
+    Case("8", params={"num_samples": 50}),
+    Case("9", params={"alpah": 0.9}),
+    Case("10a", params={"alpha": 1.5}),
+    Case("10b", params={"num_samples": 0}),
+    Case("10c", params={"max_seq_len": -1}),
+    Case("10d", weight=-1.0),
+    Case("10e", params={"chain": "forward"}),
+    Case("10f", params={"objective": "mse"}),
+    Case("10g", params={"fallback": "median"}),
+    Case("11a", expert="expert_mistral"),
+    Case("11b", expert="expert_wide"),
+    Case("12", expert="expert_vocab"),
+    Case("13", expert="expert_nan"),
+    Case("14", calibration="tiny.jsonl", params={"ridge": 0.0, "alpha": 1.0}),
+    Case("15", out="merged"),
+    Case("16", expert="expert_remote"),
+    Case("17", expert="expert_evil"),
+    Case("m1", expert="missing_model"),
+    Case("m2", expert="expert_noweights"),
+    Case("c1", raw_config="merge_method: chain_of_merges\nmodels: [\n"),
+    Case("c2", raw_config="merge_method: chain_of_merges\nmodels:\n  - parameters: {}\n"),
+]}
+
+
+def documented_rows() -> Dict[str, tuple]:
+    """Case id -> (outcome, message) from the table in docs/errors.md."""
+    text = open(ERRORS_DOC, encoding="utf-8").read()
+    return {cid: (outcome, message) for cid, outcome, message in ROW.findall(text)}
+
+
+class Evil:
+    """Unpickling this creates the file at ``path``: code execution, made visible."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class World:
+    """A directory of models and data for the cases (built lazily, once)."""
+
+    def __init__(self, root: str, zoo: Dict[str, str]):
+        self.root = root
+        self.zoo = zoo
+        self.marker = os.path.join(root, "CODE_WAS_RUN")
+        for i in range(2):
+            os.symlink(zoo[f"expert{i}"], os.path.join(root, f"expert{i}"))
+            shutil.copy(zoo[f"expert{i}_data"], os.path.join(root, f"e{i}.jsonl"))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    # ------------------------------------------------------------ inputs
+    def ensure(self, name: Optional[str]) -> None:
+        if name is None or name.startswith("missing") or os.path.lexists(self.path(name)):
+            return
+        getattr(self, "_make_" + re.sub(r"\W", "_", name))(self.path(name))
+
+    def _make_empty_jsonl(self, p):
+        open(p, "w").close()
+
+    def _make_notext_jsonl(self, p):
+        with open(p, "w") as fp:
+            fp.write('{"text": "abc"}\n{"prompt": "no text"}\n')
+
+    def _make_broken_jsonl(self, p):
+        with open(p, "w") as fp:
+            fp.write('{"text": "abc"}\n\n{"text": "abc"\n')
+
+    def _make_tiny_jsonl(self, p):
+        pico.write_jsonl(p, ["ab"])
+
+    def _make_notds(self, p):
+        os.makedirs(p)
+        with open(os.path.join(p, "notes.txt"), "w") as fp:
+            fp.write("not a dataset\n")
+
+    def _copy_expert1(self, p):
+        shutil.copytree(self.zoo["expert1"], p)
+
+    def _make_expert_notok(self, p):
+        # Same vocabulary, but the normalizer drops every character and no
+        # BOS is added: every text becomes zero tokens.
+        from tokenizers import Regex, normalizers
+
+        self._copy_expert1(p)
+        tok = pico.make_tokenizer()
+        tok.backend_tokenizer.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")
+        tok.backend_tokenizer.post_processor = None
+        tok.save_pretrained(p)
+
+    def _make_expert_mistral(self, p):
+        config = pico.llama_config(layers=2, arch="mistral")
+        pico.save_model(p, config, pico.random_state(config, seed=0))
+
+    def _make_expert_wide(self, p):
+        config = pico.llama_config(layers=2, intermediate_size=96)
+        pico.save_model(p, config, pico.random_state(config, seed=0))
+
+    def _make_expert_vocab(self, p):
+        tok = pico.make_tokenizer()
+        tok.add_tokens(["<extra>"])
+        config = pico.llama_config(layers=2, vocab_size=pico.VOCAB + 1)
+        pico.save_model(p, config, pico.random_state(config, seed=0), tokenizer=tok)
+
+    def _make_expert_nan(self, p):
+        self._copy_expert1(p)
+        f = os.path.join(p, "model.safetensors")
+        state = load_file(f)
+        w = state["model.layers.1.mlp.up_proj.weight"]
+        w[0, 0], w[0, 1] = float("nan"), float("inf")
+        save_file(state, f, metadata={"format": "pt"})
+
+    def _make_expert_noweights(self, p):
+        os.makedirs(p)
+        shutil.copy(os.path.join(self.zoo["expert1"], "config.json"), p)
+
+    def _make_expert_remote(self, p):
+        os.makedirs(p)
+        with open(os.path.join(p, "config.json"), "w") as fp:
+            json.dump({"model_type": "pico_custom", "architectures": ["PicoForCausalLM"],
+                       "auto_map": {"AutoConfig": "configuration_pico.PicoConfig"}}, fp)
+        with open(os.path.join(p, "configuration_pico.py"), "w") as fp:
+            fp.write(f"open({self.marker!r}, 'w').close()\n"
+                     "from transformers import PretrainedConfig\n"
+                     "class PicoConfig(PretrainedConfig):\n    model_type = 'pico_custom'\n")
+
+    def _pickled_expert(self, p, extra):
+        self._copy_expert1(p)
+        f = os.path.join(p, "model.safetensors")
+        state = load_file(f)
+        os.remove(f)
+        torch.save({**state, **extra}, os.path.join(p, "pytorch_model.bin"))
+
+    def _make_expert_evil(self, p):
+        self._pickled_expert(p, {"payload": Evil(self.marker)})
+
+    def _make_expert_bin(self, p):
+        self._pickled_expert(p, {})
+
+    # ------------------------------------------------------------ configs
+    def config_file(self, case: Case) -> str:
+        path = self.path(f"case-{case.id}.yml")
+        if case.raw_config is not None:
+            text = case.raw_config
+        else:
+            self.ensure(case.expert)
+            self.ensure(case.calibration)
+            self.ensure(case.first_calibration)
+            # "./": mergekit's model card asks the hub about bare names like "expert1"
+            second = {"model": f"./{case.expert}"}
+            if case.calibration:
+                second["calibration"] = case.calibration
+            if case.weight is not None:
+                second["weight"] = case.weight
+            first = [{"model": "./expert0", "calibration": case.first_calibration}]
+            cfg = com_config((first if case.first_calibration else []) + [second], **case.params)
+            text = yaml.safe_dump(cfg, sort_keys=False)
+        with open(path, "w") as fp:
+            fp.write(text)
+        return path
+
+    def prepare_out(self, case: Case) -> Dict[str, bytes]:
+        """Case 15 merges into a non-empty directory; returns what it held."""
+        if case.id != "15":
+            return {}
+        out = self.path(case.out_path)
+        os.makedirs(out, exist_ok=True)
+        before = {"notes.txt": b"kept by the merge\n", "config.json": b"{}\n"}
+        for name, data in before.items():
+            with open(os.path.join(out, name), "wb") as fp:
+                fp.write(data)
+        return before
+
+
+def cli_args(world: World, case: Case, *extra: str) -> List[str]:
+    return [os.path.basename(world.config_file(case)), case.out_path, "--quiet", *extra]

@@ -1,0 +1,150 @@
+"""Pinned merges: fully specified configs whose outputs were recorded before the
+layered redesign (issue 10) and must not move (relative error <= 1e-6).
+
+Inputs (every model's tensors and config, the calibration texts) and outputs
+live in ``tests/data/pinned/``, so the pin depends on neither the RNG nor
+transformers' initialisers. ``python -m tests.support.pinned --record``
+rewrites the outputs: do that only on purpose, and say so in the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Dict
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.support.paths import DATA as DATA_ROOT
+
+DATA = os.path.join(DATA_ROOT, "pinned")
+
+# family -> models in it; every case below names one family
+FAMILIES = {
+    "llama": ("base", "expert0", "expert1"),
+    "qwen2": ("base", "expert0", "expert1"),  # q/k/v biases, tied embeddings
+    "gpt2": ("expert0", "expert1"),  # Conv1D linears, tied embeddings
+}
+
+EVERY = dict(chain="module", objective="regmean", alpha=0.9, ridge=1e-5, num_samples=12,
+             max_seq_len=64, batch_size=4, activation_dtype="float32", activation_budget=1.0,
+             fallback="average", **{"lambda": 1.0})
+
+CASES: Dict[str, dict] = {
+    "llama_module": dict(family="llama", params=EVERY),
+    "llama_none": dict(family="llama", params={**EVERY, "chain": "none"}),
+    "llama_block": dict(family="llama", params={**EVERY, "chain": "block"}),
+    "llama_match_expert": dict(family="llama", params={**EVERY, "objective": "match_expert"}),
+    "llama_block_match_expert": dict(family="llama", params={**EVERY, "chain": "block",
+                                                             "objective": "match_expert"}),
+    "llama_weights": dict(family="llama", params={**EVERY, "alpha": 0.7}, weights=(2.0, 0.5)),
+    "qwen2_bias_task_arithmetic": dict(family="qwen2", base=True,
+                                       params={**EVERY, "fallback": "task_arithmetic",
+                                               "lambda": 0.7}),
+    "gpt2_conv1d": dict(family="gpt2", params=EVERY),
+}
+
+
+def _build_inputs() -> None:
+    """Write the input fixtures (run once, with the pico builders of the time)."""
+    from tests.support import pico, pico_archs
+
+    tensors, configs = {}, {}
+    for family, models in FAMILIES.items():
+        config = pico_archs.arch_config(family)
+        base = pico.random_state(config, seed=0)
+        configs[family] = config.to_dict()
+        for i, name in enumerate(models):
+            state = base if name == "base" else pico.perturbed(base, seed=100 + i, scale=0.3)
+            for k, v in state.items():
+                tensors[f"{family}/{name}/{k}"] = v.contiguous()
+    save_file(tensors, os.path.join(DATA, "inputs.safetensors"))
+    texts = {f"expert{i}": pico.sample_texts(seed=200 + i) for i in range(2)}
+    with open(os.path.join(DATA, "inputs.json"), "w", encoding="utf-8") as fp:
+        json.dump({"configs": configs, "texts": texts}, fp, indent=1, sort_keys=True)
+
+
+def materialize(root: str) -> Dict[str, str]:
+    """Model folders and calibration files from the fixtures; name -> path."""
+    from transformers import AutoConfig
+
+    from tests.support import pico
+
+    with open(os.path.join(DATA, "inputs.json"), encoding="utf-8") as fp:
+        meta = json.load(fp)
+    stored = load_file(os.path.join(DATA, "inputs.safetensors"))
+    paths = {}
+    for family, models in FAMILIES.items():
+        cfg = dict(meta["configs"][family])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        for name in models:
+            prefix = f"{family}/{name}/"
+            state = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+            paths[f"{family}/{name}"] = pico.save_model(os.path.join(root, family, name), config,
+                                                       state)
+    for name, texts in meta["texts"].items():
+        paths[f"{name}_data"] = pico.write_jsonl(os.path.join(root, f"{name}.jsonl"), texts)
+    return paths
+
+
+def config_for(case: str, paths: Dict[str, str]) -> dict:
+    spec = CASES[case]
+    family = spec["family"]
+    weights = spec.get("weights", (1.0, 1.0))
+    cfg = {
+        "merge_method": "chain_of_merges",
+        "models": [
+            {"model": paths[f"{family}/expert{i}"],
+             "parameters": {"calibration": paths[f"expert{i}_data"], "weight": weights[i]}}
+            for i in range(2)
+        ],
+        "parameters": dict(spec["params"]),
+        "dtype": "float32",
+    }
+    if spec.get("base"):
+        cfg["base_model"] = paths[f"{family}/base"]
+    return cfg
+
+
+def run_case(case: str, paths: Dict[str, str], out: str) -> Dict[str, torch.Tensor]:
+    from tests.support.merging import merge
+
+    return merge(config_for(case, paths), out)
+
+
+def recorded() -> Dict[str, Dict[str, torch.Tensor]]:
+    flat = load_file(os.path.join(DATA, "outputs.safetensors"))
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        case, _, name = key.partition("/")
+        out.setdefault(case, {})[name] = value
+    return out
+
+
+def main() -> None:
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--record", action="store_true", help="rewrite the recorded outputs")
+    ap.add_argument("--inputs", action="store_true", help="rewrite the input fixtures too")
+    args = ap.parse_args()
+    if not args.record:
+        ap.error("nothing to do: pass --record")
+    torch.set_num_threads(1)
+    os.makedirs(DATA, exist_ok=True)
+    if args.inputs:
+        _build_inputs()
+    flat = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = materialize(os.path.join(tmp, "in"))
+        for case in CASES:
+            for name, t in run_case(case, paths, os.path.join(tmp, case)).items():
+                flat[f"{case}/{name}"] = t.contiguous()
+    save_file(flat, os.path.join(DATA, "outputs.safetensors"))
+    print(f"recorded {len(CASES)} cases, {len(flat)} tensors")
+
+
+if __name__ == "__main__":
+    main()
