@@ -97,7 +97,8 @@ class ChainWalk:
         )
         budget = store.budget if self.pass_budget is None else self.pass_budget
         return WalkContext(self.shell, self.io, self.report, self.progress, streams, chain,
-                           objective, self.device, pass_budget=budget)
+                           objective, self.device, pass_budget=budget,
+                           batch_size=self.settings.batch_size)
 
     def _walk(self, store: ActivationStore) -> None:
         ctx = self._context(store)
