@@ -65,16 +65,16 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
               "where each linear's inputs come from: `module` (CoM: the merged model so far, "
               "inside the block too), `block` (merged block inputs, expert's own block), "
               "`none` (expert's own model: plain RegMean)", _choices(Chain), walk_wide=True),
-    Parameter("objective", str, False, Objective.REGMEAN.value,
+    Parameter("objective", str, False, Objective.BLEND.value,
               "`regmean`: fit each expert's weights on its inputs; `match_expert`: fit "
               "what expert t's own layer outputs on its own activations; `blend`: both "
               "targets, mixed by `blend`",
               _choices(Objective), walk_wide=True),
-    Parameter("blend", Union[float, str], False, 0.5,
+    Parameter("blend", Union[float, str], False, AUTO,
               "under `objective: blend`, the share of the match_expert target in [0, 1] "
               "(0 = regmean, 1 = match_expert), or `auto`: chosen per linear on held-out "
               "calibration sequences"),
-    Parameter("alpha", Union[float, str], False, 0.9,
+    Parameter("alpha", Union[float, str], False, AUTO,
               "off-diagonal keep ratio of each Gram (and cross moment), in [0, 1] "
               "(1 = no shrinkage), or `auto`: estimated per expert and linear from its "
               "calibration data (Ledoit-Wolf)"),
@@ -135,7 +135,7 @@ class WalkSettings:
     """The walk-wide values (one for the whole merge)."""
 
     chain: Chain = Chain.MODULE
-    objective: Objective = Objective.REGMEAN
+    objective: Objective = Objective.BLEND
     batch_size: int = 8
     activation_dtype: str = "auto"
     activation_budget: float = 0.0
@@ -158,4 +158,4 @@ class SolveSettings:
     alpha: Union[float, str]  # a number, or "auto"
     ridge: float
     weights: Tuple[float, ...]  # one per expert, in the walk's expert order
-    blend: Union[float, str] = 0.5  # objective: blend only; a number, or "auto"
+    blend: Union[float, str] = AUTO  # objective: blend only; a number, or "auto"
