@@ -1,8 +1,13 @@
 """Exact-match accuracy and answer loss of a causal LM on zoo task files.
 
-Task files are JSONL with ``{"prompt": ..., "answer": ...}`` records, found as
+Task files are JSONL with ``{"prompt": ..., "answer": ...}`` records (or, for chat
+models, ``{"messages": [...], "answer": ...}``: the messages are rendered with the
+tokenizer's chat template and a generation prompt), found as
 ``<data_dir>/<task>.<split>.jsonl`` (a zoo dir with a ``data/`` folder works too).
 Works with any HF causal LM; only ``model.generate`` and ``model(...).logits`` are used.
+
+Every score keeps which prompts were answered right (``correct``, a string of 0/1), so
+that ``normalized_accuracy_ci`` can bootstrap a confidence interval by resampling them.
 """
 
 from __future__ import annotations
@@ -61,18 +66,34 @@ def _pad(rows: List[List[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def prompt_ids(tokenizer, prompt) -> List[int]:
+    """Token ids of a prompt: a string (with the tokenizer's special tokens), or a list of
+    chat messages rendered with its chat template, ending in the assistant's turn."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt).input_ids
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def record_prompt(record: Mapping):
+    """The prompt of an evaluation record: its ``prompt`` text or its ``messages``."""
+    return record["prompt"] if "prompt" in record else record["messages"]
+
+
 @torch.inference_mode()
 def score_records(model, tokenizer, records: Sequence[dict], device="cpu", batch_size: int = 128,
                   max_new_tokens: Optional[int] = None) -> Dict[str, float]:
-    """Greedy exact-match accuracy and mean answer-token cross-entropy."""
+    """Greedy exact-match accuracy, mean answer-token cross-entropy, and which prompts
+    were answered right (``correct``: one "0"/"1" per record, in order)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
-    prompts = [tokenizer(r["prompt"]).input_ids for r in records]
+    prompts = [prompt_ids(tokenizer, record_prompt(r)) for r in records]
     answers = [tokenizer(r["answer"], add_special_tokens=False).input_ids for r in records]
     if max_new_tokens is None:  # room for the longest answer, its EOS and a little slack
         max_new_tokens = max(len(a) for a in answers) + 2
 
-    correct, nll, n_tokens = 0, 0.0, 0
+    flags: List[str] = []
+    nll, n_tokens = 0.0, 0
     for start in range(0, len(records), batch_size):
         sl = slice(start, start + batch_size)
         # generation: left padding so every prompt ends where generation starts
@@ -84,7 +105,7 @@ def score_records(model, tokenizer, records: Sequence[dict], device="cpu", batch
             if eos_id in row:
                 row = row[: row.index(eos_id)]
             text = tokenizer.decode(row, skip_special_tokens=True)
-            correct += text.strip() == rec["answer"].strip()
+            flags.append("1" if text.strip() == rec["answer"].strip() else "0")
 
         # loss: right padding, cross-entropy on the answer tokens only
         rows = [p + a for p, a in zip(prompts[sl], answers[sl])]
@@ -98,7 +119,9 @@ def score_records(model, tokenizer, records: Sequence[dict], device="cpu", batch
             logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100, reduction="sum"
         ).item()
         n_tokens += int((target[:, 1:] != -100).sum())
-    return {"accuracy": correct / len(records), "loss": nll / max(n_tokens, 1), "n": len(records)}
+    correct = "".join(flags)
+    return {"accuracy": correct.count("1") / len(records), "loss": nll / max(n_tokens, 1),
+            "n": len(records), "correct": correct}
 
 
 def load_model(path: Union[str, os.PathLike], device="cpu"):
@@ -152,6 +175,62 @@ def normalized_accuracy(merged_acc: Mapping, expert_acc: Mapping) -> float:
     """
     ratios = [_acc(merged_acc[t]) / _acc(expert_acc[t]) for t in expert_acc if _acc(expert_acc[t]) > 0]
     return sum(ratios) / len(ratios) if ratios else math.nan
+
+
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def _flags(result) -> "np.ndarray":
+    import numpy as np
+
+    correct = result["correct"] if isinstance(result, Mapping) else result
+    return np.frombuffer(correct.encode(), dtype=np.uint8) - ord("0")
+
+
+def bootstrap_normalized(merged: Mapping, experts: Mapping, samples: int = BOOTSTRAP_SAMPLES,
+                         seed: int = BOOTSTRAP_SEED) -> "np.ndarray":
+    """Bootstrap replicates of the normalized accuracy, resampling each task's prompts.
+
+    ``merged`` and ``experts`` map task -> a score with ``correct`` (or the 0/1 string
+    itself); both were scored on the same prompts of a task, so each replicate draws
+    one set of prompt indices per task (with replacement) and uses it for the merged
+    model and the task's expert alike (a paired bootstrap). A replicate where an
+    expert gets every drawn prompt wrong skips that task, as normalized_accuracy does.
+    The same seed draws the same indices for every model, so the replicates of two
+    models are paired too.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    num = np.zeros(samples)
+    den = np.zeros(samples)
+    for task in experts:
+        e, m = _flags(experts[task]), _flags(merged[task])
+        if len(e) != len(m):
+            raise ValueError(f"task {task}: {len(m)} scored prompts for the model, {len(e)} for its expert")
+        idx = rng.integers(0, len(e), size=(samples, len(e)))
+        e_acc, m_acc = e[idx].mean(1), m[idx].mean(1)
+        ok = e_acc > 0
+        num[ok] += m_acc[ok] / e_acc[ok]
+        den += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+def normalized_accuracy_ci(merged: Mapping, experts: Mapping, level: float = 0.95,
+                           samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> List[float]:
+    """[low, high]: the percentile bootstrap interval of normalized_accuracy (see
+    bootstrap_normalized); ``merged``/``experts`` map task -> scores with ``correct``."""
+    import numpy as np
+
+    reps = bootstrap_normalized(merged, experts, samples, seed)
+    reps = reps[np.isfinite(reps)]
+    if not len(reps):
+        return [math.nan, math.nan]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(reps, [tail, 100 - tail])
+    return [float(low), float(high)]
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Mapping]], key: str = "accuracy") -> str:

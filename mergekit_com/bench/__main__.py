@@ -1,4 +1,10 @@
-"""python -m mergekit_com.bench [quality --preset tiny | scale | cost]   (see docs/benchmark.md)"""
+"""python -m mergekit_com.bench [quality | candidates | budget | scale | cost] --preset tiny [--seed N]
+
+quality: every method, knobs tuned on val, scored on eval (with 95% bootstrap CIs);
+candidates: fixed configurations of ours (the defaults investigation), on val and eval;
+budget: the default merge against calibration tokens per expert; scale: cost vs depth;
+cost: CoM against its compute floor. See docs/benchmark.md and docs/scaling.md.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,56 @@ import sys
 from pathlib import Path
 
 
+def _zoo_dir(args) -> Path:
+    from ..zoo.build import default_zoo_dir
+
+    return Path(args.zoo) if args.zoo else default_zoo_dir(args.preset, args.seed)
+
+
+def _title(result: dict, args, what: str) -> str:
+    seed = f", seed {result['seed']}" if result.get("seed") else ""
+    return (f"\n## {result['preset']} zoo{seed}, {what} ({result['machine']}, device {args.device}, "
+            f"{args.threads} thread(s))\n")
+
+
+def _candidates(args) -> None:
+    from . import quality, report
+
+    result = quality.run_candidates(args.preset, _zoo_dir(args), Path(args.out), threads=args.threads,
+                                    device=args.device, seed=args.seed,
+                                    only=args.methods.split(",") if args.methods else None)
+    result["machine"] = report.machine()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(result, out / "candidates.json")
+    print(_title(result, args, "fixed configurations of chain_of_merges"))
+    print(report.candidates_table(result))
+    print(f"\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'candidates.json'}")
+
+
+def _budget(args) -> None:
+    from . import quality, report
+
+    counts = [int(n) for n in args.counts.split(",")] if args.counts else None
+    result = quality.run_budget(args.preset, _zoo_dir(args), Path(args.out), threads=args.threads,
+                                device=args.device, seed=args.seed, counts=counts,
+                                variants=args.methods.split(",") if args.methods else None)
+    result["machine"] = report.machine()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(result, out / "budget.json")
+    report.plot_budget(result, out / "budget.png")
+    print(_title(result, args, "normalized accuracy (eval, 95% CI) against calibration budget"))
+    print(report.budget_table(result))
+    print(f"\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'budget.json'}, "
+          f"{out / 'budget.png'}")
+
+
 def _quality(args) -> None:
     from . import quality, report
 
-    result = quality.run(args.preset, Path(args.zoo or f"zoo_cache/{args.preset}"), Path(args.out),
-                         threads=args.threads, device=args.device,
+    result = quality.run(args.preset, _zoo_dir(args), Path(args.out),
+                         threads=args.threads, device=args.device, seed=args.seed,
                          only=args.methods.split(",") if args.methods else None,
                          ablation=not args.no_ablation)
     result["machine"] = report.machine()
@@ -22,15 +73,15 @@ def _quality(args) -> None:
     report.write_json(result, out / "quality.json")
     report.plot_quality(result, out / "quality.png")
     drew_shift = report.plot_shift(result, out / "covariate_shift.png")
-    print(f"\n## {result['preset']} zoo, eval split ({result['machine']}, device {args.device}, "
-          f"{args.threads} thread(s))\n")
+    print(_title(result, args, "eval split"))
     print(report.quality_table(result))
     cost = report.cost_table(result)
     if cost:
         print("\nWhere the chain_of_merges merges spend their time (mergekit-yaml, whole run):\n")
         print(cost)
     if result["ablation"]:
-        print("\nCoM normalized accuracy (%) over alpha and num_samples (eval split, other knobs as tuned):\n")
+        print("\nCoM normalized accuracy (%, 95% CI) over alpha and num_samples (eval split, other knobs "
+              "as tuned):\n")
         print(report.ablation_table(result["ablation"]))
     shifts = report.shift_by_layer(result)
     if shifts:
@@ -83,13 +134,18 @@ def _cost(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mergekit_com.bench", description=__doc__)
-    ap.add_argument("what", nargs="?", default="quality", choices=["quality", "scale", "cost"])
-    ap.add_argument("--preset", default="tiny", help="zoo preset: tiny, smollm2, or quick (tests)")
-    ap.add_argument("--zoo", default=None, help="zoo dir (default zoo_cache/<preset>)")
+    ap.add_argument("what", nargs="?", default="quality",
+                    choices=["quality", "candidates", "budget", "scale", "cost"])
+    ap.add_argument("--preset", default="tiny", help="zoo preset: tiny, smollm2, chat, or quick (tests)")
+    ap.add_argument("--seed", type=int, default=0, help="the zoo's seed (default 0)")
+    ap.add_argument("--zoo", default=None, help="zoo dir (default zoo_cache/<preset>[-seed<N>])")
     ap.add_argument("--out", default="bench_out", help="where merges, JSON and PNG go")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for merges and scoring")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--methods", default=None, help="comma-separated subset (row labels or merge_method)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset (row labels or merge_method; candidates: their names; "
+                         "budget: candidates drawn next to the defaults)")
+    ap.add_argument("--counts", default=None, help="budget: comma-separated num_samples values")
     ap.add_argument("--depths", default="4,8,16,32", help="scale: layer counts")
     ap.add_argument("--no-ablation", action="store_true", help="skip the alpha x num_samples grid")
     ap.add_argument("--families", default="pico,smollm2,zoo:tiny",
@@ -108,7 +164,8 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    {"scale": _scale, "cost": _cost, "quality": _quality}[args.what](args)
+    {"scale": _scale, "cost": _cost, "candidates": _candidates, "budget": _budget,
+     "quality": _quality}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -62,9 +62,11 @@ class Method:
 # our lambdas, our alphas)). smollm2 keeps alpha at 1, the best value of tiny's ablation.
 GRIDS = {
     "full": (MERGEKIT_LAMBDAS, OUR_LAMBDAS, OUR_ALPHAS),
-    "smollm2": ((0.5, 1.0, 2.0), (0.2, 1.0), (1.0,)),
+    "smollm2": ((0.5, 1.0, 2.0), (0.2, 1.0), (0.9, 1.0)),
     "quick": ((0.5, 1.0), (0.5,), (0.9,)),
 }
+DEFAULTS_ROW = "CoM (all defaults)"
+TUNED_COM_ROW = "CoM (chain: module)"
 
 
 def grid_for(preset: str) -> str:
@@ -90,11 +92,51 @@ def methods(grid: str = "full") -> List[Method]:
         # alpha is not used by match_expert: only the scale is tuned
         Method("CoM + match_expert", "chain_of_merges",
                {**ours, "chain": "module", "objective": "match_expert"}, {"lambda": lam_ours}, ours=True),
+        defaults_method(),
+    ]
+
+
+def defaults_method() -> Method:
+    """chain_of_merges with nothing but each expert's calibration: what a user gets."""
+    return Method(DEFAULTS_ROW, "chain_of_merges", ours=True)
+
+
+def candidates(grid: str = "full") -> List[Tuple[str, Method, Knobs]]:
+    """Fixed configurations for the investigation (``bench candidates``): no tuning,
+    each merged once and scored on val and eval. Names are what the tables show."""
+    com = {"chain": "module"}
+    ta = {"fallback": "task_arithmetic", "lambda": 1.0}
+
+    def ours(name: str, **params) -> Tuple[str, Method, Knobs]:
+        return name, Method(name, "chain_of_merges", {**com, **params}, ours=True), {}
+
+    layer0 = [{"filter": "layers.0.", "value": 1.0}, {"value": 0.0}]
+    return [
+        ours("defaults"),
+        ours("regmean a=0.9", alpha=0.9),
+        ours("regmean a=1", alpha=1.0),
+        ours("regmean auto", alpha="auto"),
+        ours("regmean a=1 ta", alpha=1.0, **ta),
+        ours("match_expert", objective="match_expert"),
+        ours("blend 1 a=0.9", objective="blend", blend=1.0, alpha=0.9),
+        ours("blend 1 auto", objective="blend", blend=1.0, alpha="auto"),
+        ours("match_expert ta", objective="match_expert", **ta),
+        ours("blend 0.25 a=1", objective="blend", blend=0.25, alpha=1.0),
+        ours("blend 0.5 a=1", objective="blend", blend=0.5, alpha=1.0),
+        ours("blend 0.75 a=1", objective="blend", blend=0.75, alpha=1.0),
+        ours("blend 0.5 auto", objective="blend", blend=0.5, alpha="auto"),
+        # the share chosen per linear on held-out calibration sequences
+        ours("blend auto a=1", objective="blend", blend="auto", alpha=1.0),
+        ours("blend auto auto", objective="blend", blend="auto", alpha="auto"),
+        # the embeddings hypothesis: correct the drift of the averaged embeddings only
+        ours("match layer 0 only a=1", objective="blend", blend=layer0, alpha=1.0),
+        ours("RegMean auto", chain="none", alpha="auto"),
     ]
 
 
 def describe(knobs: Knobs) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in knobs.items()) or "-"
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                     for k, v in knobs.items()) or "-"
 
 
 ABLATIONS = {
@@ -102,6 +144,16 @@ ABLATIONS = {
     "smollm2": ((0.9, 1.0), (16, 64)),
     "quick": ((0.9, 1.0), (4, 8)),
 }
+# calibration records per expert for ``bench budget`` (the zoo must hold that many)
+BUDGETS = {
+    "full": (2, 4, 8, 16, 32, 64, 128, 256),
+    "smollm2": (4, 8, 16, 32, 64, 128, 256),
+    "quick": (2, 8),
+}
+
+
+def budget_grid(grid: str = "full") -> Sequence[int]:
+    return BUDGETS[grid]
 
 
 def ablation_grid(grid: str = "full") -> Tuple[Sequence[float], Sequence[int]]:

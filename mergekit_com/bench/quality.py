@@ -1,6 +1,14 @@
 """The quality benchmark: every method merges the zoo's experts through
 ``mergekit-yaml``; each knob is tuned on the val split, the chosen merge is
 scored on the eval split; then a small alpha x num_samples ablation of CoM.
+
+Every normalized accuracy on eval comes with a 95% bootstrap interval (the
+prompts of each task resampled, paired with the experts' own results on them;
+``evaluate.normalized_accuracy_ci``).
+
+Two more modes: ``candidates`` merges fixed configurations (no tuning) and scores
+each on val and eval, and ``budget`` measures the default merge against the number
+of calibration tokens per expert.
 """
 
 from __future__ import annotations
@@ -12,11 +20,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..evaluate import evaluate_model, normalized_accuracy
+from ..evaluate import evaluate_model, normalized_accuracy, normalized_accuracy_ci
 from ..zoo import build_zoo
 from ..zoo.build import ZooManifest
 from .measure import run_yaml
-from .methods import SEED, Method, ablation_grid, describe, grid_for, methods
+from .methods import (SEED, TUNED_COM_ROW, Method, ablation_grid, budget_grid, candidates,
+                      defaults_method, describe, grid_for, methods)
 
 LOG = logging.getLogger(__name__)
 
@@ -36,6 +45,25 @@ def _own_accuracy(zoo: ZooManifest, split: str) -> Dict[str, float]:
     return {t: zoo.results[split][f"expert_{t}"][t]["accuracy"] for t in zoo.tasks}
 
 
+def _own_scores(zoo: ZooManifest, split: str) -> Dict[str, dict]:
+    """Each expert's score on its own task (with the per-prompt ``correct`` flags)."""
+    return {t: zoo.results[split][f"expert_{t}"][t] for t in zoo.tasks}
+
+
+def task_intervals(scores: Dict[str, dict], experts: Dict[str, dict]) -> Dict[str, List[float]]:
+    """Per task: the 95% bootstrap interval of merged accuracy / the expert's."""
+    return {t: normalized_accuracy_ci({t: scores[t]}, {t: experts[t]}) for t in experts}
+
+
+def summarize_scores(scores: Dict[str, dict], experts: Dict[str, dict]) -> dict:
+    """Normalized accuracy with its interval, per task too, from one split's scores."""
+    return {
+        "normalized_accuracy": normalized_accuracy(scores, experts),
+        "normalized_ci": normalized_accuracy_ci(scores, experts),
+        "task_ci": task_intervals(scores, experts),
+    }
+
+
 class QualityBench:
     def __init__(self, zoo: ZooManifest, work: Path, threads: int = 1, device: str = "cpu",
                  extra: Optional[dict] = None):
@@ -45,6 +73,7 @@ class QualityBench:
         self.extra = extra or {}  # extra parameters for our methods (tests: fewer samples)
         self.experts_val = _own_accuracy(zoo, "val")
         self.experts_eval = _own_accuracy(zoo, "eval")
+        self.expert_scores = {"val": _own_scores(zoo, "val"), "eval": _own_scores(zoo, "eval")}
 
     def _merge(self, method: Method, knobs: dict, tag: str, extra: Optional[dict] = None):
         out = self.work / "merges" / _slug(f"{method.name}_{tag}")
@@ -57,7 +86,10 @@ class QualityBench:
         return evaluate_model(path, self.zoo.data_dir, self.zoo.tasks, split, self.device)
 
     def tune_and_evaluate(self, method: Method) -> dict:
-        """Pick the knob setting with the best val normalized accuracy; score it on eval."""
+        """Pick the knob setting with the best val normalized accuracy; score it on eval.
+
+        A method without knobs (e.g. the defaults) is merged once and scored on eval only.
+        """
         trials, best = [], None
         settings = method.knob_settings()
         for knobs in settings:
@@ -83,10 +115,28 @@ class QualityBench:
             "trials": trials,
             "eval": scores,
             "mean_accuracy": sum(s["accuracy"] for s in scores.values()) / len(scores),
-            "normalized_accuracy": normalized_accuracy(scores, self.experts_eval),
+            **summarize_scores(scores, self.expert_scores["eval"]),
             "measure": measured.to_json(),
             "path": str(out),
         }
+
+    def fixed(self, name: str, method: Method, knobs: dict, extra: Optional[dict] = None,
+              splits=("val", "eval"), keep: bool = False) -> dict:
+        """One configuration, no tuning: merged once, scored on each split."""
+        out, measured = self._merge(method, knobs, describe({**knobs, **(extra or {})}) or "fixed", extra)
+        row = {"name": name, "method": method.name, "params": {**method.params, **knobs, **(extra or {})},
+               "measure": measured.to_json(), "tokens_per_expert": _tokens_per_expert(out)}
+        for split in splits:
+            scores = self._score(out, split)
+            row[split] = {"scores": scores, **summarize_scores(scores, self.expert_scores[split])}
+        LOG.info("  %-40s %s", name, "  ".join(
+            f"{s} {100 * row[s]['normalized_accuracy']:.1f} [{100 * row[s]['normalized_ci'][0]:.1f}, "
+            f"{100 * row[s]['normalized_ci'][1]:.1f}]" for s in splits))
+        if keep:
+            row["path"] = str(out)
+        else:
+            shutil.rmtree(out)
+        return row
 
     def ablation(self, com: Method, knobs: dict) -> List[dict]:
         """CoM's eval normalized accuracy over alpha x num_samples, other knobs as tuned."""
@@ -96,19 +146,52 @@ class QualityBench:
             for a in alphas:
                 settings = {**knobs, "alpha": a}
                 out, measured = self._merge(com, settings, f"ablation_a{a:g}_n{n}", {"num_samples": n})
-                acc = normalized_accuracy(self._score(out, "eval"), self.experts_eval)
-                LOG.info("  ablation alpha=%g num_samples=%d: %.1f%%", a, n, 100 * acc)
+                scores = self._score(out, "eval")
+                acc = normalized_accuracy(scores, self.experts_eval)
+                LOG.info("  ablation alpha=%s num_samples=%d: %.1f%%", a, n, 100 * acc)
                 rows.append({"alpha": a, "num_samples": n, "normalized_accuracy": acc,
-                             "merge_s": measured.merge_s})
+                             "normalized_ci": normalized_accuracy_ci(scores, self.expert_scores["eval"]),
+                             "tokens_per_expert": _tokens_per_expert(out), "merge_s": measured.merge_s})
                 shutil.rmtree(out)
         return rows
 
 
+def _tokens_per_expert(path: Path) -> Optional[List[int]]:
+    """Calibration tokens of each expert, from the com_report.json of one of our merges."""
+    report = Path(path) / "com_report.json"
+    if not report.exists():
+        return None
+    import json
+
+    return [e["calibration"]["tokens"] for e in json.loads(report.read_text())["experts"]]
+
+
+def _zoo(preset: str, zoo_dir: Path, threads: int, seed: int, overrides: Optional[dict] = None) -> ZooManifest:
+    return build_zoo(preset, zoo_dir, threads=threads, seed=seed, **(overrides or {}))
+
+
+def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) -> dict:
+    refs = {name: zoo.results["eval"][name] for name in ["base", *[f"expert_{t}" for t in zoo.tasks], "multitask"]}
+    return {
+        "preset": zoo.preset,
+        "seed": zoo.settings.get("seed", 0),
+        "zoo": str(zoo.root),
+        "tasks": zoo.tasks,
+        "device": device,
+        "threads": threads,
+        "experts_eval": bench.experts_eval,
+        "references": {
+            name: {"eval": res, **summarize_scores(res, bench.expert_scores["eval"])}
+            for name, res in refs.items()
+        },
+    }
+
+
 def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
         only: Optional[List[str]] = None, ablation: bool = True,
-        extra: Optional[dict] = None) -> dict:
+        extra: Optional[dict] = None, seed: int = 0, zoo_overrides: Optional[dict] = None) -> dict:
     start = time.perf_counter()
-    zoo = build_zoo(preset, zoo_dir, threads=threads)
+    zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
     bench = QualityBench(zoo, out_dir, threads, device, extra)
     rows, rows_of = [], methods(bench.grid)
     for method in rows_of:
@@ -116,23 +199,47 @@ def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str
             continue
         LOG.info("%s", method.name)
         rows.append(bench.tune_and_evaluate(method))
-    com = next(m for m in rows_of if m.name.startswith("CoM ("))
+    com = next(m for m in rows_of if m.name == TUNED_COM_ROW)
     com_row = next((r for r in rows if r["method"] == com.name), None)
     abl = bench.ablation(com, {k: v for k, v in com_row["tuned"].items() if k != "alpha"}) \
         if ablation and com_row else []
-    refs = {name: zoo.results["eval"][name] for name in ["base", *[f"expert_{t}" for t in zoo.tasks], "multitask"]}
     return {
-        "preset": zoo.preset,
-        "zoo": str(zoo.root),
-        "tasks": zoo.tasks,
-        "device": device,
-        "threads": threads,
-        "experts_eval": bench.experts_eval,
-        "references": {
-            name: {"eval": res, "normalized_accuracy": normalized_accuracy(res, bench.experts_eval)}
-            for name, res in refs.items()
-        },
+        **_header(zoo, bench, device, threads),
         "methods": rows,
         "ablation": abl,
         "seconds": time.perf_counter() - start,
     }
+
+
+def run_candidates(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
+                   only: Optional[List[str]] = None, extra: Optional[dict] = None, seed: int = 0, zoo_overrides: Optional[dict] = None) -> dict:
+    """Every candidate configuration (``methods.candidates``), merged once, scored on val and eval."""
+    start = time.perf_counter()
+    zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
+    bench = QualityBench(zoo, out_dir, threads, device, extra)
+    rows = []
+    for name, method, knobs in candidates(bench.grid):
+        if only and name not in only:
+            continue
+        rows.append(bench.fixed(name, method, knobs))
+    return {**_header(zoo, bench, device, threads), "candidates": rows,
+            "seconds": time.perf_counter() - start}
+
+
+def run_budget(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
+               counts: Optional[List[int]] = None, extra: Optional[dict] = None, seed: int = 0,
+               variants: Optional[List[str]] = None, zoo_overrides: Optional[dict] = None) -> dict:
+    """The default merge (and the given candidates) at growing calibration budgets, on eval."""
+    start = time.perf_counter()
+    zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
+    bench = QualityBench(zoo, out_dir, threads, device, extra)
+    picked = [("defaults", defaults_method(), {})]
+    picked += [c for c in candidates(bench.grid) if variants and c[0] in variants]
+    rows = []
+    for n in counts or budget_grid(bench.grid):
+        for name, method, knobs in picked:
+            row = bench.fixed(f"{name} n={n}", method, knobs, {"num_samples": n}, splits=("eval",))
+            row.update(variant=name, num_samples=n)
+            rows.append(row)
+    return {**_header(zoo, bench, device, threads), "budget": rows,
+            "seconds": time.perf_counter() - start}

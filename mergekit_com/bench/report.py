@@ -29,20 +29,33 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _ci(row: dict) -> str:
+    """"85.2 [83.0, 87.3]": normalized accuracy and its 95% bootstrap interval."""
+    ci = row.get("normalized_ci")
+    text = _pct(row["normalized_accuracy"])
+    return f"{text} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else text
+
+
+def _knobs(knobs: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                     for k, v in knobs.items()) or "-"
+
+
 def quality_table(result: dict) -> str:
     tasks: List[str] = result["tasks"]
-    head = "| method | tuned on val | " + " | ".join(tasks) + " | mean | normalized | merge s | peak RSS MB |"
+    head = ("| method | tuned on val | " + " | ".join(tasks)
+            + " | mean | normalized [95% CI] | merge s | peak RSS MB |")
     lines = [head, "|---" * (len(tasks) + 6) + "|"]
     for name, ref in result["references"].items():
         cells = [_pct(ref["eval"][t]["accuracy"]) for t in tasks]
         mean = sum(ref["eval"][t]["accuracy"] for t in tasks) / len(tasks)
         lines.append(f"| *{name}* | | " + " | ".join(cells)
-                     + f" | {_pct(mean)} | {_pct(ref['normalized_accuracy'])} | | |")
+                     + f" | {_pct(mean)} | {_ci(ref)} | | |")
     best = max(r["normalized_accuracy"] for r in result["methods"]) if result["methods"] else None
     for row in result["methods"]:
-        tuned = ", ".join(f"{k}={v:g}" for k, v in row["tuned"].items()) or "-"
+        tuned = _knobs(row["tuned"])
         cells = [_pct(row["eval"][t]["accuracy"]) for t in tasks]
-        norm = _pct(row["normalized_accuracy"])
+        norm = _ci(row)
         if row["normalized_accuracy"] == best:
             norm = f"**{norm}**"
         m = row["measure"]
@@ -83,14 +96,69 @@ def cost_table(result: dict) -> str:
 def ablation_table(rows: List[dict]) -> str:
     if not rows:
         return ""
-    alphas = sorted({r["alpha"] for r in rows})
+    alphas = list(dict.fromkeys(sorted((r["alpha"] for r in rows), key=lambda a: (isinstance(a, str), a))))
     counts = sorted({r["num_samples"] for r in rows})
-    acc: Dict[tuple, float] = {(r["alpha"], r["num_samples"]): r["normalized_accuracy"] for r in rows}
-    lines = ["| num_samples \\ alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |",
-             "|---" * (len(alphas) + 1) + "|"]
+    by: Dict[tuple, dict] = {(r["alpha"], r["num_samples"]): r for r in rows}
+    lines = ["| num_samples \\ alpha | " + " | ".join(f"{a:g}" if not isinstance(a, str) else a for a in alphas)
+             + " |", "|---" * (len(alphas) + 1) + "|"]
     for n in counts:
-        lines.append(f"| {n} | " + " | ".join(_pct(acc[(a, n)]) for a in alphas) + " |")
+        lines.append(f"| {n} | " + " | ".join(_ci(by[(a, n)]) for a in alphas) + " |")
     return "\n".join(lines)
+
+
+def candidates_table(result: dict) -> str:
+    """Fixed configurations: parameters, val and eval normalized accuracy with intervals."""
+    lines = ["| candidate | parameters | val normalized [95% CI] | eval normalized [95% CI] | merge s |",
+             "|---|---|---|---|---|"]
+    for row in result["candidates"]:
+        params = _knobs({k: v for k, v in row["params"].items()})
+        val = _ci(row["val"]) if "val" in row else "-"
+        lines.append(f"| {row['name']} | {params} | {val} | {_ci(row['eval'])} | "
+                     f"{row['measure']['merge_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def budget_table(result: dict) -> str:
+    """Normalized accuracy (eval) per calibration budget, one column per variant."""
+    rows = result["budget"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    counts = sorted({r["num_samples"] for r in rows})
+    by = {(r["variant"], r["num_samples"]): r for r in rows}
+    lines = ["| num_samples | tokens per expert (mean) | " + " | ".join(variants) + " |",
+             "|---" * (len(variants) + 2) + "|"]
+    for n in counts:
+        tokens = next(by[(v, n)]["tokens_per_expert"] for v in variants if (v, n) in by)
+        mean_tokens = sum(tokens) / len(tokens) if tokens else float("nan")
+        cells = [_ci(by[(v, n)]["eval"]) if (v, n) in by else "-" for v in variants]
+        lines.append(f"| {n} | {mean_tokens:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_budget(result: dict, path: Path) -> None:
+    """Normalized accuracy against calibration tokens per expert (log x), with 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rows = result["budget"]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        pts = sorted((sum(r["tokens_per_expert"]) / len(r["tokens_per_expert"]), r["eval"])
+                     for r in rows if r["variant"] == variant)
+        xs = [x for x, _ in pts]
+        ys = [100 * e["normalized_accuracy"] for _, e in pts]
+        err = [[y - 100 * e["normalized_ci"][0] for y, (_, e) in zip(ys, pts)],
+               [100 * e["normalized_ci"][1] - y for y, (_, e) in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("calibration tokens per expert")
+    ax.set_ylabel("normalized accuracy (%), eval, 95% CI")
+    ax.set_title(f"Calibration budget ({result['preset']} zoo)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_json(result: dict, path: Path) -> None:
@@ -113,11 +181,15 @@ def plot_quality(result: dict, path: Path) -> None:
     for i, row in enumerate(rows):
         vals = [100 * row["eval"][t]["accuracy"] / experts[t] if experts[t] else 0 for t in tasks]
         vals.append(100 * row["normalized_accuracy"])
+        cis = [row.get("task_ci", {}).get(t) for t in tasks] + [row.get("normalized_ci")]
+        low = [v - 100 * c[0] if c else 0 for v, c in zip(vals, cis)]
+        high = [100 * c[1] - v if c else 0 for v, c in zip(vals, cis)]
         xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, vals, width, label=row["method"])
+        ax.bar(xs, vals, width, label=row["method"], yerr=[low, high], capsize=1.5,
+               error_kw={"elinewidth": 0.7, "ecolor": "black"})
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_ylabel("normalized accuracy (%), 95% bootstrap CI")
     ax.set_title(f"Merging the {result['preset']} zoo's {len(tasks)} experts (eval split)")
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     fig.tight_layout()

@@ -149,6 +149,7 @@ class MergekitTensors:
         return SolveSettings(
             alpha=task.parameters["alpha"], ridge=task.parameters["ridge"],
             weights=tuple(task.input_parameters[m]["weight"] for m in self.experts),
+            blend=task.parameters["blend"],
         )
 
     def end_layer(self) -> None:

@@ -44,6 +44,14 @@ DEFINITIONS = {
         "(experts[t].covariate_shift_tokens), unless exact_shift is true or the chain and "
         "objective run both models on every batch anyway"
     ),
+    "alpha": (
+        "alpha: auto only -- per linear, each expert's off-diagonal keep ratio estimated from "
+        "its calibration data (Ledoit-Wolf intensity towards the diagonal)"
+    ),
+    "blend": (
+        "objective: blend with blend: auto only -- per linear, the share of the match_expert "
+        "target chosen on held-out calibration sequences"
+    ),
 }
 
 
@@ -93,6 +101,8 @@ class MergeReport:
         self._shift: Dict[str, List[_Ratio]] = {}
         self._residual: Dict[str, Dict[str, List[_Ratio]]] = defaultdict(dict)
         self.runtime: Dict[str, Any] = {}  # where and how the walk ran, and its phases' seconds
+        self._alpha: Dict[str, Dict[str, List[float]]] = defaultdict(dict)
+        self._blend: Dict[str, Dict[str, float]] = defaultdict(dict)
 
     def _layer(self, layer: str) -> None:
         if layer not in self._shift:
@@ -134,12 +144,24 @@ class MergeReport:
         den = ((target @ gram) * target).sum(dtype=torch.float64).item()
         ratios[index].add(num, den)
 
+    def add_alpha(self, layer: str, linear: str, alphas: List[float]) -> None:
+        """The keep ratios ``alpha: auto`` chose for one linear, one per expert."""
+        self._layer(layer)
+        self._alpha[layer][linear] = [float(a) for a in alphas]
+
+    def add_blend(self, layer: str, linear: str, share: float) -> None:
+        """The share of the match_expert target ``blend: auto`` chose for one linear."""
+        self._layer(layer)
+        self._blend[layer][linear] = float(share)
+
     def layer_state(self, layer: str) -> Dict[str, Any]:
         """This layer's running sums, for a checkpoint (exact: JSON keeps floats)."""
         return {
             "shift": [r.state() for r in self._shift.get(layer, [])],
             "residual": {k: [r.state() for r in v]
                          for k, v in self._residual.get(layer, {}).items()},
+            "alpha": dict(self._alpha.get(layer, {})),
+            "blend": dict(self._blend.get(layer, {})),
         }
 
     def restore_layer(self, layer: str, state: Dict[str, Any]) -> None:
@@ -153,6 +175,9 @@ class MergeReport:
         fill(self._shift[layer], state["shift"])
         for linear, pairs in state["residual"].items():
             fill(self._residual[layer].setdefault(linear, [_Ratio() for _ in self.experts]), pairs)
+        for linear, alphas in state.get("alpha", {}).items():
+            self._alpha[layer][linear] = list(alphas)
+        self._blend[layer].update(state.get("blend", {}))
 
     def to_dict(self) -> Dict[str, Any]:
         layers = []
@@ -169,6 +194,8 @@ class MergeReport:
                 "covariate_shift": [r.value() for r in self._shift[name]],
                 "relative_residual": total if linears else None,
                 "linears": {k: [r.value() for r in v] for k, v in linears.items()},
+                **({"alpha": dict(self._alpha[name])} if self._alpha.get(name) else {}),
+                **({"blend": dict(self._blend[name])} if self._blend.get(name) else {}),
             })
         return {
             "format": FORMAT,

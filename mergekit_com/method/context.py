@@ -8,7 +8,9 @@ from typing import Dict, Hashable, List, Optional, Set
 import torch
 
 from mergekit_com.method import distributed
+from mergekit_com.method.parameters import AUTO, Objective
 from mergekit_com.method.ports import Progress, Report, TensorIO
+from mergekit_com.method.statistics import GroupStatistics
 from mergekit_com.method.strategies import ChainStrategy
 from mergekit_com.method.streams import Streams
 from mergekit_com.method.timing import PHASES
@@ -23,7 +25,7 @@ class WalkContext:
     progress: Progress
     streams: Streams
     chain: ChainStrategy
-    objective: object  # RegMeanObjective or MatchExpertObjective
+    objective: object  # RegMeanObjective, MatchExpertObjective or BlendObjective
     device: torch.device
     dtype: torch.dtype  # the walk's compute dtype: float32, or float64 for `dtype: float64`
     # bytes the paused layer passes may hold (None: what the activation budget has left);
@@ -43,6 +45,22 @@ class WalkContext:
             for n, t in gathered.items()
             if expert in t and t[expert].is_floating_point()
         }
+
+    def first_sequence(self, batch: int) -> int:
+        """Where the held-out folds start in this rank's ``batch``-th batch: that batch's
+        index among all of the expert's batches (under torchrun, ranks hold every
+        world_size-th batch). Sequences alternate between the two folds, so the folds
+        depend neither on the number of ranks nor on how many sequences a batch packs."""
+        return distributed.rank() + distributed.world_size() * batch
+
+    def group_statistics(self, names, biased: bool):
+        """Empty statistics for a group of linears (weight names): what their solve
+        settings need (``alpha: auto``: per-sequence spread; ``blend: auto``: folds)."""
+        settings = [self.io.solve_settings(n) for n in names]
+        spread = any(s.alpha == AUTO for s in settings)
+        held_out = self.objective.name == Objective.BLEND and any(s.blend == AUTO for s in settings)
+        return GroupStatistics(self.experts, biased, self.objective.needs_expert_inputs,
+                               spread=spread, held_out=held_out)
 
     def installed(self, written: torch.Tensor) -> torch.Tensor:
         """What the running model uses: a tensor as written, in the compute dtype on the device."""

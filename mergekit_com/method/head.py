@@ -9,7 +9,6 @@ import torch
 
 from mergekit_com.method.context import WalkContext
 from mergekit_com.method.layer import solve_group
-from mergekit_com.method.statistics import GroupStatistics
 from mergekit_com.method.timing import PHASES
 from mergekit_com.model.stepping import LINEAR_TYPES
 
@@ -37,7 +36,7 @@ def merge_head(ctx: WalkContext, names: Sequence[str], tied: bool,
         module_name = weight_name.rpartition(".")[0]
         head = shell.model.get_submodule(module_name)
         bias_name = f"{module_name}.bias" if f"{module_name}.bias" in gathered else None
-        stats = GroupStatistics(ctx.experts, biased=bool(bias_name), cross=cross)
+        stats = ctx.group_statistics([weight_name], biased=bool(bias_name))
         for e in ctx.experts:
             # the final norm: the merged one under chain: module, else the expert's own
             overrides = None if ctx.chain.inside == "merged" else own_post[e]
@@ -48,7 +47,7 @@ def merge_head(ctx: WalkContext, names: Sequence[str], tied: bool,
                     z = (shell.head_inputs(streams.own[e][b], ids, mask, head, own_post[e])
                          if cross else None)
                 with PHASES.phase("gram"):
-                    stats.add(e, x, streams.masks[e][b], z)
+                    stats.add(e, x, streams.masks[e][b], z, ctx.first_sequence(b))
         solve_group(ctx, HEAD, [module_name], stats.finish(module_name, ctx.warned),
                     {module_name: head}, {module_name: (weight_name, bias_name)}, gathered,
                     biased=bool(bias_name))

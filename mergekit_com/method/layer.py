@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from mergekit_com.method.context import WalkContext
+from mergekit_com.method.parameters import AUTO
 from mergekit_com.method.ports import Gathered, Written
-from mergekit_com.method.statistics import GroupStatistics
 from mergekit_com.method.timing import PHASES
 from mergekit_com.model.passes import LayerPass, PausableLayer
 from mergekit_com.model.stepping import (
@@ -57,6 +57,10 @@ def solve_group(ctx: WalkContext, layer_key: str, group: Sequence[str],
                    for e in ctx.experts]
         with PHASES.phase("solve"):
             merged = ctx.objective.solve(stats, ctx.experts, targets, settings, weight_name)
+        if settings.alpha == AUTO:
+            ctx.report.add_alpha(layer_key, key, stats.alphas(ctx.experts, AUTO))
+        if ctx.objective.share(settings) == AUTO:
+            ctx.report.add_blend(layer_key, key, stats.last_blend)
         solutions = {}
         if biased:
             merged, bias = merged[:, :-1], merged[:, -1]
@@ -127,7 +131,7 @@ class LayerMerge:
             for group in groups:  # 4
                 ctx.progress.status(f"{self.key}: {'+'.join(group)}")
                 biased = any(names_of[k][1] for k in group)
-                stats = self._statistics(group[0], *passes, biased)
+                stats = self._statistics(group, *passes, biased, names_of)
                 done = solve_group(ctx, self.key, group, stats, modules,
                                    {k: names_of[k] for k in group}, gathered, biased)
                 for name, value in done.items():
@@ -189,10 +193,11 @@ class LayerMerge:
                         z_passes[e].append(LayerPass(own[e], streams.loader("own", e, b), call, keep))
         return x_passes, z_passes
 
-    def _statistics(self, key: str, x_passes, z_passes, biased: bool):
+    def _statistics(self, group: Sequence[str], x_passes, z_passes, biased: bool, names_of):
         ctx = self.ctx
+        key = group[0]
         cross = ctx.objective.needs_expert_inputs
-        stats = GroupStatistics(ctx.experts, biased, cross)
+        stats = ctx.group_statistics([names_of[k][0] for k in group], biased)
         for e in ctx.experts:
             for b, x_pass in enumerate(x_passes[e]):
                 with PHASES.phase("forward"):
@@ -202,7 +207,7 @@ class LayerMerge:
                         z_pass = z_passes[e][b]
                         z = x if z_pass is x_pass else z_pass.input_of(key)
                 with PHASES.phase("gram"):
-                    stats.add(e, x, ctx.streams.masks[e][b], z)
+                    stats.add(e, x, ctx.streams.masks[e][b], z, ctx.first_sequence(b))
         return stats.finish(f"layer {self.index} {key}", ctx.warned)
 
     def _advance(self, merged_layer: nn.Module, own_layers: Dict[Hashable, nn.Module],

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence, Union
 
 import torch
 
 LOG = logging.getLogger("mergekit.chain_of_merges.linalg")  # under mergekit's logger
+
+AUTO = "auto"  # alpha: the shrinkage intensity estimated from the data (shrinkage_alpha)
+Alpha = Union[float, str]
+
+
+def offdiag_sq(m: torch.Tensor) -> float:
+    """Sum of the squared off-diagonal entries of a square matrix."""
+    m = m.to(torch.float64)
+    return float(m.square().sum() - m.diagonal().square().sum())
 
 
 GRAM_BLOCK = 128  # columns per block of the upper-triangle Gram (at most 8 blocks)
@@ -54,21 +63,67 @@ class Moments:
     Each batch's product is formed in the activations' dtype (one matmul per
     batch, never per token; the Gram's upper block triangle only) and added
     into a float64 accumulator, so long calibration sets do not lose precision.
+
+    Two optional extras need ``lengths`` (the token count of each sequence, in row
+    order): with ``track_spread`` (for ``alpha: auto``), the number of sequences and
+    ``spread = sum_s ||offdiag(U_s)||^2 / n_s`` with ``U_s = X_s^T X_s``, formed from
+    the small ``n_s x n_s`` products ``X_s X_s^T`` (no extra ``in x in`` work); with
+    ``held_out`` (for ``blend: auto``), ``folds``: the same sums over two folds of whole
+    sequences, which alternate within a batch starting at fold ``first % 2`` (the
+    caller passes the batch's index among all batches), so whole sequences are held out.
     """
 
     gram: Optional[torch.Tensor] = None  # upper block triangle, unless one block
     cross: Optional[torch.Tensor] = None
     count: int = 0
+    sequences: int = 0
+    spread: float = 0.0
+    track_spread: bool = False
+    folds: Optional[List["Moments"]] = None
 
-    def add(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> None:
-        if x.shape[0] == 0:
-            return
+    @classmethod
+    def held_out_pair(cls, track_spread: bool = False) -> "Moments":
+        return cls(track_spread=track_spread, folds=[cls(), cls()])
+
+    def _add_products(self, x: torch.Tensor, z: Optional[torch.Tensor]) -> None:
         g = upper_gram(x).to(torch.float64)
         self.gram = g if self.gram is None else self.gram.add_(g)
         if z is not None:
             c = (x.T @ z).to(torch.float64)
             self.cross = c if self.cross is None else self.cross.add_(c)
         self.count += x.shape[0]
+
+    def add(self, x: torch.Tensor, z: Optional[torch.Tensor] = None,
+            lengths: Optional[Sequence[int]] = None, first: int = 0) -> None:
+        if x.shape[0] == 0:
+            return
+        if lengths is not None:
+            lengths = [int(n) for n in lengths]
+            if sum(lengths) != x.shape[0]:
+                raise ValueError(f"sequence lengths sum to {sum(lengths)}, not {x.shape[0]} rows")
+        elif self.track_spread or self.folds is not None:
+            raise ValueError("these moments need the sequence lengths")
+        if self.folds is None:
+            self._add_products(x, z)
+        else:
+            fold_of = torch.cat([torch.full((n,), (first + j) % 2, dtype=torch.long)
+                                 for j, n in enumerate(lengths)]).to(x.device)
+            for f, part in enumerate(self.folds):
+                rows = fold_of == f
+                part._add_products(x[rows], None if z is None else z[rows])  # zeros if none
+            self.gram = self.folds[0].gram + self.folds[1].gram
+            self.cross = self.folds[0].cross + self.folds[1].cross if z is not None else None
+            self.count = self.folds[0].count + self.folds[1].count
+        if self.track_spread:
+            for seq in x.split(lengths):
+                if seq.shape[0] == 0:
+                    continue
+                seq = seq.to(torch.float64)
+                # ||X_s^T X_s||_F^2 = ||X_s X_s^T||_F^2; its diagonal is sum_k x_k^2
+                full = (seq @ seq.T).square().sum()
+                diag = seq.square().sum(0).square().sum()
+                self.spread += float(full - diag) / seq.shape[0]
+                self.sequences += 1
 
     def mean_gram(self) -> torch.Tensor:
         if self.gram is None or self.count == 0:
@@ -80,6 +135,28 @@ class Moments:
         if self.cross is None or self.count == 0:
             raise ValueError("no calibration tokens reached this layer")
         return self.cross / self.count
+
+
+def shrinkage_alpha(mean_gram: torch.Tensor, count: int, sequences: int, spread: float) -> float:
+    """The off-diagonal keep ratio ``alpha`` estimated from the data (``alpha: auto``).
+
+    The Ledoit-Wolf shrinkage intensity towards the diagonal (target "D" of Schäfer &
+    Strimmer 2005, after Ledoit & Wolf 2004): with ``G = sum_s U_s / N`` the mean Gram
+    over ``N`` tokens in ``m`` sequences, ``delta = sum_{i!=j} Var(g_ij) / sum_{i!=j}
+    g_ij^2``, clipped to [0, 1], and ``alpha = 1 - delta``. The variance of each entry
+    is estimated across sequences (tokens of one sequence are not independent):
+    ``Var(g_ij) = sum_s n_s (G_s,ij - g_ij)^2 / (N (m - 1))`` with ``G_s = U_s / n_s``,
+    which sums over ``i != j`` to ``(spread - N * offdiag_sq(G)) / (N (m - 1))``.
+    Few sequences give a large variance, so strong shrinkage (no collapse of a
+    rank-deficient Gram); many give ``alpha`` near 1 (no over-shrinking).
+    """
+    gamma = offdiag_sq(mean_gram)
+    if gamma <= 0:
+        return 1.0  # already diagonal: shrinking changes nothing
+    if sequences < 2:
+        return 0.0  # no estimate of the variance: keep only the diagonal
+    pi = max(spread - count * gamma, 0.0) / (count * (sequences - 1))
+    return 1.0 - min(1.0, pi / gamma)
 
 
 def with_ones_column(x: torch.Tensor) -> torch.Tensor:
@@ -135,22 +212,29 @@ class RidgeSolver:
         return torch.cholesky_solve(rhs.to(torch.float64), self.factor)
 
 
+def _per_expert(alpha: Union[float, Sequence[float]], n: int) -> List[float]:
+    return [float(a) for a in alpha] if isinstance(alpha, (list, tuple)) else [float(alpha)] * n
+
+
 def regmean_lhs(
-    grams: Sequence[torch.Tensor], weights: Sequence[float], alpha: float
+    grams: Sequence[torch.Tensor], weights: Sequence[float], alpha: Union[float, Sequence[float]]
 ) -> torch.Tensor:
-    return sum(w * shrink(g, alpha) for g, w in zip(grams, weights))
+    """``sum_t w_t G~_t``; ``alpha`` one value, or one per expert."""
+    alphas = _per_expert(alpha, len(grams))
+    return sum(w * shrink(g, a) for g, w, a in zip(grams, weights, alphas))
 
 
 def regmean_rhs(
     grams: Sequence[torch.Tensor],
     weights: Sequence[float],
-    alpha: float,
+    alpha: Union[float, Sequence[float]],
     expert_weights: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """``sum_t w_t G~_t W_t^T`` with ``W_t`` given HF-style ``[out, in]``."""
+    alphas = _per_expert(alpha, len(grams))
     return sum(
-        w * (shrink(g, alpha) @ wt.to(torch.float64).T)
-        for g, w, wt in zip(grams, weights, expert_weights)
+        w * (shrink(g, a) @ wt.to(torch.float64).T)
+        for g, w, a, wt in zip(grams, weights, alphas, expert_weights)
     )
 
 
@@ -158,11 +242,14 @@ def match_expert_rhs(
     crosses: Sequence[torch.Tensor],
     weights: Sequence[float],
     expert_weights: Sequence[torch.Tensor],
+    alpha: Union[float, Sequence[float]] = 1.0,
 ) -> torch.Tensor:
-    """``sum_t w_t X_t^T Y_t / n_t`` with ``Y_t = Z_t W_t^T``, i.e. ``C_t W_t^T``."""
+    """``sum_t w_t C~_t W_t^T`` with ``C_t = X_t^T Z_t / n_t`` (so ``C_t W_t^T`` is
+    ``X_t^T Y_t / n_t`` for ``Y_t = Z_t W_t^T``), shrunk like the Grams."""
+    alphas = _per_expert(alpha, len(crosses))
     return sum(
-        w * (c @ wt.to(torch.float64).T)
-        for c, w, wt in zip(crosses, weights, expert_weights)
+        w * (shrink(c, a) @ wt.to(torch.float64).T)
+        for c, w, a, wt in zip(crosses, weights, alphas, expert_weights)
     )
 
 
@@ -172,18 +259,73 @@ class SharedInputStats:
 
     grams: Dict[Hashable, torch.Tensor]
     crosses: Dict[Hashable, torch.Tensor] = field(default_factory=dict)
+    # alpha: auto -- each expert's estimated keep ratio (shrinkage_alpha)
+    auto_alpha: Dict[Hashable, float] = field(default_factory=dict)
+    # blend: auto -- the same statistics over the even and the odd sequences
+    folds: List["SharedInputStats"] = field(default_factory=list)
+    last_blend: Optional[float] = None  # the share the last solve used (for the report)
     _solvers: Dict[tuple, RidgeSolver] = field(default_factory=dict)
+
+    def alphas(self, experts: List[Hashable], alpha: Alpha) -> List[float]:
+        """Each expert's keep ratio: the given value, or the estimate for ``auto``."""
+        if alpha == AUTO:
+            missing = [e for e in experts if e not in self.auto_alpha]
+            if missing:
+                raise ValueError("alpha: auto needs the sequence statistics of every expert")
+            return [self.auto_alpha[e] for e in experts]
+        return [float(alpha)] * len(experts)
 
     def solver(
         self,
         experts: List[Hashable],
         weights: List[float],
-        alpha: float,
+        alpha: Union[Alpha, Sequence[float]],
         ridge: float,
         name: str,
     ) -> RidgeSolver:
-        key = (tuple(experts), tuple(weights), alpha, ridge)
+        alphas = tuple(self.alphas(experts, alpha) if alpha == AUTO else _per_expert(alpha, len(experts)))
+        key = (tuple(experts), tuple(weights), alphas, ridge)
         if key not in self._solvers:
-            lhs = regmean_lhs([self.grams[e] for e in experts], weights, alpha)
+            lhs = regmean_lhs([self.grams[e] for e in experts], weights, list(alphas))
             self._solvers[key] = RidgeSolver(lhs, ridge, name=name)
         return self._solvers[key]
+
+
+def held_out_blend(
+    stats: SharedInputStats,
+    experts: List[Hashable],
+    weights: List[float],
+    expert_weights: List[torch.Tensor],
+    alphas: Sequence[float],
+    ridge: float,
+    name: str = "linear",
+) -> float:
+    """``blend: auto``: the share of the match_expert target that best predicts each
+    expert's own outputs on held-out calibration sequences.
+
+    Two-fold cross-validation over ``stats.folds``: on one fold, solve the regmean
+    (``V_r``) and the match_expert (``V_m``) merges; every blend is ``V_r + b D`` with
+    ``D = V_m - V_r``. On the other fold, the match_expert loss
+    ``sum_t w_t ||X_t V - Z_t W_t^T||^2 / n_t`` is quadratic in ``b``, so the best
+    ``b`` over both directions is ``sum (tr(D^T R) - tr(D^T G V_r)) / sum tr(D^T G D)``
+    (``G = sum_t w_t G_t``, ``R = sum_t w_t C_t W_t^T`` of the held-out fold,
+    unshrunk), clipped to [0, 1]. Without two non-empty folds it is 0.5.
+    """
+    if len(stats.folds) != 2 or any(not f.grams for f in stats.folds):
+        return 0.5
+    num = den = 0.0
+    for train, test in ((stats.folds[0], stats.folds[1]), (stats.folds[1], stats.folds[0])):
+        solver = train.solver(experts, weights, list(alphas), ridge, f"{name} (held-out fold)")
+        grams = [train.grams[e] for e in experts]
+        v_r = solver.solve(regmean_rhs(grams, weights, list(alphas), expert_weights))
+        v_m = solver.solve(match_expert_rhs([train.crosses[e] for e in experts], weights,
+                                            expert_weights, list(alphas)))
+        d = v_m - v_r
+        g = sum(w * test.grams[e] for e, w in zip(experts, weights))
+        r = match_expert_rhs([test.crosses[e] for e in experts], weights, expert_weights)
+        gd = g @ d
+        num += float((d * r).sum() - (gd * v_r).sum())
+        den += float((d * gd).sum())
+    if den <= 0:
+        return 0.5  # the two merges agree on the held-out tokens: any share will do
+    return min(1.0, max(0.0, num / den))

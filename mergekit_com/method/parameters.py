@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from mergekit_com.errors import ChainConfigError
 
@@ -31,6 +31,7 @@ class Objective(str, Enum):
 
     REGMEAN = "regmean"
     MATCH_EXPERT = "match_expert"
+    BLEND = "blend"  # both targets, mixed by `blend`
 
 
 class Fallback(str, Enum):
@@ -41,6 +42,7 @@ class Fallback(str, Enum):
 
 
 ACTIVATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+AUTO = "auto"  # alpha / blend: estimated from the calibration data
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,19 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
               "where each linear's inputs come from: `module` (CoM: the merged model so far, "
               "inside the block too), `block` (merged block inputs, expert's own block), "
               "`none` (expert's own model: plain RegMean)", _choices(Chain), walk_wide=True),
-    Parameter("objective", str, False, Objective.REGMEAN.value,
+    Parameter("objective", str, False, Objective.BLEND.value,
               "`regmean`: fit each expert's weights on its inputs; `match_expert`: fit "
-              "what expert t's own layer outputs on its own activations",
+              "what expert t's own layer outputs on its own activations; `blend`: both "
+              "targets, mixed by `blend`",
               _choices(Objective), walk_wide=True),
-    Parameter("alpha", float, False, 0.9,
-              "off-diagonal keep ratio of each Gram, in [0, 1] (1 = no shrinkage)"),
+    Parameter("blend", Union[float, str], False, AUTO,
+              "under `objective: blend`, the share of the match_expert target in [0, 1] "
+              "(0 = regmean, 1 = match_expert), or `auto`: chosen per linear on held-out "
+              "calibration sequences"),
+    Parameter("alpha", Union[float, str], False, AUTO,
+              "off-diagonal keep ratio of each Gram (and cross moment), in [0, 1] "
+              "(1 = no shrinkage), or `auto`: estimated per expert and linear from its "
+              "calibration data (Ledoit-Wolf)"),
     Parameter("ridge", float, False, 1e-5,
               "ridge added to the summed Gram, relative to its mean diagonal"),
     Parameter("num_samples", int, False, 128, "first N records of each calibration file",
@@ -127,7 +136,10 @@ def check_value(name: str, value: Any, where: str) -> None:
     parameter = PARAMETERS[name]
     if isinstance(value, float) and not math.isfinite(value):
         raise bad("must be a finite number")
-    if name == "alpha" and not 0.0 <= value <= 1.0:
+    if name in ("alpha", "blend") and isinstance(value, str):
+        if value != AUTO:
+            raise bad(f"must be a number in [0, 1] or {AUTO}")
+    elif name in ("alpha", "blend") and not 0.0 <= value <= 1.0:
         raise bad("must be in [0, 1]")
     if name in _POSITIVE and value <= 0:
         raise bad("must be a positive integer")
@@ -142,7 +154,7 @@ class WalkSettings:
     """The walk-wide values (one for the whole merge)."""
 
     chain: Chain = Chain.MODULE
-    objective: Objective = Objective.REGMEAN
+    objective: Objective = Objective.BLEND
     batch_size: int = 8
     activation_dtype: str = "auto"
     activation_budget: float = 0.0
@@ -164,6 +176,7 @@ class WalkSettings:
 class SolveSettings:
     """What one linear's solve uses, as resolved for its weight tensor (filters, slices)."""
 
-    alpha: float
+    alpha: Union[float, str]  # a number, or "auto"
     ridge: float
     weights: Tuple[float, ...]  # one per expert, in the walk's expert order
+    blend: Union[float, str] = AUTO  # objective: blend only; a number, or "auto"

@@ -36,7 +36,7 @@ class TensorIO(Protocol):
         """Write again a tensor a checkpoint holds (resume)."""
 
     def solve_settings(self, name: str) -> SolveSettings:
-        """``alpha``, ``ridge`` and the expert weights resolved for this tensor."""
+        """``alpha``, ``ridge``, ``blend`` and the expert weights resolved for this tensor."""
 
     def end_layer(self) -> None:
         """The layer is written: release what reading it holds (mapped files)."""
@@ -67,6 +67,12 @@ class Report(Protocol):
     def add_residual(self, layer: str, linear: str, expert: int, gram: torch.Tensor,
                      target: torch.Tensor, merged: torch.Tensor) -> None:
         ...
+
+    def add_alpha(self, layer: str, linear: str, alphas: List[float]) -> None:
+        """The keep ratios ``alpha: auto`` chose for one linear, one per expert."""
+
+    def add_blend(self, layer: str, linear: str, share: float) -> None:
+        """The share of the match_expert target ``blend: auto`` chose for one linear."""
 
     def layer_state(self, layer: str) -> dict:
         """This layer's entries, for a checkpoint."""

@@ -1,8 +1,10 @@
 """Calibration statistics of one input shared by a group of linears (q/k/v, gate/up, ...).
 
-Per expert: the running sums of ``X^T X`` (and ``X^T Z`` for ``match_expert``)
-over that expert's non-padding tokens, summed over ranks under torchrun,
-then turned into the mean statistics the solve uses.
+Per expert: the running sums of ``X^T X`` (and ``X^T Z`` for ``match_expert`` and
+``blend``) over that expert's non-padding tokens, summed over ranks under
+torchrun, then turned into the mean statistics the solve uses. ``alpha: auto``
+also needs the spread of the per-sequence Grams, ``blend: auto`` the same sums
+over the even and the odd sequences (two folds).
 """
 
 from __future__ import annotations
@@ -28,18 +30,29 @@ def token_rows(x: torch.Tensor, valid: torch.Tensor, biased: bool) -> torch.Tens
 class GroupStatistics:
     """Moments of one shared input, per expert."""
 
-    def __init__(self, experts: Sequence[Hashable], biased: bool, cross: bool):
+    def __init__(self, experts: Sequence[Hashable], biased: bool, cross: bool,
+                 spread: bool = False, held_out: bool = False):
         self.experts = list(experts)
         self.biased = biased  # the group has a bias: solved as a column on a constant input
-        self.cross = cross  # also accumulate X^T Z (objective: match_expert)
-        self.moments: Dict[Hashable, linalg.Moments] = {e: linalg.Moments() for e in experts}
+        self.cross = cross  # also accumulate X^T Z (objective: match_expert, blend)
+        self.spread = spread  # alpha: auto
+        self.held_out = held_out  # blend: auto
+
+        def moments() -> linalg.Moments:
+            if held_out:
+                return linalg.Moments.held_out_pair(track_spread=spread)
+            return linalg.Moments(track_spread=spread)
+
+        self.moments: Dict[Hashable, linalg.Moments] = {e: moments() for e in experts}
 
     def add(self, expert: Hashable, x: torch.Tensor, valid: torch.Tensor,
-            z: Optional[torch.Tensor] = None) -> None:
-        """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term)."""
+            z: Optional[torch.Tensor] = None, first: int = 0) -> None:
+        """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term);
+        ``first``: the index of the batch's first sequence in the expert's calibration set."""
         rows = token_rows(x, valid, self.biased)
         targets = token_rows(z, valid, self.biased) if self.cross else None
-        self.moments[expert].add(rows, targets)
+        lengths = valid.sum(1).tolist() if self.spread or self.held_out else None
+        self.moments[expert].add(rows, targets, lengths, first)
 
     def finish(self, where: str, warned: Set[Hashable]) -> linalg.SharedInputStats:
         """Sum over ranks, warn once per expert about too few tokens, return the means."""
@@ -55,7 +68,17 @@ class GroupStatistics:
                     "rank-deficient and only the ridge regularises it; give more calibration "
                     "data for a better merge", expert, mo.count, width, where,
                 )
+        stats = self._means(self.moments)
+        if self.spread:
+            stats.auto_alpha = {e: linalg.shrinkage_alpha(stats.grams[e], mo.count, mo.sequences, mo.spread)
+                                for e, mo in self.moments.items()}
+        if self.held_out and all(f.count for mo in self.moments.values() for f in mo.folds):
+            stats.folds = [self._means({e: mo.folds[i] for e, mo in self.moments.items()})
+                           for i in range(2)]
+        return stats
+
+    def _means(self, moments: Dict[Hashable, linalg.Moments]) -> linalg.SharedInputStats:
         return linalg.SharedInputStats(
-            grams={e: mo.mean_gram() for e, mo in self.moments.items()},
-            crosses={e: mo.mean_cross() for e, mo in self.moments.items()} if self.cross else {},
+            grams={e: mo.mean_gram() for e, mo in moments.items()},
+            crosses={e: mo.mean_cross() for e, mo in moments.items()} if self.cross else {},
         )

@@ -14,7 +14,7 @@ from typing import Hashable, List, Sequence
 import torch
 
 from mergekit_com.method import linalg
-from mergekit_com.method.parameters import Chain, Objective, SolveSettings
+from mergekit_com.method.parameters import AUTO, Chain, Objective, SolveSettings
 
 
 @dataclass(frozen=True)
@@ -33,38 +33,66 @@ CHAINS = {
 }
 
 
-class RegMeanObjective:
+class BlendObjective:
+    """Fit a mix of both targets: with share ``b`` (``blend``), each expert contributes
+    ``(1 - b) ||X_t V - X_t W_t^T||^2 + b ||X_t V - Z_t W_t^T||^2`` (over its tokens):
+    ``V = (sum_t w_t G~_t + eps I)^-1 sum_t w_t ((1 - b) G~_t + b C~_t) W_t^T`` with
+    ``C_t = X_t^T Z_t / n_t``. ``b = 0`` is regmean, ``b = 1`` match_expert, and
+    ``blend: auto`` picks ``b`` per linear on held-out sequences (``linalg.held_out_blend``).
+    Every expert's Gram and cross moment are shrunk by its ``alpha`` (``auto``: its
+    Ledoit-Wolf estimate, ``linalg.shrinkage_alpha``).
+    """
+
+    name = Objective.BLEND
+    needs_expert_inputs = True
+    fixed_share = None  # the share this objective always uses (None: the `blend` parameter)
+    uses_alpha = True
+
+    def share(self, settings: SolveSettings):
+        return self.fixed_share if self.fixed_share is not None else settings.blend
+
+    def solve(self, stats: linalg.SharedInputStats, experts: List[Hashable],
+              targets: Sequence[torch.Tensor], settings: SolveSettings, name: str) -> torch.Tensor:
+        weights = list(settings.weights)
+        alphas = stats.alphas(experts, settings.alpha if self.uses_alpha else 1.0)
+        share = self.share(settings)
+        if share == AUTO:
+            share = linalg.held_out_blend(stats, experts, weights, targets, alphas, settings.ridge, name)
+        stats.last_blend = share
+        solver = stats.solver(experts, weights, alphas, settings.ridge, name)
+        rhs = 0.0
+        if share < 1.0:
+            rhs = (1.0 - share) * linalg.regmean_rhs([stats.grams[e] for e in experts], weights,
+                                                     alphas, targets)
+        if share > 0.0:
+            rhs = rhs + share * linalg.match_expert_rhs([stats.crosses[e] for e in experts], weights,
+                                                        targets, alphas)
+        return solver.solve(rhs).T
+
+
+class RegMeanObjective(BlendObjective):
     """Fit each expert's weights on its inputs:
     ``V = (sum_t w_t G~_t + eps I)^-1 sum_t w_t G~_t W_t^T``."""
 
     name = Objective.REGMEAN
     needs_expert_inputs = False  # Z_t, the inputs of expert t's own model
-
-    def solve(self, stats: linalg.SharedInputStats, experts: List[Hashable],
-              targets: Sequence[torch.Tensor], settings: SolveSettings, name: str) -> torch.Tensor:
-        weights = list(settings.weights)
-        solver = stats.solver(experts, weights, settings.alpha, settings.ridge, name)
-        rhs = linalg.regmean_rhs([stats.grams[e] for e in experts], weights, settings.alpha, targets)
-        return solver.solve(rhs).T
+    fixed_share = 0.0
 
 
-class MatchExpertObjective:
+class MatchExpertObjective(BlendObjective):
     """Fit what expert t's own layer outputs on its own activations ``Y_t = Z_t W_t^T``:
     ``V = (sum_t w_t X_t^T X_t / n_t + eps I)^-1 sum_t w_t X_t^T Y_t / n_t``.
 
-    The solve also corrects the drift of the merged prefix. The shrinkage
-    ``alpha`` is a RegMean device: this objective fits the raw Grams.
+    The solve also corrects the drift of the merged prefix. It fits the raw
+    moments (``alpha`` is not used; ``objective: blend`` with ``blend: 1`` is
+    this objective with the shrinkage).
     """
 
     name = Objective.MATCH_EXPERT
     needs_expert_inputs = True
-
-    def solve(self, stats: linalg.SharedInputStats, experts: List[Hashable],
-              targets: Sequence[torch.Tensor], settings: SolveSettings, name: str) -> torch.Tensor:
-        weights = list(settings.weights)
-        solver = stats.solver(experts, weights, 1.0, settings.ridge, name)
-        rhs = linalg.match_expert_rhs([stats.crosses[e] for e in experts], weights, targets)
-        return solver.solve(rhs).T
+    fixed_share = 1.0
+    uses_alpha = False
 
 
-OBJECTIVES = {Objective.REGMEAN: RegMeanObjective(), Objective.MATCH_EXPERT: MatchExpertObjective()}
+OBJECTIVES = {Objective.REGMEAN: RegMeanObjective(), Objective.MATCH_EXPERT: MatchExpertObjective(),
+              Objective.BLEND: BlendObjective()}

@@ -1,4 +1,4 @@
-"""CLI: python -m mergekit_com.zoo --preset tiny --out DIR [--check-merge]"""
+"""CLI: python -m mergekit_com.zoo --preset tiny [--seed N] --out DIR [--check-merge]"""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import sys
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mergekit_com.zoo",
                                  description="Build (or reuse) an offline expert zoo.")
-    ap.add_argument("--preset", default="tiny", help="tiny (default), smollm2 (real SmolLM2-135M base), quick (tests)")
-    ap.add_argument("--out", default=None, help="output dir (default zoo_cache/<preset>)")
+    ap.add_argument("--preset", default="tiny",
+                    help="tiny (default), smollm2 (real SmolLM2-135M base), chat (chat-formatted), quick (tests)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the data, initialisation and training (default 0)")
+    ap.add_argument("--out", default=None, help="output dir (default zoo_cache/<preset>[-seed<N>])")
     ap.add_argument("--tasks", default=None, help="comma-separated task subset (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] for training and scoring")
@@ -36,7 +39,7 @@ def main(argv=None) -> None:
     import torch
 
     from ..evaluate import normalized_accuracy
-    from .build import DEFAULT_THREADS, build_zoo
+    from .build import DEFAULT_THREADS, build_zoo, default_zoo_dir
     from .smollm2 import BaseModelUnavailable
     from .tasks import TASKS
 
@@ -48,8 +51,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(threads)  # for the merges and scoring after the build too
     tasks = args.tasks.split(",") if args.tasks else None
     try:
-        zoo = build_zoo(args.preset, args.out or f"zoo_cache/{args.preset}", tasks,
-                        threads=threads, force=args.force, device=args.device)
+        zoo = build_zoo(args.preset, args.out or default_zoo_dir(args.preset, args.seed), tasks,
+                        threads=threads, force=args.force, device=args.device, seed=args.seed)
     except (BaseModelUnavailable, KeyError) as e:
         sys.exit(f"error: {e.args[0] if e.args else e}")
     if args.check_merge:
@@ -58,7 +61,9 @@ def main(argv=None) -> None:
         check_merges(zoo)
 
     how = "cache hit" if zoo.cached else "built"
-    print(f"zoo {zoo.preset!r} at {zoo.root} ({how}; build took {zoo.build_seconds:.0f}s)\n")
+    phases = ", ".join(f"{k} {v:.0f}s" for k, v in zoo.build_phases.items())
+    print(f"zoo {zoo.preset!r} (seed {zoo.settings.get('seed', 0)}) at {zoo.root} ({how}; build took "
+          f"{zoo.build_seconds:.0f}s{': ' + phases if phases else ''})\n")
     table = zoo.accuracy_table("eval")
     experts = {t: table[f"expert_{t}"][t] for t in zoo.tasks}
     print("| model | " + " | ".join(zoo.tasks) + " | mean | normalized |")

@@ -4,6 +4,7 @@ Layout under ``out_dir``::
 
     base/  expert_<task>/  multitask/      HF model dirs (safetensors + tokenizer)
     data/<task>.{calib,val,eval}.jsonl     calibration text / held-out prompt+answer
+                                           (chat presets: {"messages": [...]} records)
     zoo.json                               manifest, written last (marks a complete build)
 """
 
@@ -28,7 +29,8 @@ from .tasks import Instance, Sample, get_task, make_splits
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the build recipe changes, to invalidate caches
+FORMAT_VERSION = 2  # bump when the build recipe changes, to invalidate caches
+# 2: scores keep the per-prompt results (``correct``) that the bootstrap intervals resample
 # Measured on 2 cores: 2 threads is ~1.4x faster than 1 when the machine is idle, but
 # ~10x slower when another process is busy (OpenMP threads wait on each other).
 DEFAULT_THREADS = 1
@@ -42,6 +44,7 @@ class ZooManifest:
     settings: dict
     settings_hash: str
     build_seconds: float = 0.0
+    build_phases: Dict[str, float] = field(default_factory=dict)  # seconds: pretrain, experts, ...
     # {split: {model name: {task: {"accuracy", "loss", "n"}}}}; model names as in model_dirs
     results: Dict[str, Dict[str, Dict[str, dict]]] = field(default_factory=dict)
     # same shape, for stock mergekit merges of the experts (see zoo.baselines)
@@ -93,6 +96,11 @@ class ZooManifest:
         d = json.loads((Path(root) / "zoo.json").read_text())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(root=Path(root), **{k: v for k, v in d.items() if k in names})
+
+
+def default_zoo_dir(preset: str, seed: int = 0) -> Path:
+    """zoo_cache/<preset>, or zoo_cache/<preset>-seed<N> for another seed."""
+    return Path("zoo_cache") / (preset if not seed else f"{preset}-seed{seed}")
 
 
 def _hash(settings: dict) -> str:
@@ -172,14 +180,25 @@ def _build(spec: ZooPreset, root: Path, digest: str, device: str = "cpu") -> Zoo
     base, tokenizer = MODEL_BUILDERS[spec.builder](spec)
     base.to(device)
     data = _write_data(spec, root / "data")
-    train = {t: s.train for t, s in data.items()}
-    solved = {t: [(p, a) for p, a, _ in s.train] for t, s in data.items()}  # true answers only
+    # chat presets: every prompt is a user turn (rendered with the chat template)
+    turn = (lambda p: [{"role": "user", "content": p}]) if spec.chat else (lambda p: p)
+    train = {t: [(turn(p), a, d) for p, a, d in s.train] for t, s in data.items()}
+    solved = {t: [(p, a) for p, a, _ in train[t]] for t in data}  # true answers only
+
+    phases: Dict[str, float] = {}
+    mark = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        phases[name] = round(time.time() - mark, 1)
+        mark = time.time()
 
     if spec.pretrain_steps:  # scratch bases learn the formats first; real bases already know text
         log.info("pretraining base on %s", ", ".join(spec.tasks))
         _train(base, tokenizer, _pretrain_corpus(spec, train), spec.pretrain_steps, spec.pretrain_lr,
                spec, seed=spec.seed, answer_only=False, weight_decay=spec.pretrain_weight_decay)
     _save(base, tokenizer, root / "base")
+    lap("base")
 
     for i, task in enumerate(spec.tasks):
         log.info("fine-tuning expert_%s", task)
@@ -187,17 +206,21 @@ def _build(spec: ZooPreset, root: Path, digest: str, device: str = "cpu") -> Zoo
         _train(expert, tokenizer, solved[task], spec.finetune_steps, spec.finetune_lr, spec,
                seed=spec.seed + 1 + i, answer_only=True)
         _save(expert, tokenizer, root / f"expert_{task}")
+    lap("experts")
 
     log.info("fine-tuning multitask")
     multi = copy.deepcopy(base)
     _train(multi, tokenizer, [x for t in spec.tasks for x in solved[t]], spec.multitask_steps,
            spec.multitask_lr, spec, seed=spec.seed + 1000, answer_only=True)
     _save(multi, tokenizer, root / "multitask")
+    lap("multitask")
 
     manifest = ZooManifest(root=root, preset=spec.name, tasks=list(spec.tasks),
                            settings=spec.settings(), settings_hash=digest)
     log.info("scoring the zoo")
     manifest.results = _score_all(manifest, device)
+    lap("scoring")
+    manifest.build_phases = phases
     manifest.build_seconds = round(time.time() - t0, 1)
     manifest.save()
     return manifest
@@ -231,10 +254,19 @@ def _write_data(spec: ZooPreset, data_dir: Path):
     splits = {}
     for task in spec.tasks:
         s = make_splits(task, spec.n_train, spec.n_calib, spec.n_val, spec.n_eval, seed=spec.seed)
-        _write_jsonl(data_dir / f"{task}.calib.jsonl", [{"text": p + a} for p, a in s.calib])
-        for split in ("val", "eval"):
-            _write_jsonl(data_dir / f"{task}.{split}.jsonl",
-                         [{"prompt": p, "answer": a} for p, a in getattr(s, split)])
+        if spec.chat:
+            _write_jsonl(data_dir / f"{task}.calib.jsonl",
+                         [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+                          for p, a in s.calib])
+            for split in ("val", "eval"):
+                _write_jsonl(data_dir / f"{task}.{split}.jsonl",
+                             [{"messages": [{"role": "user", "content": p}], "answer": a}
+                              for p, a in getattr(s, split)])
+        else:
+            _write_jsonl(data_dir / f"{task}.calib.jsonl", [{"text": p + a} for p, a in s.calib])
+            for split in ("val", "eval"):
+                _write_jsonl(data_dir / f"{task}.{split}.jsonl",
+                             [{"prompt": p, "answer": a} for p, a in getattr(s, split)])
         splits[task] = s
     return splits
 

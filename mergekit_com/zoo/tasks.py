@@ -72,6 +72,55 @@ def _parity(rng: random.Random) -> Instance:
     return f"par {n} =", label(n[-1]), label(n[0])
 
 
+def _spaced(sample: Callable[[random.Random], Instance]) -> Callable[[random.Random], Instance]:
+    """The same task with its letters written apart ("rev a b c =" -> " c b a").
+
+    A BPE tokenizer (SmolLM2's) merges runs of letters into tokens ("abcd" -> "ab", "cd"),
+    so reversing or sorting them needs spelling skills a 135M model lacks; spaced
+    letters are one token each (" a"), which it learns in a few dozen steps.
+    """
+
+    def spread(text: str) -> str:
+        return " ".join(text) if len(text) > 1 and text.isalpha() else text
+
+    def spaced(rng: random.Random) -> Instance:
+        prompt, answer, distractor = sample(rng)
+        verb, arg, eq = prompt.split(" ")
+        return (f"{verb} {spread(arg)} {eq}", " " + spread(answer[1:]), " " + spread(distractor[1:]))
+
+    return spaced
+
+
+# Chat tasks (the `chat` preset): other skills, asked in a user turn and answered in the
+# assistant's, without the " =" marker and the answer's leading space.
+def _shift(rng: random.Random) -> Instance:
+    s = _letters(rng)
+    nxt = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
+    prv = "".join(chr((ord(c) - 97 - 1) % 26 + 97) for c in s)
+    return f"shift {s}", nxt, prv
+
+
+def _count(rng: random.Random) -> Instance:
+    letter = rng.choice("abc")
+    s = "".join(rng.choice("abcd") for _ in range(rng.randint(4, 8)))
+    return f"count {letter} in {s}", str(s.count(letter)), str(len(s))
+
+
+def _swap(rng: random.Random) -> Instance:
+    a, b = _letters(rng, 2, 4), _letters(rng, 2, 4)
+    return f"swap {a} {b}", f"{b} {a}", f"{a} {b}"
+
+
+def _double(rng: random.Random) -> Instance:
+    s = _letters(rng, 2, 4)
+    return f"double {s}", "".join(c + c for c in s), s + s
+
+
+def _last(rng: random.Random) -> Instance:
+    words = [_letters(rng, 2, 5) for _ in range(rng.randint(2, 4))]
+    return f"last {' '.join(words)}", "".join(w[-1] for w in words), "".join(w[0] for w in words)
+
+
 TASKS: Dict[str, Task] = {
     t.name: t
     for t in (
@@ -83,6 +132,16 @@ TASKS: Dict[str, Task] = {
         # Registered but not in the tiny preset: a 3-layer model needs ~1000 steps of
         # addition alone to learn the carry, far beyond the tiny build budget.
         Task("add", "sum of two 2-digit numbers", "digit-wise sum without carry", _add),
+        # spaced letters, for subword tokenizers (the smollm2 preset)
+        Task("reverse_sp", "reverse 3-5 spaced letters", "echo them", _spaced(_reverse)),
+        Task("sort_sp", "sort 3-5 spaced letters", "sort descending", _spaced(_sort)),
+        Task("upper_sp", "uppercase 3-5 spaced letters", "capitalize the first", _spaced(_upper)),
+        # chat tasks (the chat preset)
+        Task("shift", "shift each letter one place on (a -> b)", "one place back", _shift),
+        Task("count", "how often a letter occurs in a string", "the string's length", _count),
+        Task("swap", "swap two words", "echo them", _swap),
+        Task("double", "double every letter", "repeat the string", _double),
+        Task("last", "last letter of every word", "the first letters", _last),
     )
 }
 

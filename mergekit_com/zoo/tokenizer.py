@@ -16,9 +16,23 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
-    """One token per character; BOS is prepended automatically, EOS is not."""
-    specials = [PAD, BOS, EOS, UNK]
+# With role markers (the chat preset): what a chat model's template looks like, e.g.
+# "<s><|user|>swap ab cd<|assistant|>cd ab</s>"; the markers are one token each.
+ROLES = ("system", "user", "assistant")
+ROLE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_char_tokenizer(alphabet: str = ALPHABET, roles: bool = False) -> PreTrainedTokenizerFast:
+    """One token per character; BOS is prepended automatically, EOS is not.
+
+    roles=True adds one special token per chat role and a chat template that uses them.
+    """
+    markers = [f"<|{r}|>" for r in ROLES] if roles else []
+    specials = [PAD, BOS, EOS, UNK, *markers]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(set(alphabet)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -32,7 +46,8 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
         eos_token=EOS,
         pad_token=PAD,
         unk_token=UNK,
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=markers or None,
+        chat_template=ROLE_CHAT_TEMPLATE if roles else CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
         model_max_length=64,
     )

@@ -14,12 +14,16 @@ def encode_samples(tokenizer, samples: Sequence[Sample]) -> tuple[torch.Tensor, 
     """Right-padded ids of BOS+prompt+answer+EOS, and a mask of the answer/EOS tokens.
 
     Prompt and answer are tokenized separately (as the evaluation does), so the
-    answer boundary is the same at train and test time for any tokenizer.
+    answer boundary is the same at train and test time for any tokenizer. A prompt
+    given as chat messages is rendered with the chat template up to the assistant's
+    turn (``evaluate.prompt_ids``).
     """
+    from ..evaluate import prompt_ids
+
     rows: List[List[int]] = []
     answer_starts: List[int] = []
     for prompt, answer in samples:
-        p = tokenizer(prompt).input_ids
+        p = prompt_ids(tokenizer, prompt)
         a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append(p + a)
         answer_starts.append(len(p))

@@ -9,7 +9,11 @@ from safetensors.torch import load_file
 from tests.support import pico
 from tests.support.closed_form import (
     assert_close,
+    blend_solution,
     captured_inputs,
+    captured_sequences,
+    held_out_share,
+    ledoit_wolf_alpha,
     match_expert,
     regmean,
     texts_of,
@@ -124,3 +128,31 @@ def test_non_linear_tensors_use_the_fallback(zoo2, tmp_path):
     # the base is not an expert: the linears ignore it
     torch.testing.assert_close(ta["model.layers.0.self_attn.q_proj.weight"],
                                merged["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_auto_alpha_and_auto_blend_closed_form(zoo1, tmp_path):
+    """alpha: auto is the Ledoit-Wolf keep ratio of each expert's own sequences, and
+    blend: auto the share that best predicts the experts' outputs on held-out sequences;
+    both are reported in com_report.json and give the closed-form merge."""
+    import json
+
+    out = str(tmp_path / "out")
+    merged = merge(com_config(experts(zoo1), objective="blend", blend="auto", alpha="auto",
+                              ridge=1e-6, batch_size=5), out)
+    report = json.loads(open(os.path.join(out, "com_report.json")).read())
+    layer = report["layers"][0]
+    tensors = expert_tensors(zoo1)
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        m = f"model.layers.0.{name}"
+        x_seqs = [captured_sequences(out, texts_of(zoo1[f"expert{i}_data"]), [m])[m] for i in range(2)]
+        z_seqs = [captured_sequences(zoo1[f"expert{i}"], texts_of(zoo1[f"expert{i}_data"]), [m])[m]
+                  for i in range(2)]
+        alphas = [ledoit_wolf_alpha(s) for s in x_seqs]
+        assert layer["alpha"][name] == pytest.approx(alphas, abs=1e-5)
+        assert all(0.0 < a < 1.0 for a in alphas)  # 12 short sequences per expert: real shrinkage
+        ws = [t[f"{m}.weight"] for t in tensors]
+        share = held_out_share(x_seqs, z_seqs, ws, alphas, ridge=1e-6)
+        assert layer["blend"][name] == pytest.approx(share, abs=2e-3)
+        expected = blend_solution([torch.cat(s) for s in x_seqs], [torch.cat(s) for s in z_seqs], ws,
+                                  alphas, layer["blend"][name], ridge=1e-6)
+        assert_close(merged[f"{m}.weight"], expected, rtol=1e-4)

@@ -24,7 +24,7 @@ def bad_configs(zoo):
         "fallback": (com_config(ok, fallback="median"), r"'fallback' = 'median'"),
         "num_samples": (com_config(ok, num_samples=0), r"'num_samples' = 0.*positive"),
         "max_seq_len": (com_config(ok, max_seq_len=-3), r"'max_seq_len' = -3.*positive"),
-        "type": (com_config(ok, alpha="high"), r"'alpha' = 'high' is not a valid float"),
+        "type": (com_config(ok, alpha="high"), r"'alpha' = 'high' .*must be a number in \[0, 1\] or auto"),
         "bool_number": (com_config(ok, num_samples=True), r"'num_samples' = True is not a valid int"),
         "nan": (com_config(ok, alpha=float("nan")), r"'alpha' = nan .*must be a finite number"),
         "weight": (com_config(negative), r"'weight' = -1.0.*>= 0"),

@@ -4,12 +4,18 @@ import torch
 
 from mergekit_com.method import linalg
 from mergekit_com.method.parameters import SolveSettings
-from mergekit_com.method.strategies import RegMeanObjective
+from mergekit_com.method.parameters import Objective
+from mergekit_com.method.strategies import OBJECTIVES, RegMeanObjective
 
 
 def solve(stats, experts, weights, targets, alpha, ridge):
     settings = SolveSettings(alpha=alpha, ridge=ridge, weights=tuple(weights))
     return RegMeanObjective().solve(stats, experts, targets, settings, name="test")
+
+
+def solve_with(objective, stats, experts, weights, targets, alpha, ridge, blend=0.5):
+    settings = SolveSettings(alpha=alpha, ridge=ridge, weights=tuple(weights), blend=blend)
+    return OBJECTIVES[Objective(objective)].solve(stats, experts, targets, settings, name="test")
 
 
 def test_moments_are_batch_invariant_and_float64():
@@ -82,3 +88,137 @@ def test_blocked_upper_gram_completes_to_the_full_product():
         if linalg.gram_blocks(width) > 1:  # the lower blocks were never computed
             upper = linalg.upper_gram(x)
             assert upper[-1, 0] == 0 and upper[0, -1] != 0
+
+
+def _independent_alpha(seqs):
+    """Schäfer-Strimmer target D, computed entry by entry from per-sequence mean Grams."""
+    xs = [s.double() for s in seqs]
+    n = torch.tensor([float(len(s)) for s in xs], dtype=torch.float64)
+    total = n.sum()
+    g = sum(s.T @ s for s in xs) / total
+    per_seq = torch.stack([s.T @ s / len(s) for s in xs])  # [m, d, d]
+    m = len(xs)
+    var = (n[:, None, None] * (per_seq - g).square()).sum(0) / (total * (m - 1))
+    off = ~torch.eye(g.shape[0], dtype=torch.bool)
+    delta = min(1.0, max(0.0, float(var[off].sum() / g[off].square().sum())))
+    return 1.0 - delta
+
+
+def test_auto_alpha_matches_an_independent_computation():
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(5, 5, generator=g)
+    seqs = [torch.randn(int(k), 5, generator=g) @ mix for k in torch.randint(2, 9, (12,), generator=g)]
+    mo = linalg.Moments(track_spread=True)
+    for i in range(0, 12, 4):  # three batches of four sequences
+        batch = seqs[i:i + 4]
+        mo.add(torch.cat(batch), lengths=[len(s) for s in batch])
+    assert mo.sequences == 12 and mo.count == sum(len(s) for s in seqs)
+    got = linalg.shrinkage_alpha(mo.mean_gram(), mo.count, mo.sequences, mo.spread)
+    assert abs(got - _independent_alpha(seqs)) < 1e-6  # the Gram sums float32 batch products
+    assert 0.0 < got < 1.0
+
+
+def test_auto_alpha_shrinks_few_samples_hard_and_many_samples_little():
+    g = torch.Generator().manual_seed(2)
+    mix = torch.randn(16, 16, generator=g) / 4 + torch.eye(16)
+
+    def alpha(num_seqs):
+        mo = linalg.Moments(track_spread=True)
+        for _ in range(num_seqs):
+            mo.add(torch.randn(8, 16, generator=g) @ mix, lengths=[8])
+        return linalg.shrinkage_alpha(mo.mean_gram(), mo.count, mo.sequences, mo.spread)
+
+    few, some, many = alpha(3), alpha(30), alpha(3000)
+    assert few < some < many
+    assert few < 0.6 and many > 0.95
+    # one sequence leaves no variance estimate: only the diagonal is kept
+    assert alpha(1) == 0.0
+    # a diagonal Gram has nothing to shrink
+    assert linalg.shrinkage_alpha(torch.eye(3, dtype=torch.float64), 10, 2, 5.0) == 1.0
+
+
+def test_blend_is_the_weighted_sum_of_both_objectives():
+    g = torch.Generator().manual_seed(3)
+    x = [torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    z = [xi + 0.1 * torch.randn(40, 6, generator=g, dtype=torch.float64) for xi in x]
+    ws = [torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    stats = linalg.SharedInputStats(grams={i: x[i].T @ x[i] / 40 for i in range(2)},
+                                    crosses={i: x[i].T @ z[i] / 40 for i in range(2)})
+
+    def solve(objective, share=0.5, alpha=1.0):
+        return solve_with(objective, stats, [0, 1], [1.0, 1.0], ws, alpha=alpha, ridge=0.0, blend=share)
+
+    # least squares of (1 - b) ||X V - X W^T||^2 + b ||X V - Z W^T||^2, summed over experts
+    b = 0.3
+    xs = torch.cat([x[0], x[1]])
+    target = torch.cat([(1 - b) * x[i] @ ws[i].T + b * z[i] @ ws[i].T for i in range(2)])
+    expected = torch.linalg.lstsq(xs, target).solution.T
+    torch.testing.assert_close(solve("blend", b), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(solve("blend", 0.0), solve("regmean"))
+    torch.testing.assert_close(solve("blend", 1.0), solve("match_expert"))
+    # under blend, alpha shrinks the cross moments like the Grams: alpha 0 is per-feature
+    v = solve("blend", 1.0, alpha=0.0)
+    lhs = sum(torch.diag(torch.diag(stats.grams[i])) for i in range(2))
+    rhs = sum(torch.diag(torch.diag(stats.crosses[i])) @ ws[i].T for i in range(2))
+    torch.testing.assert_close(v, torch.linalg.solve(lhs, rhs).T)
+
+
+def test_auto_alpha_is_used_per_expert():
+    gram_a = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    stats = linalg.SharedInputStats(grams={"a": gram_a, "b": gram_a.clone()},
+                                    auto_alpha={"a": 1.0, "b": 0.0})
+    ws = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    got = solve_with("regmean", stats, ["a", "b"], [1.0, 1.0], ws, alpha="auto", ridge=0.0)
+    lhs = gram_a + torch.diag(torch.diag(gram_a))
+    rhs = gram_a @ ws[0].double().T + torch.diag(torch.diag(gram_a)) @ ws[1].double().T
+    torch.testing.assert_close(got, torch.linalg.solve(lhs, rhs).T)
+
+
+def _fold_stats(xs, zs):
+    return linalg.SharedInputStats(grams={i: x.T @ x / len(x) for i, x in enumerate(xs)},
+                                   crosses={i: x.T @ z / len(x) for i, (x, z) in enumerate(zip(xs, zs))})
+
+
+def test_held_out_blend_minimises_the_held_out_match_loss():
+    g = torch.Generator().manual_seed(4)
+    d, n = 8, 12  # few tokens per fold: the match_expert fit does not carry over fully
+    ws = [torch.randn(3, d, generator=g, dtype=torch.float64) for _ in range(2)]
+    drift = [torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+             for _ in range(2)]
+    folds = []
+    for _ in range(2):
+        xs = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2)]
+        zs = [x @ m + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64) for x, m in zip(xs, drift)]
+        folds.append((xs, zs))
+    stats = linalg.SharedInputStats(grams={}, folds=[_fold_stats(*f) for f in folds])
+    share = linalg.held_out_blend(stats, [0, 1], [1.0, 1.0], ws, [1.0, 1.0], ridge=1e-9)
+
+    def held_out_loss(b):  # brute force: fit each blend on one fold, score the other
+        total = 0.0
+        for train, test in ((0, 1), (1, 0)):
+            xs, zs = folds[train]
+            target = torch.cat([(1 - b) * x @ w.T + b * z @ w.T for x, z, w in zip(xs, zs, ws)])
+            weights = torch.cat([torch.full((n,), 1 / n, dtype=torch.float64)] * 2).sqrt()[:, None]
+            v = torch.linalg.lstsq(torch.cat(xs) * weights, target * weights).solution
+            tx, tz = folds[test]
+            total += sum(((x @ v - z @ w.T) ** 2).sum() / n for x, z, w in zip(tx, tz, ws))
+        return float(total)
+
+    grid = [i / 200 for i in range(201)]
+    best = min(grid, key=held_out_loss)
+    assert 0.0 < share < 1.0
+    assert abs(share - best) <= 0.005 + 1e-9
+    assert held_out_loss(share) <= held_out_loss(best) + 1e-9
+
+
+def test_moments_folds_split_whole_sequences_by_their_global_index():
+    x = torch.arange(20, dtype=torch.float32).reshape(10, 2)
+    mo = linalg.Moments.held_out_pair()
+    mo.add(x[:6], lengths=[2, 3, 1], first=0)  # sequences 0, 1, 2
+    mo.add(x[6:], lengths=[4], first=3)  # sequence 3
+    even = torch.cat([x[0:2], x[5:6]])  # sequences 0 and 2
+    odd = torch.cat([x[2:5], x[6:10]])  # sequences 1 and 3
+    torch.testing.assert_close(mo.folds[0].gram, (even.T @ even).double())
+    torch.testing.assert_close(mo.folds[1].gram, (odd.T @ odd).double())
+    torch.testing.assert_close(mo.gram, (x.T @ x).double())
+    assert (mo.count, mo.folds[0].count, mo.folds[1].count) == (10, 3, 7)

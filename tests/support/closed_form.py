@@ -35,8 +35,60 @@ def captured_inputs(model_dir: str, texts: Sequence[str], modules: Sequence[str]
     return {m: torch.cat(r) for m, r in rows.items()}
 
 
+def captured_sequences(model_dir: str, texts: Sequence[str], modules: Sequence[str],
+                       max_seq_len: int = 512) -> Dict[str, List[torch.Tensor]]:
+    """Like captured_inputs, but one [tokens, in] tensor per text."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [len(tok(t)["input_ids"][:max_seq_len]) for t in texts]
+    whole = captured_inputs(model_dir, texts, modules, max_seq_len)
+    return {m: list(x.split(lengths)) for m, x in whole.items()}
+
+
 def shrink(g: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+
+
+def ledoit_wolf_alpha(seqs: Sequence[torch.Tensor]) -> float:
+    """1 - the Schäfer-Strimmer (target D) intensity, entry by entry over sequences."""
+    xs = [s.double() for s in seqs]
+    n = torch.tensor([float(len(s)) for s in xs], dtype=torch.float64)
+    g = sum(s.T @ s for s in xs) / n.sum()
+    per_seq = torch.stack([s.T @ s / len(s) for s in xs])
+    var = (n[:, None, None] * (per_seq - g).square()).sum(0) / (n.sum() * (len(xs) - 1))
+    off = ~torch.eye(g.shape[0], dtype=torch.bool)
+    return 1.0 - min(1.0, max(0.0, float(var[off].sum() / g[off].square().sum())))
+
+
+def blend_solution(xs, zs, ws, alphas, share, ridge, weights=None) -> torch.Tensor:
+    """(sum_t w_t G~_t + eps I)^-1 sum_t w_t ((1-b) G~_t + b C~_t) W_t^T, as [out, in]."""
+    weights = weights or [1.0] * len(xs)
+    gs = [shrink(x.double().T @ x.double() / x.shape[0], a) for x, a in zip(xs, alphas)]
+    cs = [shrink(x.double().T @ z.double() / x.shape[0], a) for x, z, a in zip(xs, zs, alphas)]
+    lhs = sum(w * g for w, g in zip(weights, gs))
+    rhs = sum(w * ((1 - share) * g + share * c) @ wt.double().T
+              for w, g, c, wt in zip(weights, gs, cs, ws))
+    eps = ridge * lhs.diagonal().mean()
+    return torch.linalg.solve(lhs + eps * torch.eye(lhs.shape[0], dtype=lhs.dtype), rhs).T
+
+
+def held_out_share(x_seqs, z_seqs, ws, alphas, ridge) -> float:
+    """The blend whose fit on the even (odd) sequences best reproduces each expert's own
+    outputs on the odd (even) ones, found by a fine grid search."""
+    def fold(seqs, parity):
+        return torch.cat([s for i, s in enumerate(seqs) if i % 2 == parity])
+
+    def loss(share):
+        total = 0.0
+        for train, test in ((0, 1), (1, 0)):
+            xs = [fold(s, train) for s in x_seqs]
+            zs = [fold(s, train) for s in z_seqs]
+            v = blend_solution(xs, zs, ws, alphas, share, ridge)
+            for xs_t, zs_t, w in zip(x_seqs, z_seqs, ws):
+                x, z = fold(xs_t, test).double(), fold(zs_t, test).double()
+                total += float(((x @ v.T - z @ w.double().T) ** 2).sum() / x.shape[0])
+        return total
+
+    return min((i / 1000 for i in range(1001)), key=loss)
 
 
 def regmean(xs, ws, alpha, ridge, weights=None) -> torch.Tensor:

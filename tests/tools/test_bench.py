@@ -51,7 +51,7 @@ def test_benchmark_outputs(mini, tmp_path):
     report.plot_quality(result, tmp_path / "q.png")
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.quality_table(result).splitlines()
-    assert table[0].startswith("| method | tuned on val | max | reverse | mean | normalized |")
+    assert table[0].startswith("| method | tuned on val | max | reverse | mean | normalized [95% CI] |")
     assert sum(line.startswith("| CoM (chain: module) | alpha=0.9, lambda=0.5 |") for line in table) == 1
     assert report.ablation_table(result["ablation"]).splitlines()[2].startswith("| 4 |")
     cost = report.cost_table(result).splitlines()
@@ -72,6 +72,8 @@ def test_tuning_keeps_the_best_validation_setting(tmp_path, monkeypatch):
     zoo = build_zoo(out_dir=tmp_path / "zoo", quick=True)
     bench = quality.QualityBench(zoo, tmp_path / "out")
     bench.experts_val = bench.experts_eval = {"max": 1.0, "reverse": 1.0}
+    perfect = {t: {"accuracy": 1.0, "loss": 0.0, "n": 10, "correct": "1" * 10} for t in ("max", "reverse")}
+    bench.expert_scores = {"val": perfect, "eval": perfect}
     val_acc = {"lambda=0.5": 0.2, "lambda=1": 0.6, "lambda=1.5": 0.4}
     scored = []
 
@@ -79,7 +81,8 @@ def test_tuning_keeps_the_best_validation_setting(tmp_path, monkeypatch):
         knob = next(k for k in val_acc if path.name.endswith(k))
         scored.append((knob, split))
         acc = val_acc[knob] if split == "val" else 0.5
-        return {t: {"accuracy": acc, "loss": 0.0, "n": 1} for t in ("max", "reverse")}
+        flags = "1" * round(10 * acc) + "0" * (10 - round(10 * acc))
+        return {t: {"accuracy": acc, "loss": 0.0, "n": 10, "correct": flags} for t in ("max", "reverse")}
 
     monkeypatch.setattr(bench, "_score", fake_score)
     row = bench.tune_and_evaluate(Method("ta", "task_arithmetic", grid={"lambda": (0.5, 1.0, 1.5)}))
@@ -95,3 +98,38 @@ def test_every_method_goes_through_mergekit_with_the_same_experts(tmp_path):
         assert [x["model"] for x in cfg["models"]] == [str(p) for p in zoo.experts.values()]
         assert ("calibration" in cfg["models"][0]["parameters"]) == m.ours
         assert ("base_model" in cfg) == (m.merge_method != "linear")
+
+
+def test_rows_carry_bootstrap_intervals(mini):
+    _, result = mini
+    for row in [*result["methods"], *result["references"].values()]:
+        low, high = row["normalized_ci"]
+        if row["normalized_accuracy"] == row["normalized_accuracy"]:  # not nan
+            assert low <= row["normalized_accuracy"] <= high
+        assert set(row["task_ci"]) == {"max", "reverse"}
+    assert all("normalized_ci" in r for r in result["ablation"])
+    assert all(r["tokens_per_expert"] and len(r["tokens_per_expert"]) == 2 for r in result["ablation"])
+
+
+def test_candidates_and_budget_modes(tmp_path):
+    zoo_dir = tmp_path / "zoo"
+    build_zoo(out_dir=zoo_dir, quick=True)
+    extra = {"max_seq_len": 32}
+    cand = quality.run_candidates("quick", zoo_dir, tmp_path / "c", only=["defaults", "regmean a=1"],
+                                  extra={"num_samples": 8, **extra})
+    assert [r["name"] for r in cand["candidates"]] == ["defaults", "regmean a=1"]
+    for row in cand["candidates"]:
+        assert set(row) >= {"val", "eval", "params", "measure", "tokens_per_expert"}
+        assert len(row["eval"]["normalized_ci"]) == 2
+    table = report.candidates_table(cand).splitlines()
+    assert table[2].startswith("| defaults |") and "alpha=1" in table[3]
+    assert not (tmp_path / "c" / "merges").exists() or not os.listdir(tmp_path / "c" / "merges")
+
+    budget = quality.run_budget("quick", zoo_dir, tmp_path / "b", counts=[2, 8], extra=extra)
+    rows = budget["budget"]
+    assert [(r["variant"], r["num_samples"]) for r in rows] == [("defaults", 2), ("defaults", 8)]
+    assert sum(rows[0]["tokens_per_expert"]) < sum(rows[1]["tokens_per_expert"])
+    lines = report.budget_table(budget).splitlines()
+    assert lines[0].startswith("| num_samples | tokens per expert (mean) | defaults |") and len(lines) == 4
+    report.plot_budget(budget, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

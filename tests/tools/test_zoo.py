@@ -180,3 +180,72 @@ def test_normalized_accuracy():
     as_results = {t: {"accuracy": v, "loss": 0.0, "n": 1} for t, v in experts.items()}
     assert math.isclose(normalized_accuracy(as_results, as_results), 1.0)
     assert math.isnan(normalized_accuracy({"c": 1.0}, {"c": 0.0}))
+
+
+def test_scores_keep_which_prompts_were_right(quick_zoo):
+    for split in ("val", "eval"):
+        for model, res in quick_zoo.results[split].items():
+            for task, r in res.items():
+                assert len(r["correct"]) == r["n"] and set(r["correct"]) <= {"0", "1"}
+                assert r["correct"].count("1") / r["n"] == r["accuracy"]
+
+
+def test_bootstrap_interval_resamples_prompts_paired_with_the_expert():
+    from mergekit_com.evaluate import bootstrap_normalized, normalized_accuracy_ci
+
+    expert = {"a": "1" * 80 + "0" * 20, "b": "1" * 100}
+    same = normalized_accuracy_ci(expert, expert)
+    assert same == [1.0, 1.0]  # the same prompts right: every replicate is exactly 1
+    merged = {"a": "1" * 40 + "0" * 60, "b": "10" * 50}
+    low, high = normalized_accuracy_ci(merged, expert)
+    point = normalized_accuracy({t: {"accuracy": f.count("1") / len(f)} for t, f in merged.items()},
+                                {t: {"accuracy": f.count("1") / len(f)} for t, f in expert.items()})
+    assert low < point < high and high - low < 0.2
+    assert normalized_accuracy_ci(merged, expert) == [low, high]  # seeded
+    wide = normalized_accuracy_ci({t: f[::5] for t, f in merged.items()}, {t: f[::5] for t, f in expert.items()})
+    assert wide[1] - wide[0] > high - low  # fewer prompts, wider interval
+    # one seed draws the same prompts for every model: replicates of two models are paired
+    diff = bootstrap_normalized(merged, expert) - bootstrap_normalized(merged, expert)
+    assert (diff == 0).all()
+
+
+def test_spaced_and_chat_tasks():
+    rng = random.Random(0)
+    prompt, answer, wrong = get_task("reverse_sp").sample(rng)
+    letters = prompt.split()[1:-1]
+    assert prompt.startswith("rev ") and prompt.endswith(" =") and all(len(c) == 1 for c in letters)
+    assert answer == " " + " ".join(reversed(letters)) and wrong == " " + " ".join(letters)
+    prompt, answer, wrong = get_task("count").sample(rng)
+    _, letter, _, text = prompt.split()
+    assert answer == str(text.count(letter)) and wrong == str(len(text))
+    prompt, answer, _ = get_task("swap").sample(rng)
+    assert answer.split() == prompt.split()[1:][::-1]
+
+
+def test_chat_zoo_writes_messages_and_scores_through_the_chat_template(tmp_path):
+    zoo = build_zoo(out_dir=tmp_path / "chat", quick=True, chat=True, tasks=("swap", "double"))
+    calib = _read(zoo.data_file("swap", "calib"))[0]
+    assert [m["role"] for m in calib["messages"]] == ["user", "assistant"]
+    ev = _read(zoo.data_file("swap", "eval"))[0]
+    assert set(ev) == {"messages", "answer"} and ev["messages"][0]["role"] == "user"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(zoo.experts["swap"])
+    text = tok.apply_chat_template(calib["messages"], tokenize=False)
+    assert text == f"<s><|user|>{calib['messages'][0]['content']}<|assistant|>{calib['messages'][1]['content']}</s>"
+    from mergekit_com.evaluate import prompt_ids
+
+    ids = prompt_ids(tok, ev["messages"])
+    assert tok.convert_ids_to_tokens(ids)[:2] == ["<s>", "<|user|>"] and tok.convert_ids_to_tokens(ids)[-1] == "<|assistant|>"
+    assert zoo.results["eval"]["expert_swap"]["swap"]["n"] == 8
+
+
+def test_seed_changes_the_zoo(tmp_path):
+    from mergekit_com.zoo.build import default_zoo_dir
+
+    a = build_zoo(out_dir=tmp_path / "s0", quick=True)
+    b = build_zoo(out_dir=tmp_path / "s1", quick=True, seed=1)
+    assert a.settings_hash != b.settings_hash and b.settings["seed"] == 1
+    assert _read(a.data_file("max", "eval")) != _read(b.data_file("max", "eval"))
+    assert str(default_zoo_dir("tiny")) == "zoo_cache/tiny" and str(default_zoo_dir("tiny", 1)) == "zoo_cache/tiny-seed1"
+    assert set(a.build_phases) == {"base", "experts", "multitask", "scoring"}
