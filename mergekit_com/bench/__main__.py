@@ -3,7 +3,7 @@
 quality: every method, knobs tuned on val, scored on eval (with 95% bootstrap CIs);
 candidates: fixed configurations of ours (the defaults investigation), on val and eval;
 budget: the default merge against calibration tokens per expert; scale: cost vs depth;
-cost: CoM against its compute floor. See docs/benchmark.md and docs/scaling.md.
+cost: CoM against its compute floor; verdict: do the defaults win (from those JSONs)? See docs/benchmark.md and docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def _cost(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mergekit_com.bench", description=__doc__)
     ap.add_argument("what", nargs="?", default="quality",
-                    choices=["quality", "candidates", "budget", "scale", "cost"])
+                    choices=["quality", "candidates", "budget", "scale", "cost", "verdict"])
+    ap.add_argument("results", nargs="*", help="verdict: quality.json / candidates.json files")
     ap.add_argument("--preset", default="tiny", help="zoo preset: tiny, smollm2, chat, or quick (tests)")
     ap.add_argument("--seed", type=int, default=0, help="the zoo's seed (default 0)")
     ap.add_argument("--zoo", default=None, help="zoo dir (default zoo_cache/<preset>[-seed<N>])")
@@ -154,6 +155,10 @@ def main(argv=None) -> None:
     ap.add_argument("--thread-counts", default="1,2", help="cost: thread counts to compare")
     args = ap.parse_args(argv)
 
+    if args.what == "verdict":  # reads JSON only: no torch set-up
+        from . import verdict
+
+        return verdict.main(args.results)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -8,8 +8,10 @@ For each model family, in one run and at each thread count:
   the input of every group of linears of every layer and of the head, over
   every expert's tokens) + ``io`` (mergekit's ``linear`` on the same models
   through ``mergekit-yaml``: reading and writing every tensor);
-* **CoM** (``chain: module``, default objective) and CoM with
-  ``objective: match_expert``, through ``mergekit-yaml``, with their phases.
+* **CoM** through ``mergekit-yaml``, with its phases: with ``objective: regmean``
+  (one forward per token and layer: the floor's own shape), with every default
+  (``objective: blend``: the experts' own models run too, for the targets), and
+  with ``objective: match_expert``.
 
 Every merge runs in its own child process (``measure.run_yaml``); the floor's
 forward and Grams run in this process on the same batches.
@@ -133,7 +135,8 @@ def configs(paths: Dict[str, object], family: Family) -> Dict[str, dict]:
 
     linear = {"merge_method": "linear", "dtype": "float32",
               "models": [{"model": m, "parameters": {"weight": 1.0}} for m in paths["experts"]]}
-    return {"linear": linear, "com": ours(), "match_expert": ours(objective="match_expert")}
+    return {"linear": linear, "regmean": ours(objective="regmean", alpha=0.9), "com": ours(),
+            "match_expert": ours(objective="match_expert")}
 
 
 def _batches(paths: Dict[str, object], family: Family) -> List[Dict[str, torch.Tensor]]:
@@ -214,21 +217,23 @@ def table(result: dict) -> str:
     from ..method.timing import ORDER
 
     lines = ["| model | threads | tokens | floor: forward s | gram s | io (linear) s | floor s "
-             "| CoM s | CoM / floor | CoM phases: " + ", ".join(ORDER) + " | match_expert s "
-             "| match_expert / CoM |", "|---" * 12 + "|"]
+             "| CoM regmean s | regmean / floor | regmean phases: " + ", ".join(ORDER)
+             + " | CoM defaults s | defaults / floor | match_expert s | match_expert / defaults |",
+             "|---" * 15 + "|"]
     for r in result["rows"]:
-        com, match = r["com"], r["match_expert"]
-        phases = ", ".join(f"{com['phases'][p]:.1f}" for p in ORDER)
+        reg, com, match = r["regmean"], r["com"], r["match_expert"]
+        phases = ", ".join(f"{reg['phases'][p]:.1f}" for p in ORDER)
         lines.append(
             f"| {r['family']} | {r['threads']} | {r['tokens']} | {r['forward']:.1f} | {r['gram']:.1f} "
-            f"| {r['linear']['merge_s']:.1f} | {r['floor']:.1f} | {com['merge_s']:.1f} "
-            f"| {com['merge_s'] / r['floor']:.2f} | {phases} | {match['merge_s']:.1f} "
+            f"| {r['linear']['merge_s']:.1f} | {r['floor']:.1f} | {reg['merge_s']:.1f} "
+            f"| {reg['merge_s'] / r['floor']:.2f} | {phases} | {com['merge_s']:.1f} "
+            f"| {com['merge_s'] / r['floor']:.2f} | {match['merge_s']:.1f} "
             f"| {match['merge_s'] / com['merge_s']:.2f} |")
     return "\n".join(lines)
 
 
 def speedups(result: dict) -> Dict[str, float]:
-    """CoM's time at 1 thread over its time at 2, per family."""
+    """CoM's time (objective: regmean) at 1 thread over its time at 2, per family."""
     by = {(r["family"], r["threads"]): r for r in result["rows"]}
-    return {f: by[(f, 1)]["com"]["merge_s"] / by[(f, 2)]["com"]["merge_s"]
+    return {f: by[(f, 1)]["regmean"]["merge_s"] / by[(f, 2)]["regmean"]["merge_s"]
             for f, t in by if t == 1 and (f, 2) in by}

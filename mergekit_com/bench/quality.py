@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 
 from ..evaluate import evaluate_model, normalized_accuracy, normalized_accuracy_ci
 from ..zoo import build_zoo
+from ..method.parameters import PARAMETERS
 from ..zoo.build import ZooManifest
 from .measure import run_yaml
 from .methods import (SEED, TUNED_COM_ROW, Method, ablation_grid, budget_grid, candidates,
@@ -180,6 +181,8 @@ def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) ->
         "device": device,
         "threads": threads,
         "experts_eval": bench.experts_eval,
+        # the merge-wide defaults in effect: what a row that sets nothing ran with
+        "defaults": {p.name: p.default for p in PARAMETERS.values() if not p.per_model},
         "references": {
             name: {"eval": res, **summarize_scores(res, bench.expert_scores["eval"])}
             for name, res in refs.items()

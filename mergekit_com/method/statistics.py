@@ -4,7 +4,7 @@ Per expert: the running sums of ``X^T X`` (and ``X^T Z`` for ``match_expert`` an
 ``blend``) over that expert's non-padding tokens, summed over ranks under
 torchrun, then turned into the mean statistics the solve uses. ``alpha: auto``
 also needs the spread of the per-sequence Grams, ``blend: auto`` the same sums
-over the even and the odd sequences (two folds).
+over two folds of whole sequences.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class GroupStatistics:
     def add(self, expert: Hashable, x: torch.Tensor, valid: torch.Tensor,
             z: Optional[torch.Tensor] = None, first: int = 0) -> None:
         """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term);
-        ``first``: the index of the batch's first sequence in the expert's calibration set."""
+        ``first``: the batch's index among all of the expert's batches (sets the folds)."""
         rows = token_rows(x, valid, self.biased)
         targets = token_rows(z, valid, self.biased) if self.cross else None
         lengths = valid.sum(1).tolist() if self.spread or self.held_out else None

@@ -133,3 +133,23 @@ def test_candidates_and_budget_modes(tmp_path):
     assert lines[0].startswith("| num_samples | tokens per expert (mean) | defaults |") and len(lines) == 4
     report.plot_budget(budget, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cost_table_compares_each_variant_with_the_floor():
+    from mergekit_com.bench import cost
+    from mergekit_com.method.timing import ORDER
+
+    def merge(seconds):
+        return {"merge_s": seconds, "phases": {p: 1.0 for p in ORDER}}
+
+    rows = [{"family": "pico", "threads": t, "tokens": 100, "forward": 4.0 / t, "gram": 2.0 / t,
+             "linear": merge(1.0), "floor": 7.0 / t if t == 1 else 4.0,
+             "regmean": merge(10.0 / t), "com": merge(20.0 / t), "match_expert": merge(22.0 / t)}
+            for t in (1, 2)]
+    lines = cost.table({"rows": rows}).splitlines()
+    cells = [c.strip() for c in lines[2].split("|")]
+    head = [c.strip() for c in lines[0].split("|")]
+    assert cells[head.index("regmean / floor")] == f"{10 / 7:.2f}"
+    assert cells[head.index("defaults / floor")] == f"{20 / 7:.2f}"
+    assert cells[head.index("match_expert / defaults")] == "1.10"
+    assert cost.speedups({"rows": rows}) == {"pico": 2.0}

@@ -1,0 +1,64 @@
+"""bench verdict: whether the defaults match our best and beat mergekit, from the JSON."""
+
+import json
+
+from mergekit_com.bench import verdict
+from mergekit_com.bench.methods import DEFAULTS_ROW
+from mergekit_com.method.parameters import PARAMETERS
+
+DEFAULTS = {p.name: p.default for p in PARAMETERS.values() if not p.per_model}
+
+
+def _cand(name, params, acc, half=0.02):
+    return {"name": name, "params": params,
+            "eval": {"normalized_accuracy": acc, "normalized_ci": [acc - half, acc + half]}}
+
+
+def _method(name, merge_method, acc, half=0.02):
+    return {"method": name, "merge_method": merge_method, "normalized_accuracy": acc,
+            "normalized_ci": [acc - half, acc + half]}
+
+
+def _write(tmp_path, name, result):
+    path = tmp_path / name
+    path.write_text(json.dumps({"preset": "tiny", "seed": 0, **result}))
+    return path
+
+
+def test_defaults_inside_the_best_interval_and_above_mergekit(tmp_path):
+    cands = _write(tmp_path, "candidates.json", {"defaults": DEFAULTS, "candidates": [
+        _cand("defaults", {"chain": "module"}, 0.90),
+        _cand("match_expert", {"objective": "match_expert"}, 0.915),  # 1.5 points up, CI holds 0.90
+    ]})
+    qual = _write(tmp_path, "quality.json", {"defaults": DEFAULTS, "methods": [
+        _method("ties", "ties", 0.85), _method("linear", "linear", 0.60),
+    ]})
+    zoos = verdict.collect([cands, qual])
+    assert zoos["tiny"]["defaults"][0] == "defaults"
+    match, beat = verdict.judge(zoos["tiny"])
+    assert match.startswith("yes") and "+1.5" in match
+    assert beat == "yes (intervals apart)"
+
+
+def test_defaults_that_lose_are_reported_as_losing(tmp_path):
+    qual = _write(tmp_path, "quality.json", {"defaults": DEFAULTS, "methods": [
+        _method(DEFAULTS_ROW, "chain_of_merges", 0.80, half=0.01),
+        _method("CoM (chain: module)", "chain_of_merges", 0.90, half=0.01),
+        _method("ties", "ties", 0.81, half=0.01),
+    ]})
+    match, beat = verdict.judge(verdict.collect([qual])["tiny"])
+    assert match.startswith("no") and "+10.0" in match
+    assert beat == "no measurable difference"  # [0.79, 0.81] overlaps [0.80, 0.82]
+
+
+def test_results_from_other_defaults_are_not_taken_for_todays(tmp_path):
+    old = dict(DEFAULTS, alpha=0.5 if DEFAULTS["alpha"] != 0.5 else 0.25)
+    stale = _write(tmp_path, "old.json", {"defaults": old, "candidates": [_cand("defaults", {}, 0.9)]})
+    unknown = _write(tmp_path, "older.json", {"candidates": [_cand("defaults", {}, 0.9)]})
+    assert verdict.collect([stale])["tiny"]["defaults"] is None
+    assert verdict.collect([unknown])["tiny"]["defaults"] is None
+    # a candidate that spells out a differing setting is today's default again
+    spelled = _write(tmp_path, "spelled.json", {"defaults": old, "candidates": [
+        _cand("spelled", {"alpha": DEFAULTS["alpha"]}, 0.9)]})
+    assert verdict.collect([spelled])["tiny"]["defaults"][0] == "spelled"
+    assert "no defaults row" in verdict.table(verdict.collect([unknown]))
