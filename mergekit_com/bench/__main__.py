@@ -3,7 +3,8 @@
 quality: every method, knobs tuned on val, scored on eval (with 95% bootstrap CIs);
 candidates: fixed configurations of ours (the defaults investigation), on val and eval;
 budget: the default merge against calibration tokens per expert; scale: cost vs depth;
-cost: CoM against its compute floor; verdict: do the defaults win (from those JSONs)? See docs/benchmark.md and docs/scaling.md.
+cost: CoM against its compute floor; verdict: do the defaults win (from those JSONs)?
+See docs/benchmark.md and docs/scaling.md.
 """
 
 from __future__ import annotations

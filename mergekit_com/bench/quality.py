@@ -215,7 +215,8 @@ def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str
 
 
 def run_candidates(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
-                   only: Optional[List[str]] = None, extra: Optional[dict] = None, seed: int = 0, zoo_overrides: Optional[dict] = None) -> dict:
+                   only: Optional[List[str]] = None, extra: Optional[dict] = None, seed: int = 0,
+                   zoo_overrides: Optional[dict] = None) -> dict:
     """Every candidate configuration (``methods.candidates``), merged once, scored on val and eval."""
     start = time.perf_counter()
     zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
