@@ -221,10 +221,13 @@ def run_candidates(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, 
     start = time.perf_counter()
     zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
     bench = QualityBench(zoo, out_dir, threads, device, extra)
+    listed = {c[0]: c for c in candidates(bench.grid)}
+    unknown = [n for n in only or [] if n not in listed]
+    if unknown:
+        raise SystemExit(f"unknown candidate(s) {', '.join(unknown)}; known: {', '.join(listed)}")
     rows = []
-    for name, method, knobs in candidates(bench.grid):
-        if only and name not in only:
-            continue
+    for name in only or list(listed):  # in the order asked for: the first answers come first
+        name, method, knobs = listed[name]
         rows.append(bench.fixed(name, method, knobs))
     return {**_header(zoo, bench, device, threads), "candidates": rows,
             "seconds": time.perf_counter() - start}
