@@ -72,3 +72,11 @@ def test_every_relative_link_points_at_a_file_and_heading_that_exist(path):
         assert os.path.exists(full), f"{os.path.basename(path)} links to missing {target}"
         if anchor:
             assert anchor in _anchors(full), f"{os.path.basename(path)} links to missing {target}"
+
+
+def test_example_configs_leave_the_method_settings_to_the_defaults():
+    """The defaults are the best CoM we measured: no example should need to pick them."""
+    for path in glob.glob(os.path.join(ROOT, "example_configs", "*.yml")):
+        text = open(path, encoding="utf-8").read()
+        for name in ("objective", "alpha", "blend"):
+            assert not re.search(rf"^\s*{name}\s*:", text, flags=re.M), (path, name)
