@@ -8,6 +8,10 @@ Works with any HF causal LM; only ``model.generate`` and ``model(...).logits`` a
 
 Every score keeps which prompts were answered right (``correct``, a string of 0/1), so
 that ``normalized_accuracy_ci`` can bootstrap a confidence interval by resampling them.
+
+Two backends score the same prompts alike: ``own`` (the default: the greedy loop below)
+and ``lm-eval`` (lm-evaluation-harness, ``evaluate_lmeval``; no loss). Ours stays the
+default: it is ~3.5x faster on the tiny zoo and also measures the loss (docs/zoo.md).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 DataSource = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]]]
+BACKENDS = ("own", "lm-eval")
 
 
 def _data_dir(source: Union[str, os.PathLike]) -> Path:
@@ -140,13 +146,22 @@ def evaluate_model(
     batch_size: int = 128,
     tokenizer=None,
     limit: Optional[int] = None,
+    backend: str = "own",
 ) -> Dict[str, Dict[str, float]]:
     """Score a model (HF dir, or a loaded model already on `device`) on each task's split.
 
     A loaded model's tokenizer is read from its ``name_or_path`` unless given.
+    ``backend="lm-eval"`` scores through lm-evaluation-harness instead of our greedy loop.
 
-    Returns {task: {"accuracy": exact match in [0, 1], "loss": mean answer-token CE, "n": count}}.
+    Returns {task: {"accuracy": exact match in [0, 1], "loss": mean answer-token CE (nan
+    with lm-eval), "n": count, "correct": one "0"/"1" per prompt}}.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown evaluation backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "lm-eval":  # fail before loading anything
+        from .evaluate_lmeval import require_lmeval
+
+        require_lmeval()
     if isinstance(model, (str, os.PathLike)):
         model, loaded_tok = load_model(model, device)
         tokenizer = tokenizer or loaded_tok
@@ -157,6 +172,10 @@ def evaluate_model(
     if tokenizer is None:
         raise ValueError("pass tokenizer= when evaluating an already loaded model")
     files = task_files(data, tasks, split)
+    if backend == "lm-eval":
+        from .evaluate_lmeval import score_files
+
+        return score_files(model, tokenizer, files, split, limit, batch_size)
     return {
         task: score_records(model, tokenizer, load_records(path, limit), device, batch_size)
         for task, path in files.items()
@@ -268,6 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="score only the first N records per task")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on shared cores)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="own", choices=BACKENDS,
+                    help="own greedy loop (default: faster, also the loss) or lm-evaluation-harness "
+                         "(needs mergekit-com[eval])")
     ap.add_argument("-v", "--verbose", action="store_true", help="show the libraries' output too")
     args = ap.parse_args(argv)
 
@@ -277,13 +299,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     quiet_libraries(args.verbose)
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",") if args.tasks else None
-    results = {
-        m: evaluate_model(m, args.zoo, tasks, args.split, args.device, args.batch_size, limit=args.limit)
-        for m in args.models
-    }
+    from .evaluate_lmeval import LmEvalMissing
+
+    try:
+        results = {
+            m: evaluate_model(m, args.zoo, tasks, args.split, args.device, args.batch_size, limit=args.limit,
+                              backend=args.backend)
+            for m in args.models
+        }
+    except LmEvalMissing as e:  # the lm-eval backend without the extra: one line
+        sys.exit(f"error: {e}")
     print(markdown_table(results, "accuracy"))
-    print()
-    print(markdown_table(results, "loss").replace("| model |", "| model (loss) |"))
+    if args.backend == "own":  # lm-eval measures no loss
+        print()
+        print(markdown_table(results, "loss").replace("| model |", "| model (loss) |"))
     # the manifest's expert scores cover the whole split: not comparable under --limit
     experts = None if args.limit else _expert_accuracies(Path(args.zoo), args.split)
     if experts:

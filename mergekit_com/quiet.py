@@ -27,3 +27,5 @@ def quiet_libraries(verbose: bool = False) -> None:
     transformers.utils.logging.set_verbosity_error()  # the torch_dtype deprecation is a warning
     huggingface_hub.utils.disable_progress_bars()
     datasets.disable_progress_bars()
+    # lm-eval (the evaluator's lm-eval backend): its warnings, and its progress bars with them
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)

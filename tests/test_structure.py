@@ -24,7 +24,7 @@ LAYERS = [
     ("integration", ["mergekit_com.integration"]),
     ("entry points", ["mergekit_com", "mergekit_com.cli"]),  # importing the package registers
     ("tools", ["mergekit_com.zoo", "mergekit_com.bench", "mergekit_com.evaluate",
-               "mergekit_com.demo", "mergekit_com.quiet"]),
+               "mergekit_com.evaluate_lmeval", "mergekit_com.demo", "mergekit_com.quiet"]),
 ]
 NO_MERGEKIT = ("mergekit_com.method", "mergekit_com.model", "mergekit_com.io")
 

@@ -33,7 +33,8 @@ def _candidates(args) -> None:
 
     result = quality.run_candidates(args.preset, _zoo_dir(args), Path(args.out), threads=args.threads,
                                     device=args.device, seed=args.seed,
-                                    only=args.methods.split(",") if args.methods else None)
+                                    only=args.methods.split(",") if args.methods else None,
+                                    backend=args.backend)
     result["machine"] = report.machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,8 @@ def _budget(args) -> None:
     counts = [int(n) for n in args.counts.split(",")] if args.counts else None
     result = quality.run_budget(args.preset, _zoo_dir(args), Path(args.out), threads=args.threads,
                                 device=args.device, seed=args.seed, counts=counts,
-                                variants=args.methods.split(",") if args.methods else None)
+                                variants=args.methods.split(",") if args.methods else None,
+                                backend=args.backend)
     result["machine"] = report.machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,7 @@ def _quality(args) -> None:
     result = quality.run(args.preset, _zoo_dir(args), Path(args.out),
                          threads=args.threads, device=args.device, seed=args.seed,
                          only=args.methods.split(",") if args.methods else None,
-                         ablation=not args.no_ablation)
+                         ablation=not args.no_ablation, backend=args.backend)
     result["machine"] = report.machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +146,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench_out", help="where merges, JSON and PNG go")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for merges and scoring")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--backend", default="own", choices=["own", "lm-eval"],
+                    help="quality/candidates/budget: score merges with our greedy loop (default, faster) "
+                         "or lm-evaluation-harness (needs mergekit-com[eval])")
     ap.add_argument("--methods", default=None,
                     help="comma-separated subset (row labels or merge_method; candidates: their names; "
                          "budget: candidates drawn next to the defaults)")
@@ -170,6 +175,14 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings and progress bars
+    if args.backend == "lm-eval" and args.what in ("quality", "candidates", "budget"):
+        from ..evaluate_lmeval import LmEvalMissing, require_lmeval
+
+        try:  # before any merge
+            require_lmeval()
+        except LmEvalMissing as e:
+            sys.exit(f"error: {e}")
     {"scale": _scale, "cost": _cost, "candidates": _candidates, "budget": _budget,
      "quality": _quality}[args.what](args)
 

@@ -67,8 +67,11 @@ def summarize_scores(scores: Dict[str, dict], experts: Dict[str, dict]) -> dict:
 
 class QualityBench:
     def __init__(self, zoo: ZooManifest, work: Path, threads: int = 1, device: str = "cpu",
-                 extra: Optional[dict] = None):
+                 extra: Optional[dict] = None, backend: str = "own"):
         self.zoo, self.work, self.device = zoo, Path(work), device
+        # how merges are scored (evaluate_model's backend); the experts' and references'
+        # scores come from the zoo manifest, scored by our own loop (the two agree per prompt)
+        self.backend = backend
         self.grid = grid_for(zoo.preset)
         self.args = _merge_args(threads, device)
         self.extra = extra or {}  # extra parameters for our methods (tests: fewer samples)
@@ -84,7 +87,7 @@ class QualityBench:
         return out, run_yaml(cfg, out, self.args)
 
     def _score(self, path: Path, split: str) -> dict:
-        return evaluate_model(path, self.zoo.data_dir, self.zoo.tasks, split, self.device)
+        return evaluate_model(path, self.zoo.data_dir, self.zoo.tasks, split, self.device, backend=self.backend)
 
     def tune_and_evaluate(self, method: Method) -> dict:
         """Pick the knob setting with the best val normalized accuracy; score it on eval.
@@ -180,6 +183,7 @@ def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) ->
         "tasks": zoo.tasks,
         "device": device,
         "threads": threads,
+        "backend": bench.backend,
         "experts_eval": bench.experts_eval,
         # the merge-wide defaults in effect: what a row that sets nothing ran with
         "defaults": {p.name: p.default for p in PARAMETERS.values() if not p.per_model},
@@ -192,10 +196,11 @@ def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) ->
 
 def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
         only: Optional[List[str]] = None, ablation: bool = True,
-        extra: Optional[dict] = None, seed: int = 0, zoo_overrides: Optional[dict] = None) -> dict:
+        extra: Optional[dict] = None, seed: int = 0, zoo_overrides: Optional[dict] = None,
+        backend: str = "own") -> dict:
     start = time.perf_counter()
     zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
-    bench = QualityBench(zoo, out_dir, threads, device, extra)
+    bench = QualityBench(zoo, out_dir, threads, device, extra, backend)
     rows, rows_of = [], methods(bench.grid)
     for method in rows_of:
         if only and method.name not in only and method.merge_method not in only:
@@ -216,11 +221,11 @@ def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str
 
 def run_candidates(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
                    only: Optional[List[str]] = None, extra: Optional[dict] = None, seed: int = 0,
-                   zoo_overrides: Optional[dict] = None) -> dict:
+                   zoo_overrides: Optional[dict] = None, backend: str = "own") -> dict:
     """Every candidate configuration (``methods.candidates``), merged once, scored on val and eval."""
     start = time.perf_counter()
     zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
-    bench = QualityBench(zoo, out_dir, threads, device, extra)
+    bench = QualityBench(zoo, out_dir, threads, device, extra, backend)
     listed = {c[0]: c for c in candidates(bench.grid)}
     unknown = [n for n in only or [] if n not in listed]
     if unknown:
@@ -235,11 +240,12 @@ def run_candidates(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, 
 
 def run_budget(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
                counts: Optional[List[int]] = None, extra: Optional[dict] = None, seed: int = 0,
-               variants: Optional[List[str]] = None, zoo_overrides: Optional[dict] = None) -> dict:
+               variants: Optional[List[str]] = None, zoo_overrides: Optional[dict] = None,
+               backend: str = "own") -> dict:
     """The default merge (and the given candidates) at growing calibration budgets, on eval."""
     start = time.perf_counter()
     zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
-    bench = QualityBench(zoo, out_dir, threads, device, extra)
+    bench = QualityBench(zoo, out_dir, threads, device, extra, backend)
     picked = [("defaults", defaults_method(), {})]
     picked += [c for c in candidates(bench.grid) if variants and c[0] in variants]
     rows = []

@@ -1,4 +1,8 @@
-"""CLI: python -m mergekit_com.zoo --preset tiny [--seed N] --out DIR [--check-merge]"""
+"""CLI: python -m mergekit_com.zoo --preset tiny [--seed N] --out DIR [--check-merge]
+
+python -m mergekit_com.zoo --write-lm-eval-tasks ZOO [--tasks-dir DIR] (re)writes the lm-eval
+task configs of an already built zoo (by default into ZOO/tasks), without rebuilding it.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ def main(argv=None) -> None:
     ap.add_argument("--check-merge", action="store_true",
                     help="also merge the experts with mergekit task_arithmetic / linear and score them")
     ap.add_argument("--list-tasks", action="store_true", help="print the available tasks and exit")
+    ap.add_argument("--write-lm-eval-tasks", metavar="ZOO", default=None,
+                    help="only (re)write the lm-eval task configs of the built zoo ZOO, then exit")
+    ap.add_argument("--tasks-dir", default=None,
+                    help="with --write-lm-eval-tasks: write them here instead of ZOO/tasks")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -46,6 +54,15 @@ def main(argv=None) -> None:
     if args.list_tasks:
         for t in TASKS.values():
             print(f"{t.name:8s} {t.description}  (base's mistake: {t.distractor})")
+        return
+    if args.write_lm_eval_tasks:
+        from .lmeval_tasks import write_zoo_tasks
+
+        try:
+            out = write_zoo_tasks(args.write_lm_eval_tasks, args.tasks_dir)
+        except OSError as e:
+            sys.exit(f"error: {e}")
+        print(f"wrote lm-eval task configs to {out} (see {out / 'README.md'})")
         return
     threads = args.threads or DEFAULT_THREADS
     torch.set_num_threads(threads)  # for the merges and scoring after the build too

@@ -5,6 +5,8 @@ Layout under ``out_dir``::
     base/  expert_<task>/  multitask/      HF model dirs (safetensors + tokenizer)
     data/<task>.{calib,val,eval}.jsonl     calibration text / held-out prompt+answer
                                            (chat presets: {"messages": [...]} records)
+    tasks/                                 lm-eval task configs of the val/eval files
+                                           (zoo.lmeval_tasks; not part of the settings hash)
     zoo.json                               manifest, written last (marks a complete build)
 """
 
@@ -24,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .lmeval_tasks import write_tasks_for
 from .presets import MODEL_BUILDERS, ZooPreset, get_preset
 from .tasks import Instance, Sample, get_task, make_splits
 
@@ -180,6 +183,7 @@ def _build(spec: ZooPreset, root: Path, digest: str, device: str = "cpu") -> Zoo
     base, tokenizer = MODEL_BUILDERS[spec.builder](spec)
     base.to(device)
     data = _write_data(spec, root / "data")
+    write_tasks_for(root, spec.name, spec.tasks, tokenizer=tokenizer)
     # chat presets: every prompt is a user turn (rendered with the chat template)
     turn = (lambda p: [{"role": "user", "content": p}]) if spec.chat else (lambda p: p)
     train = {t: [(turn(p), a, d) for p, a, d in s.train] for t, s in data.items()}
