@@ -44,8 +44,11 @@ def collect(paths: Sequence[Path]) -> Dict[str, dict]:
         for row in result.get("candidates", []):
             ev = row["eval"]
             entry = (row["name"], ev["normalized_accuracy"], ev["normalized_ci"])
+            today = is_default(row["params"], result.get("defaults"))
+            if row["name"] == "defaults" and not today:
+                continue  # the defaults of an earlier version: its named twin row stays
             zoo["ours"].append(entry)
-            if zoo["defaults"] is None and is_default(row["params"], result.get("defaults")):
+            if zoo["defaults"] is None and today:
                 zoo["defaults"] = entry
         for row in result.get("methods", []):
             entry = (row["method"], row["normalized_accuracy"], row["normalized_ci"])
@@ -58,11 +61,13 @@ def collect(paths: Sequence[Path]) -> Dict[str, dict]:
     return zoos
 
 
+def _score(row: Row) -> str:
+    _, acc, ci = row
+    return f"{100 * acc:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def _fmt(row: Optional[Row]) -> str:
-    if row is None:
-        return "-"
-    name, acc, ci = row
-    return f"{100 * acc:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] ({name})"
+    return "-" if row is None else f"{_score(row)} ({row[0]})"
 
 
 def judge(zoo: dict) -> Tuple[str, str]:
@@ -98,5 +103,24 @@ def table(zoos: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def matrix(zoos: Dict[str, dict]) -> str:
+    """Every variant of ours (rows) on every zoo (columns): eval normalized [95% CI]."""
+    keys = sorted(zoos)
+    names: List[str] = []
+    for key in keys:
+        names += [r[0] for r in zoos[key]["ours"] if r[0] not in names]
+    lines = ["| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name in names:
+        cells = []
+        for key in keys:
+            row = next((r for r in zoos[key]["ours"] if r[0] == name), None)
+            cells.append(_score(row) if row else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(paths: List[str]) -> None:
-    print(table(collect([Path(p) for p in paths])))
+    zoos = collect([Path(p) for p in paths])
+    print(table(zoos))
+    print("\nEvery variant of ours, normalized accuracy % on eval [95% CI]:\n")
+    print(matrix(zoos))

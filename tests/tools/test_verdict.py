@@ -62,3 +62,16 @@ def test_results_from_other_defaults_are_not_taken_for_todays(tmp_path):
         _cand("spelled", {"alpha": DEFAULTS["alpha"]}, 0.9)]})
     assert verdict.collect([spelled])["tiny"]["defaults"][0] == "spelled"
     assert "no defaults row" in verdict.table(verdict.collect([unknown]))
+
+
+def test_matrix_lines_up_each_variant_across_zoos(tmp_path):
+    a = _write(tmp_path, "a.json", {"defaults": DEFAULTS, "candidates": [
+        _cand("defaults", {}, 0.90), _cand("regmean a=1", {"alpha": 1.0}, 0.80)]})
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({"preset": "chat", "seed": 0, "candidates": [
+        _cand("defaults", {}, 0.70),  # unknown defaults: left out, not mislabelled
+        _cand("regmean a=1", {"alpha": 1.0}, 0.85)]}))
+    lines = verdict.matrix(verdict.collect([a, b])).splitlines()
+    assert lines[0] == "| variant | chat | tiny |"
+    assert lines[2] == "| defaults |  | 90.0 [88.0, 92.0] |"
+    assert lines[3] == "| regmean a=1 | 85.0 [83.0, 87.0] | 80.0 [78.0, 82.0] |"
