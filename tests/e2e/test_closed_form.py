@@ -10,6 +10,7 @@ from tests.support import pico
 from tests.support.closed_form import (
     assert_close,
     blend_solution,
+    packed_folds,
     captured_inputs,
     captured_sequences,
     held_out_share,
@@ -130,28 +131,35 @@ def test_non_linear_tensors_use_the_fallback(zoo2, tmp_path):
                                merged["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_auto_alpha_and_auto_blend_closed_form(zoo1, tmp_path):
-    """alpha: auto is the Ledoit-Wolf keep ratio of each expert's own sequences, and
-    blend: auto the share that best predicts the experts' outputs on held-out sequences;
-    both are reported in com_report.json and give the closed-form merge."""
+@pytest.mark.parametrize("batch_size", [5, 2])
+def test_the_defaults_are_the_auto_alpha_and_auto_blend_closed_form(zoo1, tmp_path, batch_size):
+    """With every default, alpha: auto is the Ledoit-Wolf keep ratio of each expert's own
+    sequences and blend: auto the share that best predicts the experts' outputs on held-out
+    sequences (whole sequences, alternating within each length-sorted packed batch); both
+    are reported in com_report.json and give the closed-form merge."""
     import json
 
     out = str(tmp_path / "out")
-    merged = merge(com_config(experts(zoo1), objective="blend", blend="auto", alpha="auto",
-                              ridge=1e-6, batch_size=5), out)
+    merged = merge(com_config(experts(zoo1), defaults=True, ridge=1e-6, batch_size=batch_size,
+                              max_seq_len=16), out)
     report = json.loads(open(os.path.join(out, "com_report.json")).read())
+    assert {k: report["settings"][k] for k in ("objective", "blend", "alpha")} == {
+        "objective": "blend", "blend": "auto", "alpha": "auto"}
     layer = report["layers"][0]
     tensors = expert_tensors(zoo1)
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         m = f"model.layers.0.{name}"
-        x_seqs = [captured_sequences(out, texts_of(zoo1[f"expert{i}_data"]), [m])[m] for i in range(2)]
-        z_seqs = [captured_sequences(zoo1[f"expert{i}"], texts_of(zoo1[f"expert{i}_data"]), [m])[m]
+        x_seqs = [captured_sequences(out, texts_of(zoo1[f"expert{i}_data"]), [m], 16)[m]
+                  for i in range(2)]
+        z_seqs = [captured_sequences(zoo1[f"expert{i}"], texts_of(zoo1[f"expert{i}_data"]), [m], 16)[m]
                   for i in range(2)]
         alphas = [ledoit_wolf_alpha(s) for s in x_seqs]
         assert layer["alpha"][name] == pytest.approx(alphas, abs=1e-5)
         assert all(0.0 < a < 1.0 for a in alphas)  # 12 short sequences per expert: real shrinkage
         ws = [t[f"{m}.weight"] for t in tensors]
-        share = held_out_share(x_seqs, z_seqs, ws, alphas, ridge=1e-6)
+        folds = [packed_folds([len(x) for x in s], batch_size, 16) for s in x_seqs]
+        assert all(0 < sum(f) < len(f) for f in folds)  # both folds hold sequences
+        share = held_out_share(x_seqs, z_seqs, ws, alphas, ridge=1e-6, folds=folds)
         assert layer["blend"][name] == pytest.approx(share, abs=2e-3)
         expected = blend_solution([torch.cat(s) for s in x_seqs], [torch.cat(s) for s in z_seqs], ws,
                                   alphas, layer["blend"][name], ridge=1e-6)

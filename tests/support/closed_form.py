@@ -71,20 +71,38 @@ def blend_solution(xs, zs, ws, alphas, share, ridge, weights=None) -> torch.Tens
     return torch.linalg.solve(lhs + eps * torch.eye(lhs.shape[0], dtype=lhs.dtype), rhs).T
 
 
-def held_out_share(x_seqs, z_seqs, ws, alphas, ridge) -> float:
-    """The blend whose fit on the even (odd) sequences best reproduces each expert's own
-    outputs on the odd (even) ones, found by a fine grid search."""
-    def fold(seqs, parity):
-        return torch.cat([s for i, s in enumerate(seqs) if i % 2 == parity])
+def packed_folds(lengths: Sequence[int], batch_size: int, max_seq_len: int = 512) -> List[int]:
+    """The held-out fold of each sequence (in file order), as the walk assigns them:
+    sequences sorted longest first (ties in file order) are packed into batches of at
+    most batch_size * max_seq_len positions (padding included); within batch b the
+    sequences alternate between the folds, starting at fold b % 2."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    folds, batch, rows, width = [0] * len(lengths), -1, 0, 0
+    for i in order:
+        if batch < 0 or (rows + 1) * width > batch_size * max_seq_len:
+            batch, rows, width = batch + 1, 0, lengths[i]
+        folds[i] = (batch + rows) % 2
+        rows += 1
+    return folds
+
+
+def held_out_share(x_seqs, z_seqs, ws, alphas, ridge, folds=None) -> float:
+    """The blend whose fit on one fold of sequences best reproduces each expert's own
+    outputs on the other, found by a fine grid search. ``folds``: per expert, each
+    sequence's fold (default: alternating in file order)."""
+    folds = folds or [[i % 2 for i in range(len(s))] for s in x_seqs]
+
+    def part(seqs, t, f):
+        return torch.cat([s for s, g in zip(seqs, folds[t]) if g == f])
 
     def loss(share):
         total = 0.0
         for train, test in ((0, 1), (1, 0)):
-            xs = [fold(s, train) for s in x_seqs]
-            zs = [fold(s, train) for s in z_seqs]
+            xs = [part(s, t, train) for t, s in enumerate(x_seqs)]
+            zs = [part(s, t, train) for t, s in enumerate(z_seqs)]
             v = blend_solution(xs, zs, ws, alphas, share, ridge)
-            for xs_t, zs_t, w in zip(x_seqs, z_seqs, ws):
-                x, z = fold(xs_t, test).double(), fold(zs_t, test).double()
+            for t, w in enumerate(ws):
+                x, z = part(x_seqs[t], t, test).double(), part(z_seqs[t], t, test).double()
                 total += float(((x @ v.T - z @ w.double().T) ** 2).sum() / x.shape[0])
         return total
 
