@@ -3,6 +3,7 @@
 import yaml
 
 from tests.support.every_linear import assert_every_linear_is_closed_form
+from tests.support.merging import CLOSED_FORM
 
 
 def test_com_stage_after_a_linear_stage(zoo2, tmp_path):
@@ -12,7 +13,7 @@ def test_com_stage_after_a_linear_stage(zoo2, tmp_path):
               "models": [{"model": zoo2["expert0"], "parameters": {"weight": 0.5}},
                          {"model": zoo2["expert1"], "parameters": {"weight": 0.5}}]}
     final = {"merge_method": "chain_of_merges", "dtype": "float32",
-             "parameters": {"ridge": 1e-6},
+             "parameters": {**CLOSED_FORM, "ridge": 1e-6},
              "models": [{"model": "stage1", "parameters": {"calibration": zoo2["expert0_data"]}},
                         {"model": zoo2["expert1"], "parameters": {"calibration": zoo2["expert1_data"]}}]}
     recipe = tmp_path / "recipe.yml"

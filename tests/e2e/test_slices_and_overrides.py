@@ -5,7 +5,7 @@ import torch
 
 from mergekit_com.errors import ChainConfigError
 from tests.support.every_linear import assert_every_linear_is_closed_form
-from tests.support.merging import com_config, experts, merge
+from tests.support.merging import CLOSED_FORM, com_config, experts, merge
 
 
 def sources(zoo, layer_range, **params):
@@ -17,7 +17,7 @@ def sources(zoo, layer_range, **params):
 
 
 def sliced(zoo, *slices, **params):
-    return {"merge_method": "chain_of_merges", "dtype": "float32", "parameters": params,
+    return {"merge_method": "chain_of_merges", "dtype": "float32", "parameters": {**CLOSED_FORM, **params},
             "slices": [dict(s) for s in slices]}
 
 
