@@ -175,7 +175,11 @@ def _zoo(preset: str, zoo_dir: Path, threads: int, seed: int, overrides: Optiona
 
 
 def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) -> dict:
-    refs = {name: zoo.results["eval"][name] for name in ["base", *[f"expert_{t}" for t in zoo.tasks], "multitask"]}
+    # reference rows: the zoo's models scored on every task (a manifest may hold only each
+    # expert's own task, which is all the normalisation needs)
+    names = ["base", *[f"expert_{t}" for t in zoo.tasks], "multitask"]
+    refs = {name: zoo.results["eval"][name] for name in names
+            if set(zoo.results["eval"].get(name, {})) >= set(zoo.tasks)}
     return {
         "preset": zoo.preset,
         "seed": zoo.settings.get("seed", 0),
