@@ -69,7 +69,8 @@ def _quality(args) -> None:
     result = quality.run(args.preset, _zoo_dir(args), Path(args.out),
                          threads=args.threads, device=args.device, seed=args.seed,
                          only=args.methods.split(",") if args.methods else None,
-                         ablation=not args.no_ablation, backend=args.backend)
+                         ablation=not args.no_ablation, backend=args.backend,
+                         tune_limit=args.tune_limit)
     result["machine"] = report.machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +156,8 @@ def main(argv=None) -> None:
     ap.add_argument("--counts", default=None, help="budget: comma-separated num_samples values")
     ap.add_argument("--depths", default="4,8,16,32", help="scale: layer counts")
     ap.add_argument("--no-ablation", action="store_true", help="skip the alpha x num_samples grid")
+    ap.add_argument("--tune-limit", type=int, default=None,
+                    help="quality: tune on the first N val prompts per task (default: all)")
     ap.add_argument("--families", default="pico,smollm2,zoo:tiny",
                     help="cost: pico, smollm2 and zoo:<preset> (a zoo built under --zoo-cache)")
     ap.add_argument("--zoo-cache", default="zoo_cache", help="cost: where the zoos are built")

@@ -51,6 +51,12 @@ def _own_scores(zoo: ZooManifest, split: str) -> Dict[str, dict]:
     return {t: zoo.results[split][f"expert_{t}"][t] for t in zoo.tasks}
 
 
+def _head_accuracy(score: dict, n: int) -> float:
+    """Accuracy on the first ``n`` prompts, from the per-prompt ``correct`` flags."""
+    flags = score["correct"][:n]
+    return flags.count("1") / len(flags)
+
+
 def task_intervals(scores: Dict[str, dict], experts: Dict[str, dict]) -> Dict[str, List[float]]:
     """Per task: the 95% bootstrap interval of merged accuracy / the expert's."""
     return {t: normalized_accuracy_ci({t: scores[t]}, {t: experts[t]}) for t in experts}
@@ -67,8 +73,10 @@ def summarize_scores(scores: Dict[str, dict], experts: Dict[str, dict]) -> dict:
 
 class QualityBench:
     def __init__(self, zoo: ZooManifest, work: Path, threads: int = 1, device: str = "cpu",
-                 extra: Optional[dict] = None, backend: str = "own"):
+                 extra: Optional[dict] = None, backend: str = "own", tune_limit: Optional[int] = None):
         self.zoo, self.work, self.device = zoo, Path(work), device
+        # tune on the first N val prompts per task (None: all), against the experts' score on them
+        self.tune_limit = tune_limit
         # how merges are scored (evaluate_model's backend); the experts' and references'
         # scores come from the zoo manifest, scored by our own loop (the two agree per prompt)
         self.backend = backend
@@ -78,6 +86,8 @@ class QualityBench:
         self.experts_val = _own_accuracy(zoo, "val")
         self.experts_eval = _own_accuracy(zoo, "eval")
         self.expert_scores = {"val": _own_scores(zoo, "val"), "eval": _own_scores(zoo, "eval")}
+        self.experts_tune = self.experts_val if tune_limit is None else {
+            t: _head_accuracy(s, tune_limit) for t, s in self.expert_scores["val"].items()}
 
     def _merge(self, method: Method, knobs: dict, tag: str, extra: Optional[dict] = None):
         out = self.work / "merges" / _slug(f"{method.name}_{tag}")
@@ -86,8 +96,9 @@ class QualityBench:
         cfg = method.config(self.zoo, knobs, extra={**self.extra, **(extra or {})} if method.ours else None)
         return out, run_yaml(cfg, out, self.args)
 
-    def _score(self, path: Path, split: str) -> dict:
-        return evaluate_model(path, self.zoo.data_dir, self.zoo.tasks, split, self.device, backend=self.backend)
+    def _score(self, path: Path, split: str, limit: Optional[int] = None) -> dict:
+        return evaluate_model(path, self.zoo.data_dir, self.zoo.tasks, split, self.device,
+                              limit=limit, backend=self.backend)
 
     def tune_and_evaluate(self, method: Method) -> dict:
         """Pick the knob setting with the best val normalized accuracy; score it on eval.
@@ -100,7 +111,7 @@ class QualityBench:
             out, measured = self._merge(method, knobs, describe(knobs))
             val = None
             if len(settings) > 1:
-                val = normalized_accuracy(self._score(out, "val"), self.experts_val)
+                val = normalized_accuracy(self._score(out, "val", self.tune_limit), self.experts_tune)
                 trials.append({"knobs": knobs, "val_normalized": val})
                 LOG.info("  %-26s %-22s val normalized %.1f%%", method.name, describe(knobs), 100 * val)
             if best is None or val > best[0]:
@@ -201,10 +212,10 @@ def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) ->
 def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str = "cpu",
         only: Optional[List[str]] = None, ablation: bool = True,
         extra: Optional[dict] = None, seed: int = 0, zoo_overrides: Optional[dict] = None,
-        backend: str = "own") -> dict:
+        backend: str = "own", tune_limit: Optional[int] = None) -> dict:
     start = time.perf_counter()
     zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
-    bench = QualityBench(zoo, out_dir, threads, device, extra, backend)
+    bench = QualityBench(zoo, out_dir, threads, device, extra, backend, tune_limit)
     rows, rows_of = [], methods(bench.grid)
     for method in rows_of:
         if only and method.name not in only and method.merge_method not in only:
@@ -219,6 +230,7 @@ def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str
         **_header(zoo, bench, device, threads),
         "methods": rows,
         "ablation": abl,
+        "tune_limit": tune_limit,
         "seconds": time.perf_counter() - start,
     }
 

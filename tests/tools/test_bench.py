@@ -153,3 +153,9 @@ def test_cost_table_compares_each_variant_with_the_floor():
     assert cells[head.index("defaults / floor")] == f"{20 / 7:.2f}"
     assert cells[head.index("match_expert / defaults")] == "1.10"
     assert cost.speedups({"rows": rows}) == {"pico": 2.0}
+
+
+def test_tuning_on_the_first_val_prompts_normalises_by_the_experts_on_the_same_prompts():
+    # the expert got the first 4 prompts 3/4 right, all 8 prompts 5/8
+    assert quality._head_accuracy({"correct": "11011100", "accuracy": 5 / 8}, 4) == 0.75
+    assert quality._head_accuracy({"correct": "11011100", "accuracy": 5 / 8}, 100) == 5 / 8
