@@ -77,7 +77,8 @@ def grid_for(preset: str) -> str:
 def methods(grid: str = "full") -> List[Method]:
     """Every row of the benchmark, with the tuning grid of ``GRIDS[grid]``."""
     lam_mk, lam_ours, alphas = GRIDS[grid]
-    ours = {"fallback": "task_arithmetic"}
+    # the three chains with the regmean objective, as their papers define them
+    ours = {"fallback": "task_arithmetic", "objective": "regmean"}
     return [
         Method("linear", "linear", {"normalize": True}),
         Method("task_arithmetic", "task_arithmetic", grid={"lambda": lam_mk}),
@@ -92,6 +93,7 @@ def methods(grid: str = "full") -> List[Method]:
         # alpha is not used by match_expert: only the scale is tuned
         Method("CoM + match_expert", "chain_of_merges",
                {**ours, "chain": "module", "objective": "match_expert"}, {"lambda": lam_ours}, ours=True),
+        # what a user gets: every parameter at its default (objective blend, alpha auto, ...)
         defaults_method(),
     ]
 
