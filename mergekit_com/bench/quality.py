@@ -13,6 +13,7 @@ of calibration tokens per expert.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -250,6 +251,12 @@ def run_candidates(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, 
     for name in only or list(listed):  # in the order asked for: the first answers come first
         name, method, knobs = listed[name]
         rows.append(bench.fixed(name, method, knobs))
+        # what is done survives an interrupted run (a SmolLM2 candidate costs ~15 min)
+        partial = {**_header(zoo, bench, device, threads), "candidates": rows, "complete": False,
+                   "seconds": time.perf_counter() - start}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "candidates.partial.json").write_text(json.dumps(partial))
+    (Path(out_dir) / "candidates.partial.json").unlink(missing_ok=True)
     return {**_header(zoo, bench, device, threads), "candidates": rows,
             "seconds": time.perf_counter() - start}
 

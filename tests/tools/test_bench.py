@@ -124,6 +124,27 @@ def test_candidates_and_budget_modes(tmp_path):
     table = report.candidates_table(cand).splitlines()
     assert table[2].startswith("| defaults |") and "alpha=1" in table[3]
     assert not (tmp_path / "c" / "merges").exists() or not os.listdir(tmp_path / "c" / "merges")
+    assert not (tmp_path / "c" / "candidates.partial.json").exists()  # complete: no partial left
+
+    # an interrupted run keeps the candidates it finished
+    real = quality.QualityBench.fixed
+    calls = []
+
+    def interrupted(self, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, name, *args, **kwargs)
+
+    quality.QualityBench.fixed = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            quality.run_candidates("quick", zoo_dir, tmp_path / "i", only=["regmean a=1", "defaults"],
+                                   extra={"num_samples": 8, **extra})
+    finally:
+        quality.QualityBench.fixed = real
+    partial = json.loads((tmp_path / "i" / "candidates.partial.json").read_text())
+    assert [r["name"] for r in partial["candidates"]] == ["regmean a=1"] and not partial["complete"]
 
     budget = quality.run_budget("quick", zoo_dir, tmp_path / "b", counts=[2, 8], extra=extra)
     rows = budget["budget"]
