@@ -202,6 +202,8 @@ def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
             torch.set_num_threads(t)
             args = ["--quiet", "--num-threads", str(t)]
             row: Dict[str, object] = {"family": name, "threads": t, **floor(paths, spec)}
+            LOG.info("%s, %d thread(s): floor forward %.1f s, gram %.1f s", name, t,
+                     row["forward"], row["gram"])
             for label, cfg in cfgs.items():
                 dest = out / "merges" / f"{name.replace(':', '_')}_{label}_t{t}"
                 m = run_yaml(cfg, dest, args)

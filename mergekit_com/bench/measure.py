@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import resource
 import subprocess
 import sys
@@ -40,9 +41,13 @@ class MergeFailed(RuntimeError):
 
 
 def run_yaml(config: dict, out: Path, args: Sequence[str] = (), env: Optional[dict] = None) -> Measurement:
-    """Write `config` to a file, merge it into `out` with mergekit-yaml, measure the child."""
+    """Write `config` to a file, merge it into `out` with mergekit-yaml, measure the child.
+
+    A fresh merge every time: the work directory an interrupted benchmark left next to
+    `out` (`<out>.com-work`) would otherwise be resumed, or refused if the models changed."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out.with_name(out.name + ".com-work"), ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
