@@ -28,6 +28,17 @@ def _title(result: dict, args, what: str) -> str:
             f"{args.threads} thread(s))\n")
 
 
+def _save(result: dict, args, name: str) -> Path:
+    """Stamp the machine on ``result`` and write it to ``--out``/``name``; returns --out."""
+    from . import report
+
+    result["machine"] = report.machine()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(result, out / name)
+    return out
+
+
 def _candidates(args) -> None:
     from . import quality, report
 
@@ -35,10 +46,7 @@ def _candidates(args) -> None:
                                     device=args.device, seed=args.seed,
                                     only=args.methods.split(",") if args.methods else None,
                                     backend=args.backend)
-    result["machine"] = report.machine()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_json(result, out / "candidates.json")
+    out = _save(result, args, "candidates.json")
     print(_title(result, args, "fixed configurations of chain_of_merges"))
     print(report.candidates_table(result))
     print(f"\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'candidates.json'}")
@@ -52,10 +60,7 @@ def _budget(args) -> None:
                                 device=args.device, seed=args.seed, counts=counts,
                                 variants=args.methods.split(",") if args.methods else None,
                                 backend=args.backend)
-    result["machine"] = report.machine()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_json(result, out / "budget.json")
+    out = _save(result, args, "budget.json")
     report.plot_budget(result, out / "budget.png")
     print(_title(result, args, "normalized accuracy (eval, 95% CI) against calibration budget"))
     print(report.budget_table(result))
@@ -71,10 +76,7 @@ def _quality(args) -> None:
                          only=args.methods.split(",") if args.methods else None,
                          ablation=not args.no_ablation, backend=args.backend,
                          tune_limit=args.tune_limit)
-    result["machine"] = report.machine()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_json(result, out / "quality.json")
+    out = _save(result, args, "quality.json")
     report.plot_quality(result, out / "quality.png")
     drew_shift = report.plot_shift(result, out / "covariate_shift.png")
     print(_title(result, args, "eval split"))
@@ -96,15 +98,12 @@ def _quality(args) -> None:
 
 
 def _scale(args) -> None:
-    from . import report, scale
+    from . import scale
 
     depths = tuple(int(d) for d in args.depths.split(","))
     result = scale.run(Path(args.out) / "scale", depths, threads=args.threads, device=args.device)
-    result["machine"] = report.machine()
     result["ratios"] = scale.ratios(result)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_json(result, out / "scale.json")
+    out = _save(result, args, "scale.json")
     shape = result["shape"]
     print(f"\n## CoM cost vs depth ({result['machine']}, device {args.device}, {args.threads} thread(s))\n")
     print(f"pico Llama, hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, "
@@ -119,16 +118,13 @@ def _scale(args) -> None:
 
 
 def _cost(args) -> None:
-    from . import cost, report
+    from . import cost
 
     families = args.families.split(",")
     threads = tuple(int(t) for t in args.thread_counts.split(","))
     result = cost.run(Path(args.out) / "cost", families, threads, Path(args.zoo_cache))
-    result["machine"] = report.machine()
     result["speedups"] = cost.speedups(result)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_json(result, out / "cost.json")
+    out = _save(result, args, "cost.json")
     print(f"\n## CoM against its compute floor ({result['machine']})\n")
     print(cost.table(result))
     for family, value in result["speedups"].items():

@@ -87,8 +87,7 @@ class QualityBench:
         self.experts_val = _own_accuracy(zoo, "val")
         self.experts_eval = _own_accuracy(zoo, "eval")
         self.expert_scores = {"val": _own_scores(zoo, "val"), "eval": _own_scores(zoo, "eval")}
-        self.experts_tune = self.experts_val if tune_limit is None else {
-            t: _head_accuracy(s, tune_limit) for t, s in self.expert_scores["val"].items()}
+
 
     def _merge(self, method: Method, knobs: dict, tag: str, extra: Optional[dict] = None):
         out = self.work / "merges" / _slug(f"{method.name}_{tag}")
@@ -96,6 +95,12 @@ class QualityBench:
             shutil.rmtree(out)
         cfg = method.config(self.zoo, knobs, extra={**self.extra, **(extra or {})} if method.ours else None)
         return out, run_yaml(cfg, out, self.args)
+
+    def _experts_tune(self) -> Dict[str, float]:
+        """The experts' val accuracy on the prompts the tuning scores."""
+        if self.tune_limit is None:
+            return self.experts_val
+        return {t: _head_accuracy(s, self.tune_limit) for t, s in self.expert_scores["val"].items()}
 
     def _score(self, path: Path, split: str, limit: Optional[int] = None) -> dict:
         return evaluate_model(path, self.zoo.data_dir, self.zoo.tasks, split, self.device,
@@ -112,7 +117,7 @@ class QualityBench:
             out, measured = self._merge(method, knobs, describe(knobs))
             val = None
             if len(settings) > 1:
-                val = normalized_accuracy(self._score(out, "val", self.tune_limit), self.experts_tune)
+                val = normalized_accuracy(self._score(out, "val", self.tune_limit), self._experts_tune())
                 trials.append({"knobs": knobs, "val_normalized": val})
                 LOG.info("  %-26s %-22s val normalized %.1f%%", method.name, describe(knobs), 100 * val)
             if best is None or val > best[0]:

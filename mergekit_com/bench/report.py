@@ -155,6 +155,13 @@ def plot_budget(result: dict, path: Path) -> None:
     ax.set_xlabel("calibration tokens per expert")
     ax.set_ylabel("normalized accuracy (%), eval, 95% CI")
     ax.set_title(f"Calibration budget ({result['preset']} zoo)")
+    _finish(fig, ax, path)
+
+
+def _finish(fig, ax, path: Path) -> None:
+    """Legend, layout, PNG, and the figure closed (pyplot keeps every open one)."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -238,8 +245,5 @@ def plot_shift(result: dict, path: Path) -> bool:
     ax.set_xlabel("hidden states entering layer")
     ax.set_ylabel("covariate shift (mean over experts)")
     ax.set_title(f"Merged vs each expert's own activations ({result['preset']} zoo, com_report.json)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path)
     return True

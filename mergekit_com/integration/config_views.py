@@ -42,20 +42,20 @@ def ordered_models(config) -> List[ModelReference]:
 def parameter_scopes(config) -> Iterable[Tuple[str, Dict[str, Any], bool]]:
     """Every ``parameters:`` mapping a user can write: (where, mapping, is per-model)."""
     yield "parameters", config.parameters, False
-    for i, m in enumerate(config.models or []):
-        yield f"models[{i}] ({m.model})", m.parameters, True
-    for si, s in enumerate(config.slices or []):
-        yield f"slices[{si}]", s.parameters, False
-        for j, src in enumerate(s.sources):
-            yield f"slices[{si}].sources[{j}] ({src.model})", src.parameters, True
+    yield from _member_scopes(config, "")
     for name, mod in (config.modules or {}).items():
         yield f"modules.{name}", mod.parameters, False
-        for i, m in enumerate(mod.models or []):
-            yield f"modules.{name}.models[{i}] ({m.model})", m.parameters, True
-        for si, s in enumerate(mod.slices or []):
-            yield f"modules.{name}.slices[{si}]", s.parameters, False
-            for j, src in enumerate(s.sources):
-                yield f"modules.{name}.slices[{si}].sources[{j}] ({src.model})", src.parameters, True
+        yield from _member_scopes(mod, f"modules.{name}.")
+
+
+def _member_scopes(container, prefix: str) -> Iterable[Tuple[str, Dict[str, Any], bool]]:
+    """The models' and slices' ``parameters:`` of a config or of one of its modules."""
+    for i, m in enumerate(container.models or []):
+        yield f"{prefix}models[{i}] ({m.model})", m.parameters, True
+    for si, s in enumerate(container.slices or []):
+        yield f"{prefix}slices[{si}]", s.parameters, False
+        for j, src in enumerate(s.sources):
+            yield f"{prefix}slices[{si}].sources[{j}] ({src.model})", src.parameters, True
 
 
 def scalars(setting: Any) -> Iterable[Any]:

@@ -77,7 +77,8 @@ def test_tuning_keeps_the_best_validation_setting(tmp_path, monkeypatch):
     val_acc = {"lambda=0.5": 0.2, "lambda=1": 0.6, "lambda=1.5": 0.4}
     scored = []
 
-    def fake_score(path, split):
+    def fake_score(path, split, limit=None):
+        assert limit is None  # no --tune-limit: the whole val split
         knob = next(k for k in val_acc if path.name.endswith(k))
         scored.append((knob, split))
         acc = val_acc[knob] if split == "val" else 0.5
