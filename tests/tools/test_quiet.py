@@ -16,8 +16,11 @@ DEPRECATED = ("from transformers import LlamaConfig\n"
 
 
 def _env() -> dict:
-    # conftest quiets transformers for the test process; these children start as a user's do
-    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    # conftest quiets transformers for the test process, and a tool run in-process by an
+    # earlier test leaves HF_HUB_DISABLE_PROGRESS_BARS set (for its children); these children
+    # start as a user's do
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     return {**env, "HF_HUB_OFFLINE": "1"}
 
 
