@@ -57,7 +57,7 @@ class WalkContext:
         """Empty statistics for a group of linears (weight names): what their solve
         settings need (``alpha: auto``: per-sequence spread; ``blend: auto``: folds)."""
         settings = [self.io.solve_settings(n) for n in names]
-        spread = any(s.alpha == AUTO for s in settings)
+        spread = self.objective.uses_alpha and any(s.alpha == AUTO for s in settings)
         held_out = self.objective.name == Objective.BLEND and any(s.blend == AUTO for s in settings)
         return GroupStatistics(self.experts, biased, self.objective.needs_expert_inputs,
                                spread=spread, held_out=held_out)

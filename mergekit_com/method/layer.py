@@ -57,7 +57,7 @@ def solve_group(ctx: WalkContext, layer_key: str, group: Sequence[str],
                    for e in ctx.experts]
         with PHASES.phase("solve"):
             merged = ctx.objective.solve(stats, ctx.experts, targets, settings, weight_name)
-        if settings.alpha == AUTO:
+        if settings.alpha == AUTO and ctx.objective.uses_alpha:  # match_expert ignores alpha
             ctx.report.add_alpha(layer_key, key, stats.alphas(ctx.experts, AUTO))
         if ctx.objective.share(settings) == AUTO:
             ctx.report.add_blend(layer_key, key, stats.last_blend)

@@ -1,5 +1,6 @@
 """The merged weights are exactly the closed forms of the method."""
 
+import json
 import os
 
 import pytest
@@ -73,7 +74,10 @@ def test_every_linear_is_optimal_given_the_merged_prefix(zoo2, tmp_path):
 
 def test_match_expert_objective_closed_form(zoo2, tmp_path):
     out = str(tmp_path / "out")
-    merged = merge(com_config(experts(zoo2), objective="match_expert", ridge=1e-6), out)
+    # alpha: auto (the default) is ignored by match_expert: neither estimated nor reported
+    merged = merge(com_config(experts(zoo2), objective="match_expert", alpha="auto", ridge=1e-6), out)
+    report = json.loads(open(os.path.join(out, "com_report.json")).read())
+    assert not any("alpha" in layer for layer in report["layers"])
     modules = linear_modules(2)
     xs = [captured_inputs(out, texts_of(zoo2[f"expert{i}_data"]), modules) for i in range(2)]
     zs = [captured_inputs(zoo2[f"expert{i}"], texts_of(zoo2[f"expert{i}_data"]), modules)
