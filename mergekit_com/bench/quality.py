@@ -252,17 +252,17 @@ def run_candidates(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, 
     unknown = [n for n in only or [] if n not in listed]
     if unknown:
         raise SystemExit(f"unknown candidate(s) {', '.join(unknown)}; known: {', '.join(listed)}")
-    rows = []
+    header, rows = _header(zoo, bench, device, threads), []
     for name in only or list(listed):  # in the order asked for: the first answers come first
         name, method, knobs = listed[name]
         rows.append(bench.fixed(name, method, knobs))
         # what is done survives an interrupted run (a SmolLM2 candidate costs ~15 min)
-        partial = {**_header(zoo, bench, device, threads), "candidates": rows, "complete": False,
+        partial = {**header, "candidates": rows, "complete": False,
                    "seconds": time.perf_counter() - start}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "candidates.partial.json").write_text(json.dumps(partial))
     (Path(out_dir) / "candidates.partial.json").unlink(missing_ok=True)
-    return {**_header(zoo, bench, device, threads), "candidates": rows,
+    return {**header, "candidates": rows,
             "seconds": time.perf_counter() - start}
 
 

@@ -56,7 +56,7 @@ def collect(paths: Sequence[Path]) -> Dict[str, dict]:
                 zoo["mergekit"].append(entry)
                 continue
             zoo["ours"].append(entry)
-            if row["method"] == DEFAULTS_ROW and result.get("defaults") is not None:
+            if row["method"] == DEFAULTS_ROW and is_default({}, result.get("defaults")):
                 zoo["defaults"] = entry
     return zoos
 

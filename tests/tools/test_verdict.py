@@ -56,6 +56,9 @@ def test_results_from_other_defaults_are_not_taken_for_todays(tmp_path):
     stale = _write(tmp_path, "old.json", {"defaults": old, "candidates": [_cand("defaults", {}, 0.9)]})
     unknown = _write(tmp_path, "older.json", {"candidates": [_cand("defaults", {}, 0.9)]})
     assert verdict.collect([stale])["tiny"]["defaults"] is None
+    stale_quality = _write(tmp_path, "old_quality.json", {"defaults": old, "methods": [
+        _method(DEFAULTS_ROW, "chain_of_merges", 0.8)]})
+    assert verdict.collect([stale_quality])["tiny"]["defaults"] is None
     assert verdict.collect([unknown])["tiny"]["defaults"] is None
     # a candidate that spells out a differing setting is today's default again
     spelled = _write(tmp_path, "spelled.json", {"defaults": old, "candidates": [
