@@ -83,23 +83,20 @@ def all_reduce_moments(moments: Iterable) -> None:
     if not active():
         return
     for m in moments:
-        if m.gram is None:
-            raise ValueError("a rank saw no calibration tokens at this layer")
-        if m.folds is not None:  # the totals are the sums of the folds
+        if m.folds is not None:  # a held-out pair: its totals are summed from the folds later
             all_reduce_moments(m.folds)
-            m.gram = m.folds[0].gram + m.folds[1].gram
-            m.cross = m.folds[0].cross + m.folds[1].cross if m.cross is not None else None
-            local_count = 0.0  # already summed in the folds
+            device = m.folds[0].gram.device
         else:
+            if m.gram is None:
+                raise ValueError("a rank saw no calibration tokens at this layer")
             all_reduce_sum(m.gram)
             if m.cross is not None:
                 all_reduce_sum(m.cross)
-            local_count = float(m.count)
-        count = torch.tensor([local_count, float(m.sequences), m.spread], dtype=torch.float64,
-                             device=m.gram.device)
+            device = m.gram.device
+        count = torch.tensor([float(m.count), float(m.sequences), m.spread], dtype=torch.float64,
+                             device=device)
         all_reduce_sum(count)
-        m.sequences, m.spread = int(count[1].item()), float(count[2].item())
-        m.count = m.folds[0].count + m.folds[1].count if m.folds is not None else int(count[0].item())
+        m.count, m.sequences, m.spread = int(count[0].item()), int(count[1].item()), float(count[2].item())
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:

@@ -111,9 +111,6 @@ class Moments:
             for f, part in enumerate(self.folds):
                 rows = fold_of == f
                 part._add_products(x[rows], None if z is None else z[rows])  # zeros if none
-            self.gram = self.folds[0].gram + self.folds[1].gram
-            self.cross = self.folds[0].cross + self.folds[1].cross if z is not None else None
-            self.count = self.folds[0].count + self.folds[1].count
         if self.track_spread:
             for seq in x.split(lengths):
                 if seq.shape[0] == 0:
@@ -124,6 +121,14 @@ class Moments:
                 diag = seq.square().sum(0).square().sum()
                 self.spread += float(full - diag) / seq.shape[0]
                 self.sequences += 1
+
+    def sum_folds(self) -> None:
+        """The totals of a held-out pair, from its folds (once, when all batches are in)."""
+        if self.folds is not None:
+            f0, f1 = self.folds
+            self.gram = f0.gram + f1.gram
+            self.cross = f0.cross + f1.cross if f0.cross is not None else None
+            self.count = f0.count + f1.count
 
     def mean_gram(self) -> torch.Tensor:
         if self.gram is None or self.count == 0:
@@ -261,7 +266,7 @@ class SharedInputStats:
     crosses: Dict[Hashable, torch.Tensor] = field(default_factory=dict)
     # alpha: auto -- each expert's estimated keep ratio (shrinkage_alpha)
     auto_alpha: Dict[Hashable, float] = field(default_factory=dict)
-    # blend: auto -- the same statistics over the even and the odd sequences
+    # blend: auto -- the same statistics over each of two folds of whole sequences
     folds: List["SharedInputStats"] = field(default_factory=list)
     last_blend: Optional[float] = None  # the share the last solve used (for the report)
     _solvers: Dict[tuple, RidgeSolver] = field(default_factory=dict)

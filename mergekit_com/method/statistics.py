@@ -62,6 +62,8 @@ class GroupStatistics:
     def finish(self, where: str, warned: Set[Hashable]) -> linalg.SharedInputStats:
         """Sum over ranks, warn once per expert about too few tokens, return the means."""
         distributed.all_reduce_moments(self.moments.values())
+        for mo in self.moments.values():
+            mo.sum_folds()
         for expert, mo in self.moments.items():
             if mo.gram is None or expert in warned:
                 continue

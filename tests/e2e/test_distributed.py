@@ -36,8 +36,9 @@ def _free_port() -> int:
 
 
 def test_two_gloo_ranks_equal_one_process_and_write_once(zoo2, tmp_path):
-    # several batches per expert, so that each rank gets a share: 2 x 24 tokens each
-    cfg = com_config(experts(zoo2), objective="match_expert", batch_size=2, max_seq_len=24)
+    # several batches per expert, so that each rank gets a share: 2 x 24 tokens each; the
+    # defaults (blend: auto's held-out folds, alpha: auto's spread) are summed over ranks too
+    cfg = com_config(experts(zoo2), defaults=True, batch_size=2, max_seq_len=24)
     single = merge(cfg, str(tmp_path / "single"))
     (tmp_path / "com.yml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "child.py").write_text(CHILD)
@@ -59,6 +60,10 @@ def test_two_gloo_ranks_equal_one_process_and_write_once(zoo2, tmp_path):
     got = json.loads((out / "com_report.json").read_text())["layers"]
     for a, b in zip(got, ref):
         assert a["covariate_shift"] == pytest.approx(b["covariate_shift"], rel=1e-5, abs=1e-9)
+        for linear, shares in b["blend"].items():  # the same shares and shrinkage as one process
+            assert a["blend"][linear] == pytest.approx(shares, abs=1e-6)
+        for linear, alphas in b["alpha"].items():
+            assert a["alpha"][linear] == pytest.approx(alphas, abs=1e-6)
     # written once, by rank 0; rank 1's scratch output is gone
     assert (tmp_path / "writes.log").read_text().split() == ["0"]
     assert os.listdir(tmp_path / "runs") == ["ranks2"]

@@ -211,14 +211,15 @@ def test_held_out_blend_minimises_the_held_out_match_loss():
     assert held_out_loss(share) <= held_out_loss(best) + 1e-9
 
 
-def test_moments_folds_split_whole_sequences_by_their_global_index():
+def test_moments_folds_alternate_whole_sequences_from_the_batch_index():
     x = torch.arange(20, dtype=torch.float32).reshape(10, 2)
     mo = linalg.Moments.held_out_pair()
-    mo.add(x[:6], lengths=[2, 3, 1], first=0)  # sequences 0, 1, 2
-    mo.add(x[6:], lengths=[4], first=3)  # sequence 3
-    even = torch.cat([x[0:2], x[5:6]])  # sequences 0 and 2
-    odd = torch.cat([x[2:5], x[6:10]])  # sequences 1 and 3
+    mo.add(x[:6], lengths=[2, 3, 1], first=0)  # batch 0: sequences to folds 0, 1, 0
+    mo.add(x[6:], lengths=[4], first=1)  # batch 1: its first sequence to fold 1
+    even = torch.cat([x[0:2], x[5:6]])  # fold 0
+    odd = torch.cat([x[2:5], x[6:10]])  # fold 1
     torch.testing.assert_close(mo.folds[0].gram, (even.T @ even).double())
     torch.testing.assert_close(mo.folds[1].gram, (odd.T @ odd).double())
+    mo.sum_folds()  # the totals, once every batch is in
     torch.testing.assert_close(mo.gram, (x.T @ x).double())
     assert (mo.count, mo.folds[0].count, mo.folds[1].count) == (10, 3, 7)
