@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import yaml
+
+from ..io.workdir import WorkDir
 
 
 @dataclass
@@ -44,10 +46,10 @@ def run_yaml(config: dict, out: Path, args: Sequence[str] = (), env: Optional[di
     """Write `config` to a file, merge it into `out` with mergekit-yaml, measure the child.
 
     A fresh merge every time: the work directory an interrupted benchmark left next to
-    `out` (`<out>.com-work`) would otherwise be resumed, or refused if the models changed."""
+    `out` (io.workdir) would otherwise be resumed, or refused if the models changed."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out.with_name(out.name + ".com-work"), ignore_errors=True)
+    shutil.rmtree(WorkDir(str(out)).path, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -67,9 +69,9 @@ def run_yaml(config: dict, out: Path, args: Sequence[str] = (), env: Optional[di
 def _child(argv: List[str]) -> None:
     stats, sep, *yaml_args = argv
     assert sep == "--", "usage: python -m mergekit_com.bench.measure STATS -- CONFIG OUT [flags]"
-    import mergekit_com  # noqa: F401  (chain_of_merges available even with autoload off)
     from mergekit.scripts.run_yaml import main as run_yaml_cmd
 
+    import mergekit_com  # noqa: F401  (chain_of_merges available even with autoload off)
     from mergekit_com.method.timing import PHASES
 
     if os.environ.get("MERGEKIT_COM_BENCH_NAIVE") == "1":
