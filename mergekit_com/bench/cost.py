@@ -11,7 +11,11 @@ For each model family, in one run and at each thread count:
 * **CoM** through ``mergekit-yaml``, with its phases: with ``objective: regmean``
   (one forward per token and layer: the floor's own shape), with every default
   (``objective: blend``: the experts' own models run too, for the targets), and
-  with ``objective: match_expert``.
+  with ``objective: match_expert``;
+* **the targets' floor**, what any merge fitting the experts' own outputs must
+  do (the defaults, match_expert): a second ``forward`` (each expert's own
+  model over its tokens) and ``cross`` (``X^T Z`` per batch and group, a full
+  product) on top of the floor.
 
 Every merge runs in its own child process (``measure.run_yaml``); the floor's
 forward and Grams run in this process on the same batches.
@@ -178,15 +182,18 @@ def floor(paths: Dict[str, object], family: Family) -> Dict[str, float]:
         for batch in batches:
             model.model(**batch, use_cache=False)
         forward = time.perf_counter() - start
-        gram = 0.0
+        gram = cross = 0.0
         for width in _group_widths(model):
             for batch in batches:
-                x = torch.randn(int(batch["attention_mask"].sum()), width)
+                x, z = torch.randn(2, int(batch["attention_mask"].sum()), width)
                 start = time.perf_counter()
                 x.T @ x
-                gram += time.perf_counter() - start
+                middle = time.perf_counter()
+                x.T @ z
+                gram += middle - start
+                cross += time.perf_counter() - middle
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return {"forward": forward, "gram": gram, "tokens": tokens}
+    return {"forward": forward, "gram": gram, "cross": cross, "tokens": tokens}
 
 
 def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
@@ -211,6 +218,7 @@ def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
                 shutil.rmtree(dest, ignore_errors=True)
                 LOG.info("%s, %d thread(s): %s %.1f s", name, t, label, m.merge_s)
             row["floor"] = row["forward"] + row["gram"] + row["linear"]["merge_s"]
+            row["targets_floor"] = row["floor"] + row["forward"] + row["cross"]
             rows.append(row)
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
@@ -220,18 +228,27 @@ def table(result: dict) -> str:
 
     lines = ["| model | threads | tokens | floor: forward s | gram s | io (linear) s | floor s "
              "| CoM regmean s | regmean / floor | regmean phases: " + ", ".join(ORDER)
-             + " | CoM defaults s | defaults / floor | match_expert s | match_expert / defaults |",
-             "|---" * 15 + "|"]
+             + " | cross s | targets' floor s | CoM defaults s | defaults / floor | defaults / targets' floor "
+             "| defaults phases | match_expert s | match_expert / targets' floor "
+             "| match_expert / defaults |",
+             "|---" * 19 + "|"]
     for r in result["rows"]:
         reg, com, match = r["regmean"], r["com"], r["match_expert"]
-        phases = ", ".join(f"{reg['phases'][p]:.1f}" for p in ORDER)
+        targets = r["targets_floor"]
         lines.append(
             f"| {r['family']} | {r['threads']} | {r['tokens']} | {r['forward']:.1f} | {r['gram']:.1f} "
             f"| {r['linear']['merge_s']:.1f} | {r['floor']:.1f} | {reg['merge_s']:.1f} "
-            f"| {reg['merge_s'] / r['floor']:.2f} | {phases} | {com['merge_s']:.1f} "
-            f"| {com['merge_s'] / r['floor']:.2f} | {match['merge_s']:.1f} "
+            f"| {reg['merge_s'] / r['floor']:.2f} | {_phases(reg)} | {r['cross']:.1f} | {targets:.1f} "
+            f"| {com['merge_s']:.1f} | {com['merge_s'] / r['floor']:.2f} | {com['merge_s'] / targets:.2f} "
+            f"| {_phases(com)} | {match['merge_s']:.1f} | {match['merge_s'] / targets:.2f} "
             f"| {match['merge_s'] / com['merge_s']:.2f} |")
     return "\n".join(lines)
+
+
+def _phases(merge: dict) -> str:
+    from ..method.timing import ORDER
+
+    return ", ".join(f"{merge['phases'][p]:.1f}" for p in ORDER)
 
 
 def speedups(result: dict) -> Dict[str, float]:

@@ -115,10 +115,10 @@ class Moments:
             for seq in x.split(lengths):
                 if seq.shape[0] == 0:
                     continue
-                seq = seq.to(torch.float64)
-                # ||X_s^T X_s||_F^2 = ||X_s X_s^T||_F^2; its diagonal is sum_k x_k^2
-                full = (seq @ seq.T).square().sum()
-                diag = seq.square().sum(0).square().sum()
+                # ||X_s^T X_s||_F^2 = ||X_s X_s^T||_F^2; its diagonal is sum_k x_k^2. The
+                # products are formed in the rows' dtype, like the Gram's, and summed in float64.
+                full = (seq @ seq.T).square().sum(dtype=torch.float64)
+                diag = seq.square().sum(0, dtype=torch.float64).square().sum()
                 self.spread += float(full - diag) / seq.shape[0]
                 self.sequences += 1
 
@@ -229,33 +229,41 @@ def regmean_lhs(
     return sum(w * shrink(g, a) for g, w, a in zip(grams, weights, alphas))
 
 
-def regmean_rhs(
+def blend_rhs(
     grams: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    alpha: Union[float, Sequence[float]],
-    expert_weights: Sequence[torch.Tensor],
-) -> torch.Tensor:
-    """``sum_t w_t G~_t W_t^T`` with ``W_t`` given HF-style ``[out, in]``."""
-    alphas = _per_expert(alpha, len(grams))
-    return sum(
-        w * (shrink(g, a) @ wt.to(torch.float64).T)
-        for g, w, a, wt in zip(grams, weights, alphas, expert_weights)
-    )
-
-
-def match_expert_rhs(
     crosses: Sequence[torch.Tensor],
     weights: Sequence[float],
+    alpha: Union[float, Sequence[float]],
+    share: float,
     expert_weights: Sequence[torch.Tensor],
-    alpha: Union[float, Sequence[float]] = 1.0,
 ) -> torch.Tensor:
-    """``sum_t w_t C~_t W_t^T`` with ``C_t = X_t^T Z_t / n_t`` (so ``C_t W_t^T`` is
-    ``X_t^T Y_t / n_t`` for ``Y_t = Z_t W_t^T``), shrunk like the Grams."""
-    alphas = _per_expert(alpha, len(crosses))
-    return sum(
-        w * (shrink(c, a) @ wt.to(torch.float64).T)
-        for c, w, a, wt in zip(crosses, weights, alphas, expert_weights)
-    )
+    """``sum_t w_t ((1 - b) G~_t + b C~_t) W_t^T`` with ``W_t`` given HF-style ``[out, in]``.
+
+    ``b = 0`` is regmean's right-hand side (no ``crosses`` needed), ``b = 1``
+    match_expert's with ``C_t = X_t^T Z_t / n_t`` (so ``C_t W_t^T = X_t^T Y_t / n_t``
+    for ``Y_t = Z_t W_t^T``). Shrinkage is linear, so the moments are mixed first
+    and each expert costs one ``in x in x out`` product.
+    """
+    alphas = _per_expert(alpha, len(grams))
+    total = 0.0
+    for t, (w, a, wt) in enumerate(zip(weights, alphas, expert_weights)):
+        if share == 0.0:
+            moment = grams[t]
+        elif share == 1.0:
+            moment = crosses[t]
+        else:
+            moment = (1.0 - share) * grams[t] + share * crosses[t]
+        total = total + w * (shrink(moment, a) @ wt.to(torch.float64).T)
+    return total
+
+
+def _shrunk_product(product: torch.Tensor, diagonal: torch.Tensor, weight_t: torch.Tensor,
+                    alpha: float) -> torch.Tensor:
+    """``shrink(M, alpha) @ W^T`` from ``M @ W^T`` (``product``) and ``diag(M)``:
+    shrinkage only adds a diagonal term, a row scaling of ``W^T`` (``weight_t``)."""
+    if alpha == 1.0:
+        return product
+    return alpha * product + (1.0 - alpha) * diagonal.to(product.dtype)[:, None] * weight_t
 
 
 @dataclass
@@ -269,6 +277,7 @@ class SharedInputStats:
     # blend: auto -- the same statistics over each of two folds of whole sequences
     folds: List["SharedInputStats"] = field(default_factory=list)
     last_blend: Optional[float] = None  # the share the last solve used (for the report)
+    dtype: torch.dtype = torch.float64  # the activations' (held_out_blend's products run in it)
     _solvers: Dict[tuple, RidgeSolver] = field(default_factory=dict)
 
     def alphas(self, experts: List[Hashable], alpha: Alpha) -> List[float]:
@@ -309,28 +318,45 @@ def held_out_blend(
     expert's own outputs on held-out calibration sequences.
 
     Two-fold cross-validation over ``stats.folds``: on one fold, solve the regmean
-    (``V_r``) and the match_expert (``V_m``) merges; every blend is ``V_r + b D`` with
-    ``D = V_m - V_r``. On the other fold, the match_expert loss
+    merge ``V_r`` and ``D = V_m - V_r``, its difference to the match_expert merge;
+    every blend is ``V_r + b D``. On the other fold, the match_expert loss
     ``sum_t w_t ||X_t V - Z_t W_t^T||^2 / n_t`` is quadratic in ``b``, so the best
     ``b`` over both directions is ``sum (tr(D^T R) - tr(D^T G V_r)) / sum tr(D^T G D)``
     (``G = sum_t w_t G_t``, ``R = sum_t w_t C_t W_t^T`` of the held-out fold,
     unshrunk), clipped to [0, 1]. Without two non-empty folds it is 0.5.
+
+    Only this scalar comes out, so the products run in the activations' dtype
+    (``stats.dtype``; float32 unless the walk is float64) and each is formed once:
+    per fold and expert, ``G_t W_t^T`` and ``(C_t - G_t) W_t^T`` (the difference is
+    taken before the product, so a small ``D`` loses nothing to cancellation); every
+    shrunk and held-out product follows from them. The factorisations stay float64.
     """
     if len(stats.folds) != 2 or any(not f.grams for f in stats.folds):
         return 0.5
+    dtype = stats.dtype
+    weight_ts = [w.to(dtype).T for w in expert_weights]  # [in, out]
+    gram_products, diff_products = [], []  # [fold][expert]
+    for fold in stats.folds:
+        gram_products.append([fold.grams[e].to(dtype) @ wt for e, wt in zip(experts, weight_ts)])
+        diff_products.append([(fold.crosses[e] - fold.grams[e]).to(dtype) @ wt
+                              for e, wt in zip(experts, weight_ts)])
     num = den = 0.0
-    for train, test in ((stats.folds[0], stats.folds[1]), (stats.folds[1], stats.folds[0])):
-        solver = train.solver(experts, weights, list(alphas), ridge, f"{name} (held-out fold)")
-        grams = [train.grams[e] for e in experts]
-        v_r = solver.solve(regmean_rhs(grams, weights, list(alphas), expert_weights))
-        v_m = solver.solve(match_expert_rhs([train.crosses[e] for e in experts], weights,
-                                            expert_weights, list(alphas)))
-        d = v_m - v_r
-        g = sum(w * test.grams[e] for e, w in zip(experts, weights))
-        r = match_expert_rhs([test.crosses[e] for e in experts], weights, expert_weights)
+    for train, test in ((0, 1), (1, 0)):
+        fold, held = stats.folds[train], stats.folds[test]
+        solver = fold.solver(experts, weights, list(alphas), ridge, f"{name} (held-out fold)")
+        rhs_r = rhs_d = 0.0
+        for t, (e, w, a) in enumerate(zip(experts, weights, alphas)):
+            gram_diag = fold.grams[e].diagonal()
+            rhs_r = rhs_r + w * _shrunk_product(gram_products[train][t], gram_diag, weight_ts[t], a)
+            diff_diag = fold.crosses[e].diagonal() - gram_diag
+            rhs_d = rhs_d + w * _shrunk_product(diff_products[train][t], diff_diag, weight_ts[t], a)
+        v_r = solver.solve(rhs_r).to(dtype)
+        d = solver.solve(rhs_d).to(dtype)
+        g = sum(w * held.grams[e] for e, w in zip(experts, weights)).to(dtype)
+        r = sum(w * (gram_products[test][t] + diff_products[test][t]) for t, w in enumerate(weights))
         gd = g @ d
-        num += float((d * r).sum() - (gd * v_r).sum())
-        den += float((d * gd).sum())
+        num += float((d * r).sum(dtype=torch.float64) - (gd * v_r).sum(dtype=torch.float64))
+        den += float((d * gd).sum(dtype=torch.float64))
     if den <= 0:
         return 0.5  # the two merges agree on the held-out tokens: any share will do
     return min(1.0, max(0.0, num / den))

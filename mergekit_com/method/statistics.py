@@ -49,12 +49,14 @@ class GroupStatistics:
             return linalg.Moments(track_spread=spread)
 
         self.moments: Dict[Hashable, linalg.Moments] = {e: moments() for e in experts}
+        self.dtype = torch.float32  # the activations' rows (float64 when the walk is)
 
     def add(self, expert: Hashable, x: torch.Tensor, valid: torch.Tensor,
             z: Optional[torch.Tensor] = None, first: int = 0) -> None:
         """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term);
         ``first``: the batch's index among all of the expert's batches (sets the folds)."""
         rows = token_rows(x, valid, self.biased)
+        self.dtype = rows.dtype
         targets = token_rows(z, valid, self.biased) if self.cross else None
         lengths = valid.sum(1).tolist() if self.spread or self.held_out else None
         self.moments[expert].add(rows, targets, lengths, first)
@@ -89,4 +91,5 @@ class GroupStatistics:
         return linalg.SharedInputStats(
             grams={e: mo.mean_gram() for e, mo in moments.items()},
             crosses={e: mo.mean_cross() for e, mo in moments.items()} if self.cross else {},
+            dtype=self.dtype,
         )

@@ -60,13 +60,8 @@ class BlendObjective:
             share = linalg.held_out_blend(stats, experts, weights, targets, alphas, settings.ridge, name)
         stats.last_blend = share
         solver = stats.solver(experts, weights, alphas, settings.ridge, name)
-        rhs = 0.0
-        if share < 1.0:
-            rhs = (1.0 - share) * linalg.regmean_rhs([stats.grams[e] for e in experts], weights,
-                                                     alphas, targets)
-        if share > 0.0:
-            rhs = rhs + share * linalg.match_expert_rhs([stats.crosses[e] for e in experts], weights,
-                                                        targets, alphas)
+        rhs = linalg.blend_rhs([stats.grams[e] for e in experts], [stats.crosses.get(e) for e in experts],
+                               weights, alphas, share, targets)
         return solver.solve(rhs).T
 
 

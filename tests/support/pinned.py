@@ -45,6 +45,9 @@ CASES: Dict[str, dict] = {
                                        params={**EVERY, "fallback": "task_arithmetic",
                                                "lambda": 0.7}),
     "gpt2_conv1d": dict(family="gpt2", params=EVERY),
+    # today's defaults (issue 12): objective blend, blend: auto, alpha: auto
+    "llama_defaults": dict(family="llama", params={k: v for k, v in EVERY.items()
+                                                   if k not in ("objective", "alpha")}),
 }
 
 

@@ -165,14 +165,18 @@ def test_cost_table_compares_each_variant_with_the_floor():
         return {"merge_s": seconds, "phases": {p: 1.0 for p in ORDER}}
 
     rows = [{"family": "pico", "threads": t, "tokens": 100, "forward": 4.0 / t, "gram": 2.0 / t,
-             "linear": merge(1.0), "floor": 7.0 / t if t == 1 else 4.0,
+             "cross": 3.0 / t, "linear": merge(1.0), "floor": 7.0 / t if t == 1 else 4.0,
+             "targets_floor": 14.0 / t if t == 1 else 7.5,
              "regmean": merge(10.0 / t), "com": merge(20.0 / t), "match_expert": merge(22.0 / t)}
             for t in (1, 2)]
     lines = cost.table({"rows": rows}).splitlines()
     cells = [c.strip() for c in lines[2].split("|")]
     head = [c.strip() for c in lines[0].split("|")]
+    assert len(head) == len(cells) and set(lines[1]) == {"|", "-"} and lines[1].count("|") == len(head) - 1
     assert cells[head.index("regmean / floor")] == f"{10 / 7:.2f}"
     assert cells[head.index("defaults / floor")] == f"{20 / 7:.2f}"
+    assert cells[head.index("defaults / targets' floor")] == f"{20 / 14:.2f}"
+    assert cells[head.index("match_expert / targets' floor")] == f"{22 / 14:.2f}"
     assert cells[head.index("match_expert / defaults")] == "1.10"
     assert cost.speedups({"rows": rows}) == {"pico": 2.0}
 
