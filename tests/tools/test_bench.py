@@ -179,6 +179,10 @@ def test_cost_table_compares_each_variant_with_the_floor():
     assert cells[head.index("match_expert / targets' floor")] == f"{22 / 14:.2f}"
     assert cells[head.index("match_expert / defaults")] == "1.10"
     assert cost.speedups({"rows": rows}) == {"pico": 2.0}
+    # the floor measured before and after the merges: each part's shorter time
+    assert cost.faster({"forward": 3.0, "gram": 1.0, "cross": 2.0, "tokens": 10},
+                       {"forward": 2.0, "gram": 1.5, "cross": 2.0, "tokens": 10}) == {
+        "forward": 2.0, "gram": 1.0, "cross": 2.0, "tokens": 10}
 
 
 def test_tuning_on_the_first_val_prompts_normalises_by_the_experts_on_the_same_prompts():
