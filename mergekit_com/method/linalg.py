@@ -53,7 +53,9 @@ def upper_gram(x: torch.Tensor) -> torch.Tensor:
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
     """The full symmetric matrix whose upper triangle ``upper`` holds."""
     u = torch.triu(upper)
-    return u + u.T - torch.diag(u.diagonal())
+    lower = u.T.contiguous()  # a contiguous copy: adding a transposed view is several times slower
+    lower.diagonal().zero_()
+    return u.add_(lower)
 
 
 @dataclass
@@ -106,21 +108,27 @@ class Moments:
         if self.folds is None:
             self._add_products(x, z)
         else:
-            fold_of = torch.cat([torch.full((n,), (first + j) % 2, dtype=torch.long)
-                                 for j, n in enumerate(lengths)]).to(x.device)
+            parity = (torch.arange(len(lengths)) + first) % 2  # each sequence's fold
+            fold_of = parity.repeat_interleave(torch.tensor(lengths)).to(x.device)
             for f, part in enumerate(self.folds):
                 rows = fold_of == f
                 part._add_products(x[rows], None if z is None else z[rows])  # zeros if none
         if self.track_spread:
-            for seq in x.split(lengths):
-                if seq.shape[0] == 0:
-                    continue
-                # ||X_s^T X_s||_F^2 = ||X_s X_s^T||_F^2; its diagonal is sum_k x_k^2. The
-                # products are formed in the rows' dtype, like the Gram's, and summed in float64.
-                full = (seq @ seq.T).square().sum(dtype=torch.float64)
-                diag = seq.square().sum(0, dtype=torch.float64).square().sum()
-                self.spread += float(full - diag) / seq.shape[0]
-                self.sequences += 1
+            self._add_spread(x, lengths)
+
+    def _add_spread(self, x: torch.Tensor, lengths: List[int]) -> None:
+        """``sum_s ||offdiag(X_s^T X_s)||^2 / n_s`` over the batch's sequences:
+        ``||X_s^T X_s||_F^2 = ||X_s X_s^T||_F^2``, whose diagonal part is
+        ``sum_k (sum_i x_ik^2)^2``. The products are formed in the rows' dtype, like the
+        Gram's, and summed in float64. (One product per sequence: a batched product over
+        padded sequences measured slower at LLM widths.)"""
+        for seq in x.split(lengths):
+            if seq.shape[0] == 0:
+                continue
+            full = (seq @ seq.T).square().sum(dtype=torch.float64)
+            diag = seq.square().sum(0, dtype=torch.float64).square().sum()
+            self.spread += float(full - diag) / seq.shape[0]
+            self.sequences += 1
 
     def sum_folds(self) -> None:
         """The totals of a held-out pair, from its folds (once, when all batches are in)."""
@@ -133,8 +141,9 @@ class Moments:
     def mean_gram(self) -> torch.Tensor:
         if self.gram is None or self.count == 0:
             raise ValueError("no calibration tokens reached this layer")
-        full = self.gram if gram_blocks(self.gram.shape[0]) == 1 else symmetric(self.gram)
-        return full / self.count
+        if gram_blocks(self.gram.shape[0]) == 1:
+            return self.gram / self.count
+        return symmetric(self.gram).div_(self.count)
 
     def mean_cross(self) -> torch.Tensor:
         if self.cross is None or self.count == 0:

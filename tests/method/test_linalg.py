@@ -109,9 +109,9 @@ def test_auto_alpha_matches_an_independent_computation():
     mix = torch.randn(5, 5, generator=g)
     seqs = [torch.randn(int(k), 5, generator=g) @ mix for k in torch.randint(2, 9, (12,), generator=g)]
     mo = linalg.Moments(track_spread=True)
-    for i in range(0, 12, 4):  # three batches of four sequences
+    for i in range(0, 12, 4):  # three batches of four sequences (and an empty one: no sequence)
         batch = seqs[i:i + 4]
-        mo.add(torch.cat(batch), lengths=[len(s) for s in batch])
+        mo.add(torch.cat(batch), lengths=[len(s) for s in batch] + [0])
     assert mo.sequences == 12 and mo.count == sum(len(s) for s in seqs)
     got = linalg.shrinkage_alpha(mo.mean_gram(), mo.count, mo.sequences, mo.spread)
     assert abs(got - _independent_alpha(seqs)) < 1e-6  # the Gram sums float32 batch products
