@@ -208,7 +208,8 @@ class LayerMerge:
                         z = x if z_pass is x_pass else z_pass.input_of(key)
                 with PHASES.phase("gram"):
                     stats.add(e, x, ctx.streams.masks[e][b], z, ctx.first_sequence(b))
-        return stats.finish(f"layer {self.index} {key}", ctx.warned)
+        with PHASES.phase("gram"):  # the sums over ranks and folds, and the means
+            return stats.finish(f"layer {self.index} {key}", ctx.warned)
 
     def _advance(self, merged_layer: nn.Module, own_layers: Dict[Hashable, nn.Module],
                  x_passes, z_passes) -> None:
