@@ -211,6 +211,27 @@ def test_held_out_blend_minimises_the_held_out_match_loss():
     assert held_out_loss(share) <= held_out_loss(best) + 1e-9
 
 
+def test_held_out_blend_in_float32_picks_the_float64_share():
+    """The walk forms the folds' products in the activations' dtype (float32): only the
+    share comes out, and it matches the float64 computation."""
+    g = torch.Generator().manual_seed(5)
+    d, n, k = 32, 48, 3
+    ws = [torch.randn(16, d, generator=g, dtype=torch.float64) for _ in range(k)]
+    drift = [torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+             for _ in range(k)]
+    folds = []
+    for _ in range(2):
+        xs = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(k)]
+        zs = [x @ m + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64) for x, m in zip(xs, drift)]
+        folds.append(_fold_stats(xs, zs))
+    shares = {}
+    for dtype in (torch.float64, torch.float32):
+        stats = linalg.SharedInputStats(grams={}, folds=folds, dtype=dtype)
+        shares[dtype] = linalg.held_out_blend(stats, list(range(k)), [1.0] * k, ws, [0.8] * k, ridge=1e-6)
+    assert 0.0 < shares[torch.float64] < 1.0
+    assert abs(shares[torch.float32] - shares[torch.float64]) < 1e-4
+
+
 def test_moments_folds_alternate_whole_sequences_from_the_batch_index():
     x = torch.arange(20, dtype=torch.float32).reshape(10, 2)
     mo = linalg.Moments.held_out_pair()
