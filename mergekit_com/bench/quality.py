@@ -88,7 +88,6 @@ class QualityBench:
         self.experts_eval = _own_accuracy(zoo, "eval")
         self.expert_scores = {"val": _own_scores(zoo, "val"), "eval": _own_scores(zoo, "eval")}
 
-
     def _merge(self, method: Method, knobs: dict, tag: str, extra: Optional[dict] = None):
         out = self.work / "merges" / _slug(f"{method.name}_{tag}")
         if out.exists():
@@ -253,15 +252,16 @@ def run_candidates(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, 
     if unknown:
         raise SystemExit(f"unknown candidate(s) {', '.join(unknown)}; known: {', '.join(listed)}")
     header, rows = _header(zoo, bench, device, threads), []
+    partial_path = Path(out_dir) / "candidates.partial.json"
+    partial_path.parent.mkdir(parents=True, exist_ok=True)
     for name in only or list(listed):  # in the order asked for: the first answers come first
         name, method, knobs = listed[name]
         rows.append(bench.fixed(name, method, knobs))
         # what is done survives an interrupted run (a SmolLM2 candidate costs ~15 min)
         partial = {**header, "candidates": rows, "complete": False,
                    "seconds": time.perf_counter() - start}
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "candidates.partial.json").write_text(json.dumps(partial))
-    (Path(out_dir) / "candidates.partial.json").unlink(missing_ok=True)
+        partial_path.write_text(json.dumps(partial))
+    partial_path.unlink(missing_ok=True)
     return {**header, "candidates": rows,
             "seconds": time.perf_counter() - start}
 

@@ -158,11 +158,11 @@ def plot_budget(result: dict, path: Path) -> None:
     _finish(fig, ax, path)
 
 
-def _finish(fig, ax, path: Path) -> None:
+def _finish(fig, ax, path: Path, **legend) -> None:
     """Legend, layout, PNG, and the figure closed (pyplot keeps every open one)."""
     import matplotlib.pyplot as plt
 
-    ax.legend(fontsize=8)
+    ax.legend(**{"fontsize": 8, **legend})
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -198,10 +198,8 @@ def plot_quality(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("normalized accuracy (%), 95% bootstrap CI")
     ax.set_title(f"Merging the {result['preset']} zoo's {len(tasks)} experts (eval split)")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08),
+            frameon=False)
 
 
 def shift_by_layer(result: dict) -> Dict[str, List[float]]:
