@@ -20,8 +20,8 @@ Alpha = Union[float, str]
 
 def offdiag_sq(m: torch.Tensor) -> float:
     """Sum of the squared off-diagonal entries of a square matrix."""
-    m = m.to(torch.float64)
-    return float(m.square().sum() - m.diagonal().square().sum())
+    total = torch.linalg.vector_norm(m, dtype=torch.float64).square()
+    return float(total - torch.linalg.vector_norm(m.diagonal(), dtype=torch.float64).square())
 
 
 GRAM_BLOCK = 128  # columns per block of the upper-triangle Gram (at most 8 blocks)
@@ -32,6 +32,10 @@ def gram_blocks(width: int) -> int:
     return max(1, min(8, width // GRAM_BLOCK))
 
 
+def _block_step(width: int) -> int:
+    return -(-width // gram_blocks(width))
+
+
 def upper_gram(x: torch.Tensor) -> torch.Tensor:
     """``X^T X`` where only the blocks on and above the diagonal are computed.
 
@@ -40,10 +44,9 @@ def upper_gram(x: torch.Tensor) -> torch.Tensor:
     widths 512-1536; ``docs/scaling.md``). ``symmetric`` completes it.
     """
     width = x.shape[1]
-    blocks = gram_blocks(width)
-    if blocks == 1:
+    if gram_blocks(width) == 1:
         return x.T @ x
-    step = -(-width // blocks)
+    step = _block_step(width)
     out = x.new_zeros(width, width)
     for i in range(0, width, step):
         out[i:i + step, i:] = x[:, i:i + step].T @ x[:, i:]
@@ -51,11 +54,28 @@ def upper_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix whose upper triangle ``upper`` holds."""
-    u = torch.triu(upper)
-    lower = u.T.contiguous()  # a contiguous copy: adding a transposed view is several times slower
-    lower.diagonal().zero_()
-    return u.add_(lower)
+    """Complete, in place, a Gram whose upper block triangle ``upper_gram`` (or a sum of
+    its outputs) holds: each lower block is its mirror's transpose. Block by block,
+    because one whole transposed copy is cache-hostile (7x slower at width 1536)."""
+    width = upper.shape[0]
+    step = _block_step(width)
+    for i in range(0, width, step):
+        for j in range(i + step, width, step):
+            upper[j:j + step, i:i + step].copy_(upper[i:i + step, j:j + step].T)
+    return upper
+
+
+def gram_sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """``||X^T X||_F^2`` (float64) from the upper block triangle of the smaller of
+    ``X^T X`` and ``X X^T`` (their squared norms are equal): each off-diagonal block
+    counts twice."""
+    upper = upper_gram(x if x.shape[0] >= x.shape[1] else x.T)
+    width = upper.shape[0]
+    total = 2 * torch.linalg.vector_norm(upper, dtype=torch.float64).square()
+    step = _block_step(width)
+    for i in range(0, width, step):
+        total -= torch.linalg.vector_norm(upper[i:i + step, i:i + step], dtype=torch.float64).square()
+    return total
 
 
 @dataclass
@@ -69,7 +89,7 @@ class Moments:
     Two optional extras need ``lengths`` (the token count of each sequence, in row
     order): with ``track_spread`` (for ``alpha: auto``), the number of sequences and
     ``spread = sum_s ||offdiag(U_s)||^2 / n_s`` with ``U_s = X_s^T X_s``, formed from
-    the small ``n_s x n_s`` products ``X_s X_s^T`` (no extra ``in x in`` work); with
+    the smaller of ``X_s X_s^T`` and ``X_s^T X_s`` (``gram_sq_norm``); with
     ``held_out`` (for ``blend: auto``), ``folds``: the same sums over two folds of whole
     sequences, which alternate within a batch starting at fold ``first % 2`` (the
     caller passes the batch's index among all batches), so whole sequences are held out.
@@ -82,17 +102,23 @@ class Moments:
     spread: float = 0.0
     track_spread: bool = False
     folds: Optional[List["Moments"]] = None
+    finished: bool = False  # the sums were turned into means, in place
 
     @classmethod
     def held_out_pair(cls, track_spread: bool = False) -> "Moments":
         return cls(track_spread=track_spread, folds=[cls(), cls()])
 
     def _add_products(self, x: torch.Tensor, z: Optional[torch.Tensor]) -> None:
-        g = upper_gram(x).to(torch.float64)
-        self.gram = g if self.gram is None else self.gram.add_(g)
+        if self.finished:
+            raise ValueError("these moments' means were taken: they take no more batches")
+        width = x.shape[1]
+        if self.gram is None:  # float64 accumulators; each product is added in place
+            self.gram = torch.zeros(width, width, dtype=torch.float64, device=x.device)
+        self.gram.add_(upper_gram(x))
         if z is not None:
-            c = (x.T @ z).to(torch.float64)
-            self.cross = c if self.cross is None else self.cross.add_(c)
+            if self.cross is None:
+                self.cross = torch.zeros(width, z.shape[1], dtype=torch.float64, device=x.device)
+            self.cross.add_(x.T @ z)
         self.count += x.shape[0]
 
     def add(self, x: torch.Tensor, z: Optional[torch.Tensor] = None,
@@ -117,15 +143,14 @@ class Moments:
             self._add_spread(x, lengths)
 
     def _add_spread(self, x: torch.Tensor, lengths: List[int]) -> None:
-        """``sum_s ||offdiag(X_s^T X_s)||^2 / n_s`` over the batch's sequences:
-        ``||X_s^T X_s||_F^2 = ||X_s X_s^T||_F^2``, whose diagonal part is
-        ``sum_k (sum_i x_ik^2)^2``. The products are formed in the rows' dtype, like the
-        Gram's, and summed in float64. (One product per sequence: a batched product over
-        padded sequences measured slower at LLM widths.)"""
+        """``sum_s ||offdiag(X_s^T X_s)||^2 / n_s`` over the batch's sequences, whose
+        diagonal part is ``sum_k (sum_i x_ik^2)^2``. The products are formed in the rows'
+        dtype, like the Gram's, and summed in float64. (One product per sequence: a
+        batched product over padded sequences measured slower at LLM widths.)"""
         for seq in x.split(lengths):
             if seq.shape[0] == 0:
                 continue
-            full = (seq @ seq.T).square().sum(dtype=torch.float64)
+            full = gram_sq_norm(seq)
             diag = seq.square().sum(0, dtype=torch.float64).square().sum()
             self.spread += float(full - diag) / seq.shape[0]
             self.sequences += 1
@@ -134,21 +159,36 @@ class Moments:
         """The totals of a held-out pair, from its folds (once, when all batches are in)."""
         if self.folds is not None:
             f0, f1 = self.folds
+            if f0.finished or f1.finished:
+                raise ValueError("sum the folds before taking their means")
             self.gram = f0.gram + f1.gram
             self.cross = f0.cross + f1.cross if f0.cross is not None else None
             self.count = f0.count + f1.count
 
     def mean_gram(self) -> torch.Tensor:
-        if self.gram is None or self.count == 0:
-            raise ValueError("no calibration tokens reached this layer")
-        if gram_blocks(self.gram.shape[0]) == 1:
-            return self.gram / self.count
-        return symmetric(self.gram).div_(self.count)
+        """The mean (full, symmetric) Gram. The first call turns the sums into the means
+        in place (a fresh ``in x in`` buffer costs more than the division at LLM widths);
+        after it, the moments take no more batches."""
+        self._finish()
+        return self.gram
 
     def mean_cross(self) -> torch.Tensor:
-        if self.cross is None or self.count == 0:
+        self._finish()
+        if self.cross is None:
             raise ValueError("no calibration tokens reached this layer")
-        return self.cross / self.count
+        return self.cross
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        if self.gram is None or self.count == 0:
+            raise ValueError("no calibration tokens reached this layer")
+        self.gram.div_(self.count)
+        if gram_blocks(self.gram.shape[0]) > 1:
+            symmetric(self.gram)
+        if self.cross is not None:
+            self.cross.div_(self.count)
+        self.finished = True
 
 
 def shrinkage_alpha(mean_gram: torch.Tensor, count: int, sequences: int, spread: float) -> float:
@@ -202,10 +242,11 @@ class RidgeSolver:
         if scale <= 0:
             # Every input feature is zero on every token: nothing to fit.
             scale = 1.0
-        eye = torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
         eps = max(ridge, 0.0) * scale
         for attempt in range(8):
-            factor, info = torch.linalg.cholesky_ex(lhs + eps * eye)
+            ridged = lhs.clone()
+            ridged.diagonal().add_(eps)
+            factor, info = torch.linalg.cholesky_ex(ridged)
             if info.item() == 0:
                 break
             # Rank-deficient Gram (e.g. fewer tokens than input features):
@@ -235,7 +276,11 @@ def regmean_lhs(
 ) -> torch.Tensor:
     """``sum_t w_t G~_t``; ``alpha`` one value, or one per expert."""
     alphas = _per_expert(alpha, len(grams))
-    return sum(w * shrink(g, a) for g, w, a in zip(grams, weights, alphas))
+    total = torch.zeros_like(grams[0])  # summed in place: no [in, in] temporaries
+    for g, w, a in zip(grams, weights, alphas):
+        total.add_(g, alpha=w * a)
+        total.diagonal().add_(g.diagonal(), alpha=w * (1.0 - a))
+    return total
 
 
 def blend_rhs(

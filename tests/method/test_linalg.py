@@ -1,5 +1,6 @@
 """The pure math, without mergekit or transformers."""
 
+import pytest
 import torch
 
 from mergekit_com.method import linalg
@@ -88,6 +89,24 @@ def test_blocked_upper_gram_completes_to_the_full_product():
         if linalg.gram_blocks(width) > 1:  # the lower blocks were never computed
             upper = linalg.upper_gram(x)
             assert upper[-1, 0] == 0 and upper[0, -1] != 0
+
+
+def test_gram_norm_from_either_side_of_the_product():
+    torch.manual_seed(0)
+    for rows, width in ((40, 300), (300, 40), (700, 512), (5, 5)):
+        x = torch.randn(rows, width, dtype=torch.float64)
+        torch.testing.assert_close(linalg.gram_sq_norm(x), (x.T @ x).square().sum())
+
+
+def test_means_are_taken_once_and_end_the_sums():
+    x = torch.randn(30, 300, dtype=torch.float64)
+    moments = linalg.Moments()
+    moments.add(x, x[:, :7])
+    first = moments.mean_gram()
+    assert moments.mean_gram() is first  # not divided twice
+    torch.testing.assert_close(moments.mean_cross(), x.T @ x[:, :7] / 30)
+    with pytest.raises(ValueError, match="take no more batches"):
+        moments.add(x)
 
 
 def _independent_alpha(seqs):
