@@ -183,9 +183,7 @@ class Moments:
             return
         if self.gram is None or self.count == 0:
             raise ValueError("no calibration tokens reached this layer")
-        self.gram.div_(self.count)
-        if gram_blocks(self.gram.shape[0]) > 1:
-            symmetric(self.gram)
+        symmetric(self.gram.div_(self.count))  # a no-op for a single block
         if self.cross is not None:
             self.cross.div_(self.count)
         self.finished = True
@@ -218,13 +216,20 @@ def with_ones_column(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
 
 
+def add_shrunk(total: torch.Tensor, gram: torch.Tensor, alpha: float, weight: float = 1.0) -> torch.Tensor:
+    """``total += weight * (alpha * G + (1 - alpha) * diag(G))``, in place (no ``in x in``
+    temporaries)."""
+    total.add_(gram, alpha=weight * alpha)
+    if alpha != 1.0:
+        total.diagonal().add_(gram.diagonal(), alpha=weight * (1.0 - alpha))
+    return total
+
+
 def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """``alpha * G + (1 - alpha) * diag(G)``: RegMean's off-diagonal shrinkage."""
     if alpha == 1.0:
         return gram
-    out = gram * alpha
-    out.diagonal().add_(gram.diagonal() * (1.0 - alpha))
-    return out
+    return add_shrunk(torch.zeros_like(gram), gram, alpha)
 
 
 class RidgeSolver:
@@ -276,10 +281,9 @@ def regmean_lhs(
 ) -> torch.Tensor:
     """``sum_t w_t G~_t``; ``alpha`` one value, or one per expert."""
     alphas = _per_expert(alpha, len(grams))
-    total = torch.zeros_like(grams[0])  # summed in place: no [in, in] temporaries
+    total = torch.zeros_like(grams[0])
     for g, w, a in zip(grams, weights, alphas):
-        total.add_(g, alpha=w * a)
-        total.diagonal().add_(g.diagonal(), alpha=w * (1.0 - a))
+        add_shrunk(total, g, a, w)
     return total
 
 
