@@ -10,7 +10,8 @@ over two folds of whole sequences.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Hashable, Optional, Sequence, Set
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Optional, Sequence, Set
 
 import torch
 
@@ -24,12 +25,28 @@ FEW_TOKENS_COST = ("on our zoos, under 1 token per input feature cost the defaul
                    "points of its best")
 
 
-def token_rows(x: torch.Tensor, valid: torch.Tensor, biased: bool) -> torch.Tensor:
-    """The non-padding tokens of a batch as float32 rows (float64 stays float64), with a
-    ones column for a bias."""
-    x = x[valid]
-    x = x if x.dtype == torch.float64 else x.to(torch.float32)
-    return linalg.with_ones_column(x) if biased else x
+@dataclass(frozen=True)
+class TokenRows:
+    """Where a padded batch's real tokens are: their positions among the flattened
+    ``[batch * positions]`` rows, and each sequence's count. Found once per batch and
+    taken from every layer's inputs (an index gather measured 3-8x faster than a
+    boolean mask on the zoos' and SmolLM2's shapes)."""
+
+    index: torch.Tensor
+    lengths: List[int]
+
+    @classmethod
+    def of(cls, valid: torch.Tensor) -> "TokenRows":
+        """``valid``: the batch's ``[batch, positions]`` attention mask."""
+        valid = valid.bool()
+        return cls(valid.flatten().nonzero().squeeze(1), valid.sum(1).tolist())
+
+    def take(self, x: torch.Tensor, biased: bool) -> torch.Tensor:
+        """The tokens' rows of ``x`` (``[batch, positions, width]``) as float32 (float64
+        stays float64), with a ones column for a bias."""
+        x = x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+        x = x if x.dtype == torch.float64 else x.to(torch.float32)
+        return linalg.with_ones_column(x) if biased else x
 
 
 class GroupStatistics:
@@ -51,14 +68,15 @@ class GroupStatistics:
         self.moments: Dict[Hashable, linalg.Moments] = {e: moments() for e in experts}
         self.dtype = torch.float32  # the activations' rows (float64 when the walk is)
 
-    def add(self, expert: Hashable, x: torch.Tensor, valid: torch.Tensor,
+    def add(self, expert: Hashable, x: torch.Tensor, tokens: TokenRows,
             z: Optional[torch.Tensor] = None, first: int = 0) -> None:
-        """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term);
-        ``first``: the batch's index among all of the expert's batches (sets the folds)."""
-        rows = token_rows(x, valid, self.biased)
+        """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term),
+        ``tokens`` where the batch's real tokens are; ``first``: the batch's index among all
+        of the expert's batches (sets the folds)."""
+        rows = tokens.take(x, self.biased)
         self.dtype = rows.dtype
-        targets = token_rows(z, valid, self.biased) if self.cross else None
-        lengths = valid.sum(1).tolist() if self.spread or self.held_out else None
+        targets = tokens.take(z, self.biased) if self.cross else None
+        lengths = tokens.lengths if self.spread or self.held_out else None
         self.moments[expert].add(rows, targets, lengths, first)
 
     def finish(self, where: str, warned: Set[Hashable]) -> linalg.SharedInputStats:

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_com.method.statistics import TokenRows
 from mergekit_com.model.activations import ActivationStore, CachedList
 from mergekit_com.model.stepping import LayerCall
 
@@ -49,6 +50,7 @@ class Streams:
         self.store = store
         self.batches = batches
         self.masks = {e: [mask.to(store.device).bool() for _, mask in batches[e]] for e in experts}
+        self.tokens = {e: [TokenRows.of(mask) for mask in self.masks[e]] for e in experts}
         self.calls: Dict[Hashable, List[List[LayerCall]]] = {e: [] for e in experts}
         self.merged = {e: CachedList(store, "merged", i) for i, e in enumerate(experts)}
         self.own = {e: CachedList(store, "own", i) for i, e in enumerate(experts)}

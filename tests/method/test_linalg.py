@@ -98,6 +98,22 @@ def test_gram_norm_from_either_side_of_the_product():
         torch.testing.assert_close(linalg.gram_sq_norm(x), (x.T @ x).square().sum())
 
 
+@pytest.mark.parametrize("width, lengths", [
+    (40, [7, 3, 5]),  # short: one batched product, X_s X_s^T side
+    (6, [30, 9, 17]),  # narrow: batched, X_s^T X_s side
+    (300, [260, 256]),  # long and wide: one sequence at a time, upper blocks
+])
+def test_sequence_spread_is_the_per_sequence_off_diagonal_energy(width, lengths):
+    x = torch.randn(sum(lengths), width, dtype=torch.float64)
+    expected = 0.0
+    for seq in x.split(lengths):
+        u = seq.T @ seq
+        expected += float((u - torch.diag(u.diagonal())).square().sum()) / len(seq)
+    assert abs(linalg.sequence_spread(x, lengths) - expected) <= 1e-10 * expected
+    got32 = linalg.sequence_spread(x.float(), lengths)  # float32 products, float64 sums
+    assert abs(got32 - expected) <= 1e-5 * expected
+
+
 def test_means_are_taken_once_and_end_the_sums():
     x = torch.randn(30, 300, dtype=torch.float64)
     moments = linalg.Moments()

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from mergekit_com.method.statistics import GroupStatistics
+from mergekit_com.method.statistics import GroupStatistics, TokenRows
 
 
 def test_means_over_valid_tokens_with_a_ones_column_for_a_bias():
@@ -14,7 +14,7 @@ def test_means_over_valid_tokens_with_a_ones_column_for_a_bias():
     valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     z = torch.randn(2, 5, 3)
     stats = GroupStatistics(["a"], biased=True, cross=True)
-    stats.add("a", x, valid, z)
+    stats.add("a", x, TokenRows.of(valid), z)
     rows = torch.cat([x[valid], torch.ones(8, 1)], dim=1).double()
     zrows = torch.cat([z[valid], torch.ones(8, 1)], dim=1).double()
     got = stats.finish("layer 0 q", set())
@@ -26,8 +26,8 @@ def test_too_few_tokens_are_reported_once_per_expert(caplog):
     warned = set()
     for layer in range(3):
         stats = GroupStatistics(["a", "b"], biased=False, cross=False)
-        stats.add("a", torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool))  # 2 < 8
-        stats.add("b", torch.randn(1, 20, 8), torch.ones(1, 20, dtype=torch.bool))
+        stats.add("a", torch.randn(1, 2, 8), TokenRows.of(torch.ones(1, 2)))  # 2 < 8
+        stats.add("b", torch.randn(1, 20, 8), TokenRows.of(torch.ones(1, 20)))
         with caplog.at_level(logging.WARNING):
             stats.finish(f"layer {layer} q", warned)
     lines = [r.getMessage() for r in caplog.records if "rank-deficient" in r.getMessage()]
@@ -36,3 +36,12 @@ def test_too_few_tokens_are_reported_once_per_expert(caplog):
                      "expect a weaker merge (on our zoos, under 1 token per input feature cost the "
                      "default merge 6-35 points of normalized accuracy; from 4 tokens per feature "
                      "it was within 3 points of its best); give more calibration data"]
+
+
+def test_token_rows_follow_any_mask_in_sequence_order():
+    x = torch.randn(3, 4, 2, dtype=torch.float64)
+    valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 0, 1, 0]])  # left padding, holes
+    tokens = TokenRows.of(valid)
+    assert tokens.lengths == [2, 4, 2]
+    torch.testing.assert_close(tokens.take(x, biased=False), x[valid.bool()], rtol=0, atol=0)
+    assert tokens.take(x.float(), biased=True)[:, -1].eq(1).all()
