@@ -13,10 +13,12 @@ Every other merge method goes to mergekit's ``run_merge`` unchanged
 from __future__ import annotations
 
 import contextvars
+import gc
 import logging
 import os
 import tempfile
-from typing import Any, Dict, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional
 
 from mergekit_com.errors import ChainConfigError
 from mergekit_com.integration import card, preflight
@@ -98,13 +100,31 @@ class _HideMergekitDeprecation(logging.Filter):
         return "`torch_dtype` is deprecated" not in record.getMessage()
 
 
+@contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """Leave the objects alive before the merge (torch, transformers, mergekit: about a
+    million) out of the garbage collector's full passes while it runs. One full pass over
+    them took 0.27 s, a quarter of a merge of the tiny zoo; mergekit's own methods
+    allocate too few objects to trigger one. They are unfrozen afterwards, so garbage
+    from before the merge is still collected; a process that froze objects itself is
+    left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_chain_merge(run_merge, merge_config, out_path: str, options, config_source=None) -> None:
     """``run_merge``: mergekit's own, called on the staging directory."""
     noise = logging.getLogger("transformers.configuration_utils")
     hide = _HideMergekitDeprecation()
     noise.addFilter(hide)
     try:
-        with stop_signals():
+        with stop_signals(), long_lived_objects_frozen():
             _run_chain_merge(run_merge, merge_config, out_path, options, config_source)
     finally:
         noise.removeFilter(hide)
