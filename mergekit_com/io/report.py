@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from mergekit_com.method import distributed
+from mergekit_com.method import distributed, linalg
 from mergekit_com.method.parameters import METHOD_NAME, PAPER_URL
 
 REPORT_NAME = "com_report.json"
@@ -136,12 +136,11 @@ class MergeReport:
         self._layer(layer)
         ratios = self._residual[layer].setdefault(linear, [_Ratio() for _ in self.experts])
         # Diagnostic precision is enough: float32 products (the difference is taken
-        # first, so nothing cancels), float64 sums.
+        # first, so nothing cancels).
         gram = gram.to(torch.float32)
         diff = (merged.double() - target.double()).to(torch.float32)
-        target = target.to(torch.float32)
-        num = ((diff @ gram) * diff).sum(dtype=torch.float64).item()
-        den = ((target @ gram) * target).sum(dtype=torch.float64).item()
+        num = linalg.gram_inner(diff, gram).item()
+        den = linalg.gram_inner(target.to(torch.float32), gram).item()
         ratios[index].add(num, den)
 
     def add_alpha(self, layer: str, linear: str, alphas: List[float]) -> None:

@@ -112,6 +112,20 @@ def _spread_batched(x: torch.Tensor, lengths: Sequence[int]) -> float:
     return float(((full - diag) / counts).sum())
 
 
+def gram_inner(d: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``tr(D G D^T)`` (float64) for a symmetric ``G``, as ``<G, D^T D>`` from the upper
+    block triangle of ``D^T D`` (``upper_gram``; each off-diagonal block counts twice).
+    The inner products are float32 dots: a diagnostic's precision (about 1e-6
+    relative), at 1.3-3x less time than ``sum((D G) * D)``."""
+    upper = upper_gram(d)
+    total = 2 * torch.dot(upper.flatten(), gram.flatten()).double()
+    step = _block_step(upper.shape[0])
+    for i in range(0, upper.shape[0], step):
+        block = (slice(i, i + step), slice(i, i + step))
+        total -= torch.dot(upper[block].flatten(), gram[block].flatten()).double()
+    return total
+
+
 def _rows_of(x: torch.Tensor, lengths: Sequence[int], sequences: slice) -> torch.Tensor:
     """The rows of some of the consecutive sequences, in one copy (none: no rows)."""
     picked = x.split(list(lengths))[sequences]

@@ -114,6 +114,16 @@ def test_sequence_spread_is_the_per_sequence_off_diagonal_energy(width, lengths)
     assert abs(got32 - expected) <= 1e-5 * expected
 
 
+@pytest.mark.parametrize("out, width", [(5, 40), (300, 260), (7, 1100)])  # 1, 2 and 8 blocks
+def test_gram_inner_is_the_trace_of_d_g_dt(out, width):
+    d = torch.randn(out, width, dtype=torch.float64)
+    x = torch.randn(2 * width, width, dtype=torch.float64)
+    gram = x.T @ x
+    expected = torch.trace(d @ gram @ d.T)
+    torch.testing.assert_close(linalg.gram_inner(d, gram), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(linalg.gram_inner(d.float(), gram.float()), expected, rtol=1e-5, atol=0)
+
+
 def test_means_are_taken_once_and_end_the_sums():
     x = torch.randn(30, 300, dtype=torch.float64)
     moments = linalg.Moments()
