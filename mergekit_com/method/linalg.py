@@ -65,17 +65,24 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
     return upper
 
 
+def _symmetric_inner(upper: torch.Tensor, other: torch.Tensor, inner) -> torch.Tensor:
+    """``<S, other>`` for the symmetric ``S`` whose upper block triangle ``upper`` holds
+    (lower blocks zero) and a symmetric ``other``: the stored blocks count twice, less the
+    diagonal blocks once. ``inner(a, b)``: the inner product of two equal-shaped blocks."""
+    step = _block_step(upper.shape[0])
+    total = 2 * inner(upper, other)
+    for i in range(0, upper.shape[0], step):
+        block = (slice(i, i + step), slice(i, i + step))
+        total = total - inner(upper[block], other[block])
+    return total
+
+
 def gram_sq_norm(x: torch.Tensor) -> torch.Tensor:
     """``||X^T X||_F^2`` (float64) from the upper block triangle of the smaller of
-    ``X^T X`` and ``X X^T`` (their squared norms are equal): each off-diagonal block
-    counts twice."""
+    ``X^T X`` and ``X X^T`` (their squared norms are equal)."""
     upper = upper_gram(x if x.shape[0] >= x.shape[1] else x.T)
-    width = upper.shape[0]
-    total = 2 * torch.linalg.vector_norm(upper, dtype=torch.float64).square()
-    step = _block_step(width)
-    for i in range(0, width, step):
-        total -= torch.linalg.vector_norm(upper[i:i + step, i:i + step], dtype=torch.float64).square()
-    return total
+    return _symmetric_inner(upper, upper,
+                            lambda a, _: torch.linalg.vector_norm(a, dtype=torch.float64).square())
 
 
 def sequence_spread(x: torch.Tensor, lengths: Sequence[int]) -> float:
@@ -113,17 +120,12 @@ def _spread_batched(x: torch.Tensor, lengths: Sequence[int]) -> float:
 
 
 def gram_inner(d: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``tr(D G D^T)`` (float64) for a symmetric ``G``, as ``<G, D^T D>`` from the upper
-    block triangle of ``D^T D`` (``upper_gram``; each off-diagonal block counts twice).
-    The inner products are float32 dots: a diagnostic's precision (about 1e-6
-    relative), at 1.3-3x less time than ``sum((D G) * D)``."""
-    upper = upper_gram(d)
-    total = 2 * torch.dot(upper.flatten(), gram.flatten()).double()
-    step = _block_step(upper.shape[0])
-    for i in range(0, upper.shape[0], step):
-        block = (slice(i, i + step), slice(i, i + step))
-        total -= torch.dot(upper[block].flatten(), gram[block].flatten()).double()
-    return total
+    """``tr(D G D^T)`` (as float64) for a symmetric ``G``, as ``<G, D^T D>`` from the upper
+    block triangle of ``D^T D`` (``upper_gram``). The dots are in the inputs' dtype: for
+    float32 a diagnostic's precision (about 1e-6 relative), at 1.3-3x less time than
+    ``sum((D G) * D)``."""
+    return _symmetric_inner(upper_gram(d), gram,
+                            lambda a, b: torch.dot(a.flatten(), b.flatten()).double())
 
 
 def _rows_of(x: torch.Tensor, lengths: Sequence[int], sequences: slice) -> torch.Tensor:
