@@ -317,9 +317,15 @@ class RidgeSolver:
             raise FloatingPointError(f"could not factorise the Gram of {name}")
         self.factor = factor
         self.eps = eps
+        self._factors = {torch.float64: factor}  # the factor in each dtype a solve asked for
 
-    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        return torch.cholesky_solve(rhs.to(torch.float64), self.factor)
+    def solve(self, rhs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``A^-1 rhs`` in ``dtype``: float64 for a merged weight; the held-out folds, of
+        which only a scalar comes out, solve in the activations' dtype (the factor is
+        always computed in float64, then rounded once)."""
+        if dtype not in self._factors:
+            self._factors[dtype] = self.factor.to(dtype)
+        return torch.cholesky_solve(rhs.to(dtype), self._factors[dtype])
 
 
 def _per_expert(alpha: Union[float, Sequence[float]], n: int) -> List[float]:
@@ -380,6 +386,7 @@ class SharedInputStats:
 
     grams: Dict[Hashable, torch.Tensor]
     crosses: Dict[Hashable, torch.Tensor] = field(default_factory=dict)
+    counts: Dict[Hashable, int] = field(default_factory=dict)  # the tokens behind each mean
     # alpha: auto -- each expert's estimated keep ratio (shrinkage_alpha)
     auto_alpha: Dict[Hashable, float] = field(default_factory=dict)
     # blend: auto -- the same statistics over each of two folds of whole sequences
@@ -413,6 +420,64 @@ class SharedInputStats:
         return self._solvers[key]
 
 
+@dataclass
+class FoldProducts:
+    """``blend: auto``'s products for one linear, formed once in the activations' dtype:
+    per fold and expert ``G_t W_t^T`` (``grams``) and ``(C_t - G_t) W_t^T`` (``diffs``; the
+    difference is taken in float64 before the product, so a small one loses nothing to
+    cancellation), and per fold the weighted Gram ``sum_t w_t G_t`` (``held``)."""
+
+    grams: List[List[torch.Tensor]]
+    diffs: List[List[torch.Tensor]]
+    held: List[torch.Tensor]
+
+
+def fold_products(stats: SharedInputStats, experts: List[Hashable], weights: List[float],
+                  expert_weights: List[torch.Tensor]) -> Optional[FoldProducts]:
+    """The products of both folds (None without two non-empty folds)."""
+    if len(stats.folds) != 2 or any(not f.grams for f in stats.folds):
+        return None
+    dtype = stats.dtype
+    weight_ts = [w.to(dtype).T for w in expert_weights]  # [in, out]
+    out = FoldProducts([], [], [])
+    for fold in stats.folds:
+        grams = [fold.grams[e].to(dtype) for e in experts]
+        out.grams.append([g @ wt for g, wt in zip(grams, weight_ts)])
+        out.diffs.append([(fold.crosses[e] - fold.grams[e]).to(dtype) @ wt
+                          for e, wt in zip(experts, weight_ts)])
+        held = grams[0] * weights[0]  # (in float64, ``grams`` are the statistics themselves)
+        for g, w in zip(grams[1:], weights[1:]):
+            held.add_(g, alpha=w)
+        out.held.append(held)
+    return out
+
+
+def fold_blend_rhs(
+    stats: SharedInputStats,
+    experts: List[Hashable],
+    weights: List[float],
+    alphas: Sequence[float],
+    share: float,
+    expert_weights: List[torch.Tensor],
+    products: FoldProducts,
+) -> torch.Tensor:
+    """``blend_rhs`` (float64) from the folds' products: each expert's mean moment is
+    its folds' means weighted by their token counts, so ``M_t W_t^T`` is the same
+    combination of ``products`` (no ``in x in x out`` product), and shrinkage adds
+    ``(1 - alpha) diag(M_t)`` times ``W_t^T`` (``diag`` from the float64 statistics).
+    The products are the activations' dtype: float32 sums at ``in`` terms each, the
+    precision the Grams were formed with."""
+    total = 0.0
+    for t, (e, w, a, wt) in enumerate(zip(experts, weights, alphas, expert_weights)):
+        counts = [fold.counts[e] for fold in stats.folds]
+        mixed = sum((n / sum(counts)) * (products.grams[f][t] + share * products.diffs[f][t])
+                    for f, n in enumerate(counts)).to(torch.float64)
+        gram_diag = stats.grams[e].diagonal()
+        diag = gram_diag + share * (stats.crosses[e].diagonal() - gram_diag)
+        total = total + w * _shrunk_product(mixed, diag, wt.to(torch.float64).T, a)
+    return total
+
+
 def held_out_blend(
     stats: SharedInputStats,
     experts: List[Hashable],
@@ -421,6 +486,7 @@ def held_out_blend(
     alphas: Sequence[float],
     ridge: float,
     name: str = "linear",
+    products: Optional[FoldProducts] = None,
 ) -> float:
     """``blend: auto``: the share of the match_expert target that best predicts each
     expert's own outputs on held-out calibration sequences.
@@ -433,36 +499,30 @@ def held_out_blend(
     (``G = sum_t w_t G_t``, ``R = sum_t w_t C_t W_t^T`` of the held-out fold,
     unshrunk), clipped to [0, 1]. Without two non-empty folds it is 0.5.
 
-    Only this scalar comes out, so the products run in the activations' dtype
-    (``stats.dtype``; float32 unless the walk is float64) and each is formed once:
-    per fold and expert, ``G_t W_t^T`` and ``(C_t - G_t) W_t^T`` (the difference is
-    taken before the product, so a small ``D`` loses nothing to cancellation); every
-    shrunk and held-out product follows from them. The factorisations stay float64.
+    Only this scalar comes out, so everything after the float64 factorisations runs in
+    the activations' dtype (``stats.dtype``; float32 unless the walk is float64):
+    ``products`` (``fold_products``; formed here when not given), every shrunk and
+    held-out product that follows from them, and the solves for ``V_r`` and ``D``.
     """
-    if len(stats.folds) != 2 or any(not f.grams for f in stats.folds):
+    if products is None:
+        products = fold_products(stats, experts, weights, expert_weights)
+    if products is None:
         return 0.5
     dtype = stats.dtype
     weight_ts = [w.to(dtype).T for w in expert_weights]  # [in, out]
-    gram_products, diff_products = [], []  # [fold][expert]
-    for fold in stats.folds:
-        gram_products.append([fold.grams[e].to(dtype) @ wt for e, wt in zip(experts, weight_ts)])
-        diff_products.append([(fold.crosses[e] - fold.grams[e]).to(dtype) @ wt
-                              for e, wt in zip(experts, weight_ts)])
     num = den = 0.0
     for train, test in ((0, 1), (1, 0)):
-        fold, held = stats.folds[train], stats.folds[test]
+        fold = stats.folds[train]
         solver = fold.solver(experts, weights, list(alphas), ridge, f"{name} (held-out fold)")
         rhs_r = rhs_d = 0.0
         for t, (e, w, a) in enumerate(zip(experts, weights, alphas)):
             gram_diag = fold.grams[e].diagonal()
-            rhs_r = rhs_r + w * _shrunk_product(gram_products[train][t], gram_diag, weight_ts[t], a)
+            rhs_r = rhs_r + w * _shrunk_product(products.grams[train][t], gram_diag, weight_ts[t], a)
             diff_diag = fold.crosses[e].diagonal() - gram_diag
-            rhs_d = rhs_d + w * _shrunk_product(diff_products[train][t], diff_diag, weight_ts[t], a)
-        v_r = solver.solve(rhs_r).to(dtype)
-        d = solver.solve(rhs_d).to(dtype)
-        g = sum(w * held.grams[e] for e, w in zip(experts, weights)).to(dtype)
-        r = sum(w * (gram_products[test][t] + diff_products[test][t]) for t, w in enumerate(weights))
-        gd = g @ d
+            rhs_d = rhs_d + w * _shrunk_product(products.diffs[train][t], diff_diag, weight_ts[t], a)
+        v_r, d = solver.solve(torch.cat([rhs_r, rhs_d], 1), dtype).tensor_split(2, dim=1)
+        r = sum(w * (products.grams[test][t] + products.diffs[test][t]) for t, w in enumerate(weights))
+        gd = products.held[test] @ d
         num += float((d * r).sum(dtype=torch.float64) - (gd * v_r).sum(dtype=torch.float64))
         den += float((d * gd).sum(dtype=torch.float64))
     if den <= 0:

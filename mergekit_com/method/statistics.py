@@ -109,5 +109,6 @@ class GroupStatistics:
         return linalg.SharedInputStats(
             grams={e: mo.mean_gram() for e, mo in moments.items()},
             crosses={e: mo.mean_cross() for e, mo in moments.items()} if self.cross else {},
+            counts={e: mo.count for e, mo in moments.items()},
             dtype=self.dtype,
         )

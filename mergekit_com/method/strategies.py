@@ -56,12 +56,18 @@ class BlendObjective:
         weights = list(settings.weights)
         alphas = stats.alphas(experts, settings.alpha if self.uses_alpha else 1.0)
         share = self.share(settings)
+        products = None
         if share == AUTO:
-            share = linalg.held_out_blend(stats, experts, weights, targets, alphas, settings.ridge, name)
+            products = linalg.fold_products(stats, experts, weights, targets)
+            share = linalg.held_out_blend(stats, experts, weights, targets, alphas, settings.ridge, name,
+                                          products)
         stats.last_blend = share
         solver = stats.solver(experts, weights, alphas, settings.ridge, name)
-        rhs = linalg.blend_rhs([stats.grams[e] for e in experts], [stats.crosses.get(e) for e in experts],
-                               weights, alphas, share, targets)
+        if products is not None:  # the folds' products sum to the whole data's
+            rhs = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, targets, products)
+        else:
+            rhs = linalg.blend_rhs([stats.grams[e] for e in experts], [stats.crosses.get(e) for e in experts],
+                                   weights, alphas, share, targets)
         return solver.solve(rhs).T
 
 

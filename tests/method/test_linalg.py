@@ -277,6 +277,40 @@ def test_held_out_blend_in_float32_picks_the_float64_share():
     assert abs(shares[torch.float32] - shares[torch.float64]) < 1e-4
 
 
+def test_fold_blend_rhs_is_blend_rhs_of_the_whole_data():
+    """With ``blend: auto`` the final right-hand side comes from the folds' products: the
+    same sums as ``blend_rhs`` on the whole data's moments, exactly in float64 and to
+    float32's precision in float32."""
+    g = torch.Generator().manual_seed(6)
+    d, k = 24, 3
+    ws = [torch.randn(10, d, generator=g, dtype=torch.float64) for _ in range(k)]
+    sizes = [(30, 50), (41, 17), (25, 25)]  # tokens per fold, per expert: unequal folds
+    xs = [[torch.randn(n, d, generator=g, dtype=torch.float64) for n in pair] for pair in sizes]
+    zs = [[x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in pair] for pair in xs]
+
+    def moments(x, z):
+        return x.T @ x / len(x), x.T @ z / len(x), len(x)
+
+    def stats_of(parts, dtype=torch.float64):
+        return linalg.SharedInputStats(grams={e: p[0] for e, p in enumerate(parts)},
+                                       crosses={e: p[1] for e, p in enumerate(parts)},
+                                       counts={e: p[2] for e, p in enumerate(parts)}, dtype=dtype)
+
+    whole = [moments(torch.cat(x), torch.cat(z)) for x, z in zip(xs, zs)]
+    folds = [[moments(x[f], z[f]) for x, z in zip(xs, zs)] for f in range(2)]
+    experts, weights, alphas, share = list(range(k)), [1.0, 0.5, 2.0], [0.9, 0.6, 1.0], 0.35
+    want = linalg.blend_rhs([w[0] for w in whole], [w[1] for w in whole], weights, alphas, share, ws)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        stats = stats_of(whole, dtype)
+        stats.folds = [stats_of(f) for f in folds]
+        products = linalg.fold_products(stats, experts, weights, ws)
+        got = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, ws, products)
+        assert got.dtype == torch.float64
+        assert ((got - want).norm() / want.norm()).item() < tol
+    stats.folds = []  # without folds there is nothing to build from
+    assert linalg.fold_products(stats, experts, weights, ws) is None
+
+
 def test_moments_folds_alternate_whole_sequences_from_the_batch_index():
     x = torch.arange(20, dtype=torch.float32).reshape(10, 2)
     mo = linalg.Moments.held_out_pair()

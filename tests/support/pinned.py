@@ -3,8 +3,9 @@ layered redesign (issue 10) and must not move (relative error <= 1e-6).
 
 Inputs (every model's tensors and config, the calibration texts) and outputs
 live in ``tests/data/pinned/``, so the pin depends on neither the RNG nor
-transformers' initialisers. ``python -m tests.support.pinned --record``
-rewrites the outputs: do that only on purpose, and say so in the commit.
+transformers' initialisers. ``python -m tests.support.pinned --record [CASE ...]``
+rewrites the outputs (of the cases named, or all): do that only on purpose, say so in
+the commit, and show ``--float64-errors`` before and after.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def recorded() -> Dict[str, Dict[str, torch.Tensor]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--record", action="store_true", help="rewrite the recorded outputs")
+    ap.add_argument("--record", nargs="*", metavar="CASE",
+                    help="rewrite the recorded outputs of these cases (all when none is named)")
     ap.add_argument("--inputs", action="store_true", help="rewrite the input fixtures too")
     ap.add_argument("--float64-errors", action="store_true",
                     help="print each case's error against a float64 merge, recorded and current")
@@ -161,19 +163,27 @@ def main() -> None:
             for case, (before, now) in float64_errors(tmp).items():
                 print(f"| {case} | {before:.2e} | {now:.2e} |")
         return
-    if not args.record:
+    if args.record is None:
         ap.error("nothing to do: pass --record or --float64-errors")
+    unknown = set(args.record) - set(CASES)
+    if unknown:
+        ap.error(f"no such case: {', '.join(sorted(unknown))} (the cases: {', '.join(CASES)})")
+    if args.inputs and args.record:
+        ap.error("--inputs changes every case's inputs: record them all (--record alone)")
     os.makedirs(DATA, exist_ok=True)
     if args.inputs:
         _build_inputs()
-    flat = {}
+    cases = args.record or list(CASES)
+    flat = {} if not args.record else {
+        key: t for key, t in load_file(os.path.join(DATA, "outputs.safetensors")).items()
+        if key.partition("/")[0] not in cases}
     with tempfile.TemporaryDirectory() as tmp:
         paths = materialize(os.path.join(tmp, "in"))
-        for case in CASES:
+        for case in cases:
             for name, t in run_case(case, paths, os.path.join(tmp, case)).items():
                 flat[f"{case}/{name}"] = t.contiguous()
     save_file(flat, os.path.join(DATA, "outputs.safetensors"))
-    print(f"recorded {len(CASES)} cases, {len(flat)} tensors")
+    print(f"recorded {len(cases)} case(s): {', '.join(cases)}")
 
 
 if __name__ == "__main__":
