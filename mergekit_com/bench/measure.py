@@ -74,6 +74,13 @@ def _child(argv: List[str]) -> None:
     import mergekit_com  # noqa: F401  (chain_of_merges available even with autoload off)
     from mergekit_com.method.timing import PHASES
 
+    # mergekit's own merge methods were imported with its command, above; ours load on
+    # first use (so that the autoload every Python start runs stays cheap). Import them
+    # before the clock too, so that every method's merge is timed alike.
+    import mergekit_com.integration.chain_task  # noqa: F401
+    import mergekit_com.integration.planner  # noqa: F401
+    import mergekit_com.integration.staged_merge  # noqa: F401
+
     if os.environ.get("MERGEKIT_COM_BENCH_NAIVE") == "1":
         from .naive import install
 

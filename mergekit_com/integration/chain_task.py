@@ -24,7 +24,7 @@ from mergekit.merge_methods.buffers import copy_non_floating_buffer
 from mergekit.options import MergeOptions
 from mergekit.tokenizer import BuildTokenizer
 
-from mergekit_com.integration import mergekit_internals, output
+from mergekit_com.integration import mergekit_internals, output, preflight
 from mergekit_com.integration.models import model_tokenizer
 from mergekit_com.io.calibration import load_calibration, make_batches
 from mergekit_com.io.datasets_source import RecordSpec
@@ -205,22 +205,29 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
     out = {}
     for index, model in enumerate(tqdm.tqdm(task.experts, desc="Loading calibration",
                                             unit="expert", disable=task.options.quiet)):
-        # With tokenizer_source the embeddings are permuted to the output
-        # vocabulary, so every expert's data must be tokenized with it.
-        tok = tokenizer or model_tokenizer(model, task.options)
-        if template:
-            tok.chat_template = template  # `messages` rendered as the output will be
-        with PHASES.phase("load"):
-            # checked (and short files reported) when the merge was planned
-            params = first.input_parameters[model]
-            cal = load_calibration(params["calibration"], tok, num_samples, max_seq_len,
-                                   model=model, warn_short=False,
-                                   spec=RecordSpec.from_parameters(params))
+        params = first.input_parameters[model]
+        spec = RecordSpec.from_parameters(params)
+        # The pre-flight check tokenized it with the model's own tokenizer and template:
+        # that is this data unless the merge sets a tokenizer_source or chat_template.
+        checked = None if tokenizer is not None or template else preflight.take_checked_calibration(
+            model, params["calibration"], num_samples, max_seq_len, spec)
+        if checked is not None:
+            cal, pad = checked
+        else:
+            # With tokenizer_source the embeddings are permuted to the output
+            # vocabulary, so every expert's data must be tokenized with it.
+            tok = tokenizer or model_tokenizer(model, task.options)
+            if template:
+                tok.chat_template = template  # `messages` rendered as the output will be
+            with PHASES.phase("load"):
+                # checked (and short files reported) when the merge was planned
+                cal = load_calibration(params["calibration"], tok, num_samples, max_seq_len,
+                                       model=model, warn_short=False, spec=spec)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens,
                  cal.path)
         weight = summarize(s.tensor_task.input_parameters[model]["weight"] for s in task.save_tasks)
         report.set_calibration(index, cal, weight)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         # Under torchrun each rank calibrates on a disjoint share of the batches. Sharding
         # whole batches (not samples) keeps every batch's padding and Gram what one
         # process computes, so ranks change only the order of float64 sums.

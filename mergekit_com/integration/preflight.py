@@ -32,7 +32,7 @@ from mergekit_com.integration.models import (
     model_tokenizer,
     weight_files,
 )
-from mergekit_com.io.calibration import load_calibration
+from mergekit_com.io.calibration import CalibrationSet, load_calibration
 from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.inputs import not_regular, tree_entries, within
 
@@ -215,12 +215,31 @@ def check_out_path(shown: str, ours: List[str], config,
                 )
 
 
+# Each expert's calibration as check_calibration tokenized it (and its tokenizer's pad id),
+# kept for the walk of the same merge (take_checked_calibration), which would otherwise
+# load and tokenize it again. The key says what was read and how.
+_CHECKED: Dict[tuple, Tuple[CalibrationSet, int]] = {}
+
+
+def _calibration_key(model, source, num_samples: int, max_seq_len: int, spec: RecordSpec) -> tuple:
+    return (model, str(source), num_samples, max_seq_len, spec)
+
+
+def take_checked_calibration(model, source, num_samples: int, max_seq_len: int, spec: RecordSpec
+                             ) -> Optional[Tuple[CalibrationSet, int]]:
+    """What ``check_calibration`` loaded for ``model`` with these settings (and the pad id
+    of the model's own tokenizer), once; None if it did not. Only for data tokenized as
+    the check does: with the model's own tokenizer and its own chat template."""
+    return _CHECKED.pop(_calibration_key(model, source, num_samples, max_seq_len, spec), None)
+
+
 def check_calibration(experts, parameters, num_samples: int, max_seq_len: int, options,
                       shared_tokenizer: bool) -> None:
     """Every expert's calibration data loads and tokenizes (own tokenizer).
 
     ``parameters``: each expert's resolved per-model parameters.
     """
+    _CHECKED.clear()  # only the latest plan's: a process may plan several merges
     for model in experts:
         source = parameters[model]["calibration"]  # present: see check_planned_values
         try:
@@ -231,8 +250,10 @@ def check_calibration(experts, parameters, num_samples: int, max_seq_len: int, o
                 f"model {model}: its tokenizer could not be loaded ({first_line(e)}); add the "
                 f"tokenizer files to the model{hint}"
             ) from None
-        load_calibration(source, tok, num_samples, max_seq_len, model=model,
-                         spec=RecordSpec.from_parameters(parameters[model]))
+        spec = RecordSpec.from_parameters(parameters[model])
+        cal = load_calibration(source, tok, num_samples, max_seq_len, model=model, spec=spec)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        _CHECKED[_calibration_key(model, source, num_samples, max_seq_len, spec)] = (cal, pad)
 
 
 SCAN_UNMAP_BYTES = 32 << 20

@@ -111,3 +111,24 @@ def test_chat_template_renders_message_calibration_and_the_output(zoo2, tmp_path
     assert not torch.allclose(named[q], plain[q])
     assert AutoTokenizer.from_pretrained(tmp_path / "named").chat_template == chatml
     assert (tmp_path / "named" / "generation_config.json").exists()
+
+
+def test_calibration_is_tokenized_again_only_for_another_tokenizer(zoo2, tmp_path, monkeypatch):
+    """The pre-flight check's tokenization is the walk's unless the output's tokenizer
+    (tokenizer_source, chat_template) differs from each expert's own; then the walk
+    tokenizes again with it (the tests above check what that data gives)."""
+    from mergekit_com.io import calibration
+
+    calls = []
+    real = calibration.tokenize_records
+
+    def counted(records, tokenizer, *args, **kwargs):
+        calls.append(tokenizer.name_or_path)
+        return real(records, tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "tokenize_records", counted)
+    merge(pair(zoo2, zoo2["expert1"]), str(tmp_path / "own"))
+    assert len(calls) == 2  # once per expert, by the check
+    calls.clear()
+    merge(pair(zoo2, zoo2["expert1"], tokenizer_source="base"), str(tmp_path / "base"))
+    assert len(calls) == 4  # the check's own, then the output vocabulary's
