@@ -76,10 +76,12 @@ def _child(argv: List[str]) -> None:
 
     # mergekit's own merge methods were imported with its command, above; ours load on
     # first use (so that the autoload every Python start runs stays cheap). Import them
-    # before the clock too, so that every method's merge is timed alike.
-    import mergekit_com.integration.chain_task  # noqa: F401
-    import mergekit_com.integration.planner  # noqa: F401
-    import mergekit_com.integration.staged_merge  # noqa: F401
+    # before the clock too when this merge uses them, so that every method is timed alike
+    # (only then: more live objects would slow the garbage collector's passes in others).
+    if "chain_of_merges" in Path(yaml_args[0]).read_text():
+        import mergekit_com.integration.chain_task  # noqa: F401
+        import mergekit_com.integration.planner  # noqa: F401
+        import mergekit_com.integration.staged_merge  # noqa: F401
 
     if os.environ.get("MERGEKIT_COM_BENCH_NAIVE") == "1":
         from .naive import install
