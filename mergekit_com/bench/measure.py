@@ -78,7 +78,7 @@ def _child(argv: List[str]) -> None:
     # first use (so that the autoload every Python start runs stays cheap). Import them
     # before the clock too when this merge uses them, so that every method is timed alike
     # (only then: more live objects would slow the garbage collector's passes in others).
-    if "chain_of_merges" in Path(yaml_args[0]).read_text():
+    if (yaml.safe_load(Path(yaml_args[0]).read_text()) or {}).get("merge_method") == "chain_of_merges":
         import mergekit_com.integration.chain_task  # noqa: F401
         import mergekit_com.integration.planner  # noqa: F401
         import mergekit_com.integration.staged_merge  # noqa: F401

@@ -252,8 +252,9 @@ def check_calibration(experts, parameters, num_samples: int, max_seq_len: int, o
             ) from None
         spec = RecordSpec.from_parameters(parameters[model])
         cal = load_calibration(source, tok, num_samples, max_seq_len, model=model, spec=spec)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        _CHECKED[_calibration_key(model, source, num_samples, max_seq_len, spec)] = (cal, pad)
+        if not shared_tokenizer:  # with tokenizer_source the walk tokenizes for the output's
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            _CHECKED[_calibration_key(model, source, num_samples, max_seq_len, spec)] = (cal, pad)
 
 
 SCAN_UNMAP_BYTES = 32 << 20

@@ -471,7 +471,7 @@ def fold_blend_rhs(
     for t, (e, w, a, wt) in enumerate(zip(experts, weights, alphas, expert_weights)):
         counts = [fold.counts[e] for fold in stats.folds]
         mixed = sum((n / sum(counts)) * (products.grams[f][t] + share * products.diffs[f][t])
-                    for f, n in enumerate(counts)).to(torch.float64)
+                    for f, n in enumerate(counts)).to(torch.float64)  # the whole data's M_t W_t^T
         gram_diag = stats.grams[e].diagonal()
         diag = gram_diag + share * (stats.crosses[e].diagonal() - gram_diag)
         total = total + w * _shrunk_product(mixed, diag, wt.to(torch.float64).T, a)
