@@ -199,7 +199,10 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
     """Every expert's calibration data, tokenized and batched (this rank's share)."""
     first = _first_parameters(task)
     num_samples = first.parameters["num_samples"]
+    # records are cut to the model's positions (task.max_seq_len); a batch still holds
+    # the batch_size x max_seq_len tokens the config asks for (so more, shorter records)
     max_seq_len = task.max_seq_len or first.parameters["max_seq_len"]
+    max_tokens = batch_size * max(max_seq_len, first.parameters["max_seq_len"])
     template = mergekit_internals.resolve_chat_template(task.chat_template, task.referenced,
                                              task.options.trust_remote_code)
     out = {}
@@ -231,8 +234,7 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
         # Under torchrun each rank calibrates on a disjoint share of the batches. Sharding
         # whole batches (not samples) keeps every batch's padding and Gram what one
         # process computes, so ranks change only the order of float64 sums.
-        batches = make_batches(cal.sequences, batch_size, pad_id=pad,
-                               max_tokens=batch_size * max_seq_len)
+        batches = make_batches(cal.sequences, batch_size, pad_id=pad, max_tokens=max_tokens)
         out[model] = distributed.shard(batches, f"expert {model}'s calibration (batch_size "
                                                 f"{batch_size})")
     return out

@@ -85,6 +85,11 @@ def tensor_shapes(model: ModelReference, path: str) -> Shapes:
     return shapes
 
 
+# Tokenizers the vocabulary check loaded from a model's own folder (no LoRA: the first
+# place model_tokenizer looks), handed once to the calibration check of the same plan.
+_TOKENIZERS: Dict[ModelReference, object] = {}
+
+
 def _vocabulary(model: ModelReference, options) -> Optional[Dict[str, int]]:
     from transformers import AutoTokenizer
 
@@ -95,6 +100,8 @@ def _vocabulary(model: ModelReference, options) -> Optional[Dict[str, int]]:
         )
     except Exception:
         return None  # no tokenizer: reported where calibration needs one
+    if model.lora is None:
+        _TOKENIZERS[model] = tok
     return tok.get_vocab()
 
 
@@ -104,6 +111,7 @@ def check_models(config, options) -> Dict[ModelReference, str]:
     Returns each model's local directory.
     """
     models = ordered_models(config)
+    _TOKENIZERS.clear()
     paths = {m: local_dir(m, options) for m in models}
     for m in models:
         check_regular_files(m, paths[m])
@@ -240,10 +248,12 @@ def check_calibration(experts, parameters, num_samples: int, max_seq_len: int, o
     ``parameters``: each expert's resolved per-model parameters.
     """
     _CHECKED.clear()  # only the latest plan's: a process may plan several merges
+    loaded = dict(_TOKENIZERS)
+    _TOKENIZERS.clear()  # none kept beyond this plan's check
     for model in experts:
         source = parameters[model]["calibration"]  # present: see check_planned_values
         try:
-            tok = model_tokenizer(model, options)
+            tok = loaded.get(model) or model_tokenizer(model, options)
         except Exception as e:
             hint = "" if shared_tokenizer else " or set tokenizer_source"
             raise ChainConfigError(

@@ -46,13 +46,6 @@ class WalkContext:
             if expert in t and t[expert].is_floating_point()
         }
 
-    def first_sequence(self, batch: int) -> int:
-        """Where the held-out folds start in this rank's ``batch``-th batch: that batch's
-        index among all of the expert's batches (under torchrun, ranks hold every
-        world_size-th batch). Sequences alternate between the two folds, so the folds
-        depend neither on the number of ranks nor on how many sequences a batch packs."""
-        return distributed.rank() + distributed.world_size() * batch
-
     def group_statistics(self, names, biased: bool):
         """Empty statistics for a group of linears (weight names): what their solve
         settings need (``alpha: auto``: per-sequence spread; ``blend: auto``: folds)."""

@@ -47,7 +47,7 @@ def merge_head(ctx: WalkContext, names: Sequence[str], tied: bool,
                     z = (shell.head_inputs(streams.own[e][b], ids, mask, head, own_post[e])
                          if cross else None)
                 with PHASES.phase("gram"):
-                    stats.add(e, x, streams.tokens[e][b], z, ctx.first_sequence(b))
+                    stats.add(e, x, streams.tokens[e][b], z)
         solve_group(ctx, HEAD, [module_name], stats.finish(module_name, ctx.warned),
                     {module_name: head}, {module_name: (weight_name, bias_name)}, gathered,
                     biased=bool(bias_name))

@@ -207,7 +207,7 @@ class LayerMerge:
                         z_pass = z_passes[e][b]
                         z = x if z_pass is x_pass else z_pass.input_of(key)
                 with PHASES.phase("gram"):
-                    stats.add(e, x, ctx.streams.tokens[e][b], z, ctx.first_sequence(b))
+                    stats.add(e, x, ctx.streams.tokens[e][b], z)
         with PHASES.phase("gram"):  # the sums over ranks and folds, and the means
             return stats.finish(f"layer {self.index} {key}", ctx.warned)
 

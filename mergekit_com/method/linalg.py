@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, Optional, Sequence, Union
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -85,35 +85,66 @@ def gram_sq_norm(x: torch.Tensor) -> torch.Tensor:
                             lambda a, _: torch.linalg.vector_norm(a, dtype=torch.float64).square())
 
 
-def sequence_spread(x: torch.Tensor, lengths: Sequence[int]) -> float:
-    """``sum_s ||offdiag(X_s^T X_s)||^2 / n_s`` over consecutive sequences of rows (none
-    empty), whose diagonal part is ``sum_k (sum_i x_ik^2)^2``. The products are formed in
-    the rows' dtype, like the Gram's, and summed in float64.
+@dataclass(frozen=True)
+class Sequences:
+    """How rows split into whole sequences, consecutive in row order: each one's row
+    count and, for ``blend: auto``'s held-out folds, how many rows at the front are fold
+    0's (the rest are fold 1's). Made once per calibration batch and reused by every
+    group of every layer, so is where that batch's zero-padded layout is kept."""
+
+    lengths: Tuple[int, ...]
+    fold_rows: Optional[int] = None
+    _layouts: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    @property
+    def nonempty(self) -> List[int]:
+        return [n for n in self.lengths if n]  # an empty sequence has no rows and no Gram
+
+    def padded_layout(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Where each row goes among ``sequences x longest`` zero-padded rows, and the
+        sequences' row counts (float64)."""
+        if device not in self._layouts:
+            counts = torch.tensor(self.nonempty, device=device)
+            longest = int(counts.max())
+            slots = torch.arange(longest, device=device) < counts[:, None]
+            self._layouts[device] = (slots.flatten().nonzero().squeeze(1), counts.double())
+        return self._layouts[device]
+
+
+def sequence_spread(x: torch.Tensor, sequences: Union[Sequences, Sequence[int]]) -> float:
+    """``sum_s ||offdiag(X_s^T X_s)||^2 / n_s`` over consecutive sequences of rows (empty
+    ones have no rows), whose diagonal part is ``sum_k (sum_i x_ik^2)^2``. The products
+    are formed in the rows' dtype, like the Gram's, and summed in float64.
 
     Short sequences (or narrow inputs) are padded into one batched product: their
     products are single blocks, and one call per sequence cost 2-7x more on the zoos'
     shapes. Longer ones go one by one through ``gram_sq_norm``'s upper blocks, which
     beat the batched product from two blocks on (``docs/scaling.md``)."""
+    if not isinstance(sequences, Sequences):
+        sequences = Sequences(tuple(int(n) for n in sequences))
+    lengths = sequences.nonempty
     if min(max(lengths), x.shape[1]) < 2 * GRAM_BLOCK:
-        return _spread_batched(x, lengths)
+        return _spread_batched(x, sequences)
     total = 0.0
-    for seq in x.split(list(lengths)):
+    for seq in x.split(lengths):
         diag = seq.square().sum(0, dtype=torch.float64).square().sum()
         total += float(gram_sq_norm(seq) - diag) / seq.shape[0]
     return total
 
 
-def _spread_batched(x: torch.Tensor, lengths: Sequence[int]) -> float:
-    counts = torch.tensor(list(lengths), device=x.device)
-    longest, width = int(counts.max()), x.shape[1]
-    padded = x.new_zeros(len(lengths), longest, width)  # padding rows add nothing
-    padded[torch.arange(longest, device=x.device) < counts[:, None]] = x
+def _spread_batched(x: torch.Tensor, sequences: Sequences) -> float:
+    slots, counts = sequences.padded_layout(x.device)
+    count, width = counts.shape[0], x.shape[1]
+    longest = int(max(sequences.lengths))
+    # padding rows add nothing
+    padded = x.new_zeros(count * longest, width).index_copy_(0, slots, x).view(count, longest, width)
     if longest > width:  # the smaller side: X_s^T X_s, whose diagonal is the column sums
         prod = torch.bmm(padded.transpose(1, 2), padded)
         columns = prod.diagonal(dim1=1, dim2=2)
     else:  # X_s X_s^T; the column sums of squares as a product too (a strided sum is slow)
         prod = torch.bmm(padded, padded.transpose(1, 2))
-        columns = torch.bmm(padded.new_ones(len(lengths), 1, longest), padded.square_()).squeeze(1)
+        columns = torch.bmm(padded.new_ones(count, 1, longest), padded.square_()).squeeze(1)
     full = torch.linalg.vector_norm(prod.flatten(1), dim=1, dtype=torch.float64).square()
     diag = columns.to(torch.float64).square().sum(1)
     return float(((full - diag) / counts).sum())
@@ -128,12 +159,6 @@ def gram_inner(d: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
                             lambda a, b: torch.dot(a.flatten(), b.flatten()).double())
 
 
-def _rows_of(x: torch.Tensor, lengths: Sequence[int], sequences: slice) -> torch.Tensor:
-    """The rows of some of the consecutive sequences, in one copy (none: no rows)."""
-    picked = x.split(list(lengths))[sequences]
-    return torch.cat(picked) if picked else x[:0]
-
-
 @dataclass
 class Moments:
     """Running sums of ``X^T X`` (and optionally ``X^T Z``) over tokens.
@@ -142,13 +167,12 @@ class Moments:
     batch, never per token; the Gram's upper block triangle only) and added
     into a float64 accumulator, so long calibration sets do not lose precision.
 
-    Two optional extras need ``lengths`` (the token count of each sequence, in row
-    order): with ``track_spread`` (for ``alpha: auto``), the number of sequences and
-    ``spread = sum_s ||offdiag(U_s)||^2 / n_s`` with ``U_s = X_s^T X_s``, formed from
-    the smaller of ``X_s X_s^T`` and ``X_s^T X_s`` (``sequence_spread``); with
-    ``held_out`` (for ``blend: auto``), ``folds``: the same sums over two folds of whole
-    sequences, which alternate within a batch starting at fold ``first % 2`` (the
-    caller passes the batch's index among all batches), so whole sequences are held out.
+    Two optional extras need the rows' ``Sequences``: with ``track_spread`` (for
+    ``alpha: auto``), the number of sequences and ``spread = sum_s ||offdiag(U_s)||^2 /
+    n_s`` with ``U_s = X_s^T X_s``, formed from the smaller of ``X_s X_s^T`` and ``X_s^T
+    X_s`` (``sequence_spread``); with ``held_out`` (for ``blend: auto``), ``folds``: the
+    same sums over two folds of whole sequences, whose rows come fold by fold
+    (``Sequences.fold_rows``), so each fold's product is taken from a slice, not a copy.
     """
 
     gram: Optional[torch.Tensor] = None  # upper block triangle, unless one block
@@ -178,32 +202,30 @@ class Moments:
         self.count += x.shape[0]
 
     def add(self, x: torch.Tensor, z: Optional[torch.Tensor] = None,
-            lengths: Optional[Sequence[int]] = None, first: int = 0) -> None:
+            sequences: Optional[Sequences] = None) -> None:
         if x.shape[0] == 0:
             return
-        if lengths is not None:
-            lengths = [int(n) for n in lengths]
-            if sum(lengths) != x.shape[0]:
-                raise ValueError(f"sequence lengths sum to {sum(lengths)}, not {x.shape[0]} rows")
+        if sequences is not None:
+            if sum(sequences.lengths) != x.shape[0]:
+                raise ValueError(f"sequence lengths sum to {sum(sequences.lengths)}, not {x.shape[0]} rows")
         elif self.track_spread or self.folds is not None:
-            raise ValueError("these moments need the sequence lengths")
+            raise ValueError("these moments need the rows' sequences")
         if self.folds is None:
             self._add_products(x, z)
         else:
-            # sequence i is in fold (i + first) % 2; one copy of each fold's rows (a
-            # boolean-mask gather measured 3-7x slower than concatenating the slices)
-            for f, part in enumerate(self.folds):
-                mine = slice((f - first) % 2, None, 2)
-                part._add_products(_rows_of(x, lengths, mine),
-                                   None if z is None else _rows_of(z, lengths, mine))
+            if sequences.fold_rows is None:
+                raise ValueError("held-out moments need the rows ordered fold by fold")
+            cut = sequences.fold_rows
+            for part, rows in zip(self.folds, (slice(None, cut), slice(cut, None))):
+                part._add_products(x[rows], None if z is None else z[rows])
         if self.track_spread:
-            self._add_spread(x, lengths)
+            self._add_spread(x, sequences)
 
-    def _add_spread(self, x: torch.Tensor, lengths: List[int]) -> None:
-        lengths = [n for n in lengths if n]  # an empty sequence has no rows and no Gram
-        if lengths:
-            self.spread += sequence_spread(x, lengths)
-            self.sequences += len(lengths)
+    def _add_spread(self, x: torch.Tensor, sequences: Sequences) -> None:
+        count = len(sequences.nonempty)
+        if count:
+            self.spread += sequence_spread(x, sequences)
+            self.sequences += count
 
     def sum_folds(self) -> None:
         """The totals of a held-out pair, from its folds (once, when all batches are in)."""

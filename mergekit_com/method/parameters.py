@@ -85,7 +85,8 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
     Parameter("max_seq_len", int, False, 512, "tokens kept per record", walk_wide=True),
     Parameter("batch_size", int, False, 8,
               "sequences of `max_seq_len` tokens per forward pass; shorter records are packed "
-              "up to `batch_size` x `max_seq_len` tokens", walk_wide=True),
+              "up to `batch_size` x `max_seq_len` tokens (the value set, even where a model with "
+              "fewer positions cuts records shorter)", walk_wide=True),
     Parameter("activation_dtype", str, False, "auto",
               "dtype of the cached activations between layers: `auto` (bfloat16 on "
               "GPU, float32 on CPU), `float32`, `bfloat16`, `float16`; Grams are "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Sequence, Set
+from typing import Dict, Hashable, Optional, Sequence, Set
 
 import torch
 
@@ -28,18 +28,32 @@ FEW_TOKENS_COST = ("on our zoos, under 1 token per input feature cost the defaul
 @dataclass(frozen=True)
 class TokenRows:
     """Where a padded batch's real tokens are: their positions among the flattened
-    ``[batch * positions]`` rows, and each sequence's count. Found once per batch and
+    ``[batch * positions]`` rows, and the sequences they form. Found once per batch and
     taken from every layer's inputs (an index gather measured 3-8x faster than a
-    boolean mask on the zoos' and SmolLM2's shapes)."""
+    boolean mask on the zoos' and SmolLM2's shapes).
+
+    ``held_out`` is the same batch for ``blend: auto``, with its rows gathered fold by
+    fold: sequence ``i`` is in fold ``(i + first) % 2``, ``first`` being the batch's index
+    among all of the expert's batches (under torchrun, ranks hold every world_size-th
+    batch), so the folds depend neither on the number of ranks nor on how many
+    sequences a batch packs, and each fold's rows are a slice of the one gather."""
 
     index: torch.Tensor
-    lengths: List[int]
+    sequences: linalg.Sequences
+    held_out: Optional["TokenRows"] = None
 
     @classmethod
-    def of(cls, valid: torch.Tensor) -> "TokenRows":
+    def of(cls, valid: torch.Tensor, first: int = 0) -> "TokenRows":
         """``valid``: the batch's ``[batch, positions]`` attention mask."""
         valid = valid.bool()
-        return cls(valid.flatten().nonzero().squeeze(1), valid.sum(1).tolist())
+        lengths = valid.sum(1).tolist()
+        folds = [[i for i in range(len(lengths)) if (i + first) % 2 == f] for f in (0, 1)]
+        order = folds[0] + folds[1]
+        picked = valid[order].nonzero()  # (k, position) of sequence order[k]
+        rows = torch.tensor(order, device=valid.device)[picked[:, 0]] * valid.shape[1] + picked[:, 1]
+        held_out = cls(rows, linalg.Sequences(tuple(lengths[i] for i in order),
+                                              fold_rows=sum(lengths[i] for i in folds[0])))
+        return cls(valid.flatten().nonzero().squeeze(1), linalg.Sequences(tuple(lengths)), held_out)
 
     def take(self, x: torch.Tensor, biased: bool) -> torch.Tensor:
         """The tokens' rows of ``x`` (``[batch, positions, width]``) as float32 (float64
@@ -69,15 +83,16 @@ class GroupStatistics:
         self.dtype = torch.float32  # the activations' rows (float64 when the walk is)
 
     def add(self, expert: Hashable, x: torch.Tensor, tokens: TokenRows,
-            z: Optional[torch.Tensor] = None, first: int = 0) -> None:
+            z: Optional[torch.Tensor] = None) -> None:
         """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term),
-        ``tokens`` where the batch's real tokens are; ``first``: the batch's index among all
-        of the expert's batches (sets the folds)."""
+        ``tokens`` where the batch's real tokens are."""
+        if self.held_out:
+            tokens = tokens.held_out
         rows = tokens.take(x, self.biased)
         self.dtype = rows.dtype
         targets = tokens.take(z, self.biased) if self.cross else None
-        lengths = tokens.lengths if self.spread or self.held_out else None
-        self.moments[expert].add(rows, targets, lengths, first)
+        sequences = tokens.sequences if self.spread or self.held_out else None
+        self.moments[expert].add(rows, targets, sequences)
 
     def finish(self, where: str, warned: Set[Hashable]) -> linalg.SharedInputStats:
         """Sum over ranks, warn once per expert about too few tokens, return the means."""

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_com.method import distributed
 from mergekit_com.method.statistics import TokenRows
 from mergekit_com.model.activations import ActivationStore, CachedList
 from mergekit_com.model.stepping import LayerCall
@@ -50,7 +51,9 @@ class Streams:
         self.store = store
         self.batches = batches
         self.masks = {e: [mask.to(store.device).bool() for _, mask in batches[e]] for e in experts}
-        self.tokens = {e: [TokenRows.of(mask) for mask in self.masks[e]] for e in experts}
+        # under torchrun this rank's b-th batch is the expert's (rank + world_size * b)-th
+        self.tokens = {e: [TokenRows.of(mask, distributed.rank() + distributed.world_size() * b)
+                           for b, mask in enumerate(self.masks[e])] for e in experts}
         self.calls: Dict[Hashable, List[List[LayerCall]]] = {e: [] for e in experts}
         self.merged = {e: CachedList(store, "merged", i) for i, e in enumerate(experts)}
         self.own = {e: CachedList(store, "own", i) for i, e in enumerate(experts)}

@@ -132,3 +132,23 @@ def test_calibration_is_tokenized_again_only_for_another_tokenizer(zoo2, tmp_pat
     calls.clear()
     merge(pair(zoo2, zoo2["expert1"], tokenizer_source="base"), str(tmp_path / "base"))
     assert len(calls) == 4  # the check's own, then the output vocabulary's
+
+
+def test_the_checks_load_each_tokenizer_once(zoo2, tmp_path, monkeypatch):
+    """The vocabulary check's tokenizer is the calibration check's (and so the walk's
+    tokenization): one load per expert before mergekit writes the output's."""
+    from mergekit_com.integration import preflight
+
+    loads = []
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def counted(cls, path, *args, **kwargs):
+        loads.append(os.path.normpath(str(path)))
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counted))
+    cfg = com_config([{"model": zoo2[f"expert{i}"], "calibration": zoo2[f"expert{i}_data"]}
+                      for i in range(2)])
+    merge(cfg, str(tmp_path / "out"), copy_tokenizer=False)
+    assert sorted(loads) == sorted(os.path.normpath(zoo2[f"expert{i}"]) for i in range(2))
+    assert not preflight._TOKENIZERS  # none kept after the plan

@@ -1,5 +1,6 @@
 """Bad configurations stop before any work, naming what to fix."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -60,3 +61,25 @@ def test_cli_prints_one_line(zoo2, tmp_path):
     assert len(errors) == 1 and "alpha" in errors[0]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_max_seq_len_beyond_the_positions_cuts_records_but_keeps_the_batch_budget(
+        zoo2, tmp_path, monkeypatch, caplog):
+    """zoo2's models have 256 positions: records are cut to 256 tokens (with a warning),
+    and a batch still packs up to batch_size x max_seq_len tokens, as set."""
+    from mergekit_com.integration import chain_task
+
+    budgets = []
+    real = chain_task.make_batches
+
+    def spied(sequences, batch_size, pad_id=0, max_tokens=None):
+        assert all(len(s) <= 256 for s in sequences)
+        budgets.append(max_tokens)
+        return real(sequences, batch_size, pad_id=pad_id, max_tokens=max_tokens)
+
+    monkeypatch.setattr(chain_task, "make_batches", spied)
+    with caplog.at_level(logging.WARNING):
+        merge(com_config(experts(zoo2), max_seq_len=1024, batch_size=2), str(tmp_path / "out"))
+    assert budgets == [2 * 1024, 2 * 1024]  # one per expert
+    assert any("max_seq_len 1024 is more than the model's 256 positions" in r.getMessage()
+               for r in caplog.records)

@@ -156,7 +156,7 @@ def test_auto_alpha_matches_an_independent_computation():
     mo = linalg.Moments(track_spread=True)
     for i in range(0, 12, 4):  # three batches of four sequences (and an empty one: no sequence)
         batch = seqs[i:i + 4]
-        mo.add(torch.cat(batch), lengths=[len(s) for s in batch] + [0])
+        mo.add(torch.cat(batch), sequences=linalg.Sequences(tuple(len(s) for s in batch) + (0,)))
     assert mo.sequences == 12 and mo.count == sum(len(s) for s in seqs)
     got = linalg.shrinkage_alpha(mo.mean_gram(), mo.count, mo.sequences, mo.spread)
     assert abs(got - _independent_alpha(seqs)) < 1e-6  # the Gram sums float32 batch products
@@ -170,7 +170,7 @@ def test_auto_alpha_shrinks_few_samples_hard_and_many_samples_little():
     def alpha(num_seqs):
         mo = linalg.Moments(track_spread=True)
         for _ in range(num_seqs):
-            mo.add(torch.randn(8, 16, generator=g) @ mix, lengths=[8])
+            mo.add(torch.randn(8, 16, generator=g) @ mix, sequences=linalg.Sequences((8,)))
         return linalg.shrinkage_alpha(mo.mean_gram(), mo.count, mo.sequences, mo.spread)
 
     few, some, many = alpha(3), alpha(30), alpha(3000)
@@ -309,17 +309,3 @@ def test_fold_blend_rhs_is_blend_rhs_of_the_whole_data():
         assert ((got - want).norm() / want.norm()).item() < tol
     stats.folds = []  # without folds there is nothing to build from
     assert linalg.fold_products(stats, experts, weights, ws) is None
-
-
-def test_moments_folds_alternate_whole_sequences_from_the_batch_index():
-    x = torch.arange(20, dtype=torch.float32).reshape(10, 2)
-    mo = linalg.Moments.held_out_pair()
-    mo.add(x[:6], lengths=[2, 3, 1], first=0)  # batch 0: sequences to folds 0, 1, 0
-    mo.add(x[6:], lengths=[4], first=1)  # batch 1: its first sequence to fold 1
-    even = torch.cat([x[0:2], x[5:6]])  # fold 0
-    odd = torch.cat([x[2:5], x[6:10]])  # fold 1
-    torch.testing.assert_close(mo.folds[0].gram, (even.T @ even).double())
-    torch.testing.assert_close(mo.folds[1].gram, (odd.T @ odd).double())
-    mo.sum_folds()  # the totals, once every batch is in
-    torch.testing.assert_close(mo.gram, (x.T @ x).double())
-    assert (mo.count, mo.folds[0].count, mo.folds[1].count) == (10, 3, 7)

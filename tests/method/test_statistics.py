@@ -3,8 +3,10 @@ few tokens are reported once per expert."""
 
 import logging
 
+import pytest
 import torch
 
+from mergekit_com.method import linalg
 from mergekit_com.method.statistics import GroupStatistics, TokenRows
 
 
@@ -42,6 +44,37 @@ def test_token_rows_follow_any_mask_in_sequence_order():
     x = torch.randn(3, 4, 2, dtype=torch.float64)
     valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 0, 1, 0]])  # left padding, holes
     tokens = TokenRows.of(valid)
-    assert tokens.lengths == [2, 4, 2]
+    assert tokens.sequences.lengths == (2, 4, 2)
     torch.testing.assert_close(tokens.take(x, biased=False), x[valid.bool()], rtol=0, atol=0)
     assert tokens.take(x.float(), biased=True)[:, -1].eq(1).all()
+
+
+def test_held_out_folds_alternate_whole_sequences_from_the_batch_index():
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(1, 4, 2, dtype=torch.float64)
+    valid0 = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]])
+    valid1 = torch.ones(1, 4)
+    mo = linalg.Moments.held_out_pair(track_spread=True)
+    # batch 0: its sequences to folds 0, 1, 0; batch 1: its first sequence to fold 1
+    for x, valid, first in ((x0, valid0, 0), (x1, valid1, 1)):
+        tokens = TokenRows.of(valid, first).held_out
+        mo.add(tokens.take(x, biased=False), sequences=tokens.sequences)
+    even = torch.cat([x0[0, :2], x0[2, :1]])  # fold 0
+    odd = torch.cat([x0[1, :3], x1[0]])  # fold 1
+    torch.testing.assert_close(mo.folds[0].gram, even.T @ even)
+    torch.testing.assert_close(mo.folds[1].gram, odd.T @ odd)
+    mo.sum_folds()  # the totals, once every batch is in
+    rows = torch.cat([x0[valid0.bool()], x1[0]])
+    torch.testing.assert_close(mo.gram, rows.T @ rows)
+    assert (mo.count, mo.folds[0].count, mo.folds[1].count, mo.sequences) == (10, 3, 7, 4)
+    whole = linalg.Moments(track_spread=True)
+    for x, valid in ((x0, valid0), (x1, valid1)):
+        tokens = TokenRows.of(valid)
+        whole.add(tokens.take(x, biased=False), sequences=tokens.sequences)
+    assert abs(mo.spread - whole.spread) <= 1e-12 * whole.spread  # fold order: the same sequences
+
+
+def test_held_out_moments_need_their_rows_fold_by_fold():
+    mo = linalg.Moments.held_out_pair()
+    with pytest.raises(ValueError, match="fold by fold"):
+        mo.add(torch.randn(4, 2), sequences=linalg.Sequences((2, 2)))
