@@ -202,7 +202,7 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
     # records are cut to the model's positions (task.max_seq_len); a batch still holds
     # the batch_size x max_seq_len tokens the config asks for (so more, shorter records)
     max_seq_len = task.max_seq_len or first.parameters["max_seq_len"]
-    max_tokens = batch_size * max(max_seq_len, first.parameters["max_seq_len"])
+    max_tokens = batch_size * first.parameters["max_seq_len"]
     template = mergekit_internals.resolve_chat_template(task.chat_template, task.referenced,
                                              task.options.trust_remote_code)
     out = {}

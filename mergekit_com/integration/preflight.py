@@ -253,7 +253,7 @@ def check_calibration(experts, parameters, num_samples: int, max_seq_len: int, o
     for model in experts:
         source = parameters[model]["calibration"]  # present: see check_planned_values
         try:
-            tok = loaded.get(model) or model_tokenizer(model, options)
+            tok = loaded[model] if model in loaded else model_tokenizer(model, options)
         except Exception as e:
             hint = "" if shared_tokenizer else " or set tokenizer_source"
             raise ChainConfigError(

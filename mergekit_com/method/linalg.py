@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -97,17 +98,16 @@ class Sequences:
     _layouts: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, compare=False, repr=False)
 
-    @property
+    @cached_property
     def nonempty(self) -> List[int]:
         return [n for n in self.lengths if n]  # an empty sequence has no rows and no Gram
 
     def padded_layout(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Where each row goes among ``sequences x longest`` zero-padded rows, and the
-        sequences' row counts (float64)."""
+        """Where each row goes among ``sequences x longest`` zero-padded rows (the
+        longest: ``max(lengths)``), and the sequences' row counts (float64)."""
         if device not in self._layouts:
             counts = torch.tensor(self.nonempty, device=device)
-            longest = int(counts.max())
-            slots = torch.arange(longest, device=device) < counts[:, None]
+            slots = torch.arange(max(self.lengths), device=device) < counts[:, None]
             self._layouts[device] = (slots.flatten().nonzero().squeeze(1), counts.double())
         return self._layouts[device]
 

@@ -49,9 +49,8 @@ class TokenRows:
         lengths = valid.sum(1).tolist()
         folds = [[i for i in range(len(lengths)) if (i + first) % 2 == f] for f in (0, 1)]
         order = folds[0] + folds[1]
-        picked = valid[order].nonzero()  # (k, position) of sequence order[k]
-        rows = torch.tensor(order, device=valid.device)[picked[:, 0]] * valid.shape[1] + picked[:, 1]
-        held_out = cls(rows, linalg.Sequences(tuple(lengths[i] for i in order),
+        positions = torch.arange(valid.numel(), device=valid.device).view(valid.shape)
+        held_out = cls(positions[order][valid[order]], linalg.Sequences(tuple(lengths[i] for i in order),
                                               fold_rows=sum(lengths[i] for i in folds[0])))
         return cls(valid.flatten().nonzero().squeeze(1), linalg.Sequences(tuple(lengths)), held_out)
 
