@@ -16,8 +16,10 @@ For each model family, in one run and at each thread count:
   shorter time is kept: on a shared machine the speed drifts;
 * **the targets' floor**, what any merge fitting the experts' own outputs must
   do (the defaults, match_expert): a second ``forward`` (each expert's own
-  model over its tokens) and ``cross`` (``X^T Z`` per batch and group, a full
-  product) on top of the floor.
+  model over its tokens) and ``cross`` on top of the floor: per batch and group
+  the targets' moment, ``X^T Z`` (a full product), or ``X^T Y`` with ``Y`` the
+  group's outputs where they are no wider than its input (``o_proj``,
+  ``down_proj``), whichever is smaller: the solve needs only ``(X^T Z) W^T``.
 
 Every merge runs in its own child process (``measure.run_yaml``); the floor's
 forward and Grams run in this process on the same batches.
@@ -32,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -161,15 +163,16 @@ def _batches(paths: Dict[str, object], family: Family) -> List[Dict[str, torch.T
     return out
 
 
-def _group_widths(model) -> List[int]:
-    """The input width of every group of linears sharing an input (q/k/v, o, gate/up,
-    down: both families are Llamas), and of the head."""
+def _group_widths(model) -> List[Tuple[int, int]]:
+    """(input width, output widths summed) of every group of linears sharing an input
+    (q/k/v, o, gate/up, down: both families are Llamas), and of the head."""
     widths = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        widths += [attn.q_proj.in_features, attn.o_proj.in_features,
-                   mlp.gate_proj.in_features, mlp.down_proj.in_features]
-    return widths + [model.config.hidden_size]
+        for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj],
+                      [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]):
+            widths.append((group[0].in_features, sum(m.out_features for m in group)))
+    return widths + [(model.config.hidden_size, model.config.vocab_size)]
 
 
 def floor(paths: Dict[str, object], family: Family) -> Dict[str, float]:
@@ -185,9 +188,10 @@ def floor(paths: Dict[str, object], family: Family) -> Dict[str, float]:
             model.model(**batch, use_cache=False)
         forward = time.perf_counter() - start
         gram = cross = 0.0
-        for width in _group_widths(model):
+        for width, outputs in _group_widths(model):
             for batch in batches:
-                x, z = torch.randn(2, int(batch["attention_mask"].sum()), width)
+                tokens = int(batch["attention_mask"].sum())
+                x, z = torch.randn(tokens, width), torch.randn(tokens, min(width, outputs))
                 start = time.perf_counter()
                 x.T @ x
                 middle = time.perf_counter()

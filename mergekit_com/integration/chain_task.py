@@ -245,7 +245,15 @@ def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
     device = torch.device(task.options.device or "cpu")
     distributed.setup(device)
     threads = distributed.cpu_threads(task.options.num_threads)
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        _walk(task, writer, tokenizer_info, device, threads)
+    finally:  # a process that merges in-process keeps its own setting
+        torch.set_num_threads(previous)
+
+
+def _walk(task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device, threads: int) -> None:
     LOG.info("walking on %s with %d CPU thread(s), rank %d of %d", device, threads,
              distributed.rank(), distributed.world_size())
     settings = walk_settings(task)

@@ -104,8 +104,9 @@ class _HideMergekitDeprecation(logging.Filter):
 def long_lived_objects_frozen() -> Iterator[None]:
     """Leave the objects alive before the merge (torch, transformers, mergekit: about a
     million) out of the garbage collector's full passes while it runs. One full pass over
-    them took 0.27 s, a quarter of a merge of the tiny zoo; mergekit's own methods
-    allocate too few objects to trigger one. They are unfrozen afterwards, so garbage
+    them took 0.27 s, a quarter of a merge of the tiny zoo (whether one falls inside a
+    merge depends on allocation counts: one took 0.24 s of mergekit's own `linear` there,
+    which the benchmark therefore times frozen too). They are unfrozen afterwards, so garbage
     from before the merge is still collected; a process that froze objects itself is
     left as it is."""
     if gc.get_freeze_count():

@@ -46,14 +46,15 @@ class WalkContext:
             if expert in t and t[expert].is_floating_point()
         }
 
-    def group_statistics(self, names, biased: bool):
+    def group_statistics(self, names, biased: bool, by_outputs: bool = False):
         """Empty statistics for a group of linears (weight names): what their solve
-        settings need (``alpha: auto``: per-sequence spread; ``blend: auto``: folds)."""
+        settings need (``alpha: auto``: per-sequence spread; ``blend: auto``: folds);
+        ``by_outputs``: the targets' moments from the linears' outputs (the walk gives them)."""
         settings = [self.io.solve_settings(n) for n in names]
         spread = self.objective.uses_alpha and any(s.alpha == AUTO for s in settings)
         held_out = self.objective.name == Objective.BLEND and any(s.blend == AUTO for s in settings)
         return GroupStatistics(self.experts, biased, self.objective.needs_expert_inputs,
-                               spread=spread, held_out=held_out)
+                               spread=spread, held_out=held_out, by_outputs=by_outputs)
 
     def installed(self, written: torch.Tensor) -> torch.Tensor:
         """What the running model uses: a tensor as written, in the compute dtype on the device."""

@@ -90,8 +90,9 @@ def all_reduce_moments(moments: Iterable) -> None:
             if m.gram is None:
                 raise ValueError("a rank saw no calibration tokens at this layer")
             all_reduce_sum(m.gram)
-            if m.cross is not None:
-                all_reduce_sum(m.cross)
+            for moment in (m.cross, m.cross_diag, *(m.outputs or {}).values()):
+                if moment is not None:
+                    all_reduce_sum(moment)
             device = m.gram.device
         count = torch.tensor([float(m.count), float(m.sequences), m.spread], dtype=torch.float64,
                              device=device)

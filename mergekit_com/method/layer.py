@@ -5,8 +5,10 @@
   3. Find its linears in call order, grouped by shared input (q/k/v, o,
      gate/up, down for Llama).
   4. For each group: accumulate every expert's statistics on the inputs the
-     chain says (``X_t``; ``Z_t`` too for ``match_expert``), solve each of its
-     linears, write them and install them in the merged layer.
+     chain says (``X_t``; ``Z_t`` too for ``match_expert`` and ``blend``, and
+     where the group has fewer outputs than inputs, its linears' outputs
+     ``Y_t`` in the expert's own layer), solve each of its linears, write them
+     and install them in the merged layer.
   5. Push the streams through the merged layer (and each expert's own).
 Each batch runs through the layer once: its pass pauses at every group's
 input while the group is solved (``model/passes.py``).
@@ -36,6 +38,10 @@ Names = Tuple[str, Optional[str]]  # (weight name, bias name or None)
 
 def input_width(module: nn.Module) -> int:
     return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]
+
+
+def output_width(module: nn.Module) -> int:
+    return module.weight.shape[1] if is_transposed(module) else module.weight.shape[0]
 
 
 def solve_group(ctx: WalkContext, layer_key: str, group: Sequence[str],
@@ -122,8 +128,10 @@ class LayerMerge:
         probe_hidden, probe_calls = ctx.streams.probe
         groups = linear_call_groups(merged_layer, probe_hidden, probe_calls[self.index], linears)
         stops = {g[0]: g[0] for g in groups}
+        by_outputs = {g[0] for g in groups if self._targets_by_outputs(merged_layer, g)}
+        captured = [k for g in groups if g[0] in by_outputs for k in g]
         layers = [PausableLayer(merged_layer, stops)]
-        layers += [PausableLayer(m, stops) for m in own_layers.values()]
+        layers += [PausableLayer(m, stops, captured) for m in own_layers.values()]
         passes = self._passes(layers[0], dict(zip(own_layers, layers[1:])),
                               [merged_layer.get_submodule(g[0]) for g in groups])
         try:
@@ -131,7 +139,7 @@ class LayerMerge:
             for group in groups:  # 4
                 ctx.progress.status(f"{self.key}: {'+'.join(group)}")
                 biased = any(names_of[k][1] for k in group)
-                stats = self._statistics(group, *passes, biased, names_of)
+                stats = self._statistics(group, *passes, biased, names_of, group[0] in by_outputs)
                 done = solve_group(ctx, self.key, group, stats, modules,
                                    {k: names_of[k] for k in group}, gathered, biased)
                 for name, value in done.items():
@@ -193,21 +201,36 @@ class LayerMerge:
                         z_passes[e].append(LayerPass(own[e], streams.loader("own", e, b), call, keep))
         return x_passes, z_passes
 
-    def _statistics(self, group: Sequence[str], x_passes, z_passes, biased: bool, names_of):
+    def _targets_by_outputs(self, layer: nn.Module, group: Sequence[str]) -> bool:
+        """Whether the group's targets' moments are each linear's ``X^T Y`` rather than
+        ``X^T Z``: where its linears have no more outputs in all than inputs (Llama's
+        ``o_proj`` and ``down_proj``), that product is no larger, the expert's own pass
+        computes ``Y`` anyway, and the solve needs no ``in x in x out`` product of ``C``."""
+        if not self.ctx.objective.needs_expert_inputs:
+            return False
+        modules = [layer.get_submodule(k) for k in group]
+        return sum(output_width(m) for m in modules) <= input_width(modules[0])
+
+    def _statistics(self, group: Sequence[str], x_passes, z_passes, biased: bool, names_of,
+                    by_outputs: bool):
         ctx = self.ctx
         key = group[0]
         cross = ctx.objective.needs_expert_inputs
-        stats = ctx.group_statistics([names_of[k][0] for k in group], biased)
+        stats = ctx.group_statistics([names_of[k][0] for k in group], biased, by_outputs)
         for e in ctx.experts:
             for b, x_pass in enumerate(x_passes[e]):
+                z_pass = z_passes[e][b] if cross else None
+                ys = None
                 with PHASES.phase("forward"):
-                    x = x_pass.input_of(key)
-                    z = None
-                    if cross:
-                        z_pass = z_passes[e][b]
-                        z = x if z_pass is x_pass else z_pass.input_of(key)
+                    if by_outputs:  # the expert's own pass runs on through the group
+                        z, outputs = z_pass.input_and_outputs(key, group)
+                        ys = {names_of[k][0]: y for k, y in outputs.items()}
+                        x = z if z_pass is x_pass else x_pass.input_of(key)
+                    else:
+                        x = x_pass.input_of(key)
+                        z = (x if z_pass is x_pass else z_pass.input_of(key)) if cross else None
                 with PHASES.phase("gram"):
-                    stats.add(e, x, ctx.streams.tokens[e][b], z)
+                    stats.add(e, x, ctx.streams.tokens[e][b], z, ys)
         with PHASES.phase("gram"):  # the sums over ranks and folds, and the means
             return stats.finish(f"layer {self.index} {key}", ctx.warned)
 

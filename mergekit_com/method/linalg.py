@@ -173,10 +173,19 @@ class Moments:
     X_s`` (``sequence_spread``); with ``held_out`` (for ``blend: auto``), ``folds``: the
     same sums over two folds of whole sequences, whose rows come fold by fold
     (``Sequences.fold_rows``), so each fold's product is taken from a slice, not a copy.
+
+    The targets' moment ``X^T Z`` comes in one of two forms: whole (``cross``), or, for a
+    group whose linears have fewer outputs in all than inputs (Llama's ``down_proj``),
+    as each linear's ``X^T Y`` with ``Y = Z W^T`` its output in the expert's own layer
+    (``outputs``, by weight name) and the diagonal of ``X^T Z`` (``cross_diag``, for the
+    shrinkage): ``X^T Y = (X^T Z) W^T`` is all a solve uses, and costs ``in x out``
+    rather than ``in x in`` per token.
     """
 
     gram: Optional[torch.Tensor] = None  # upper block triangle, unless one block
     cross: Optional[torch.Tensor] = None
+    outputs: Optional[Dict[str, torch.Tensor]] = None  # X^T Y per linear, instead of cross
+    cross_diag: Optional[torch.Tensor] = None  # diag(X^T Z), with outputs
     count: int = 0
     sequences: int = 0
     spread: float = 0.0
@@ -188,21 +197,34 @@ class Moments:
     def held_out_pair(cls, track_spread: bool = False) -> "Moments":
         return cls(track_spread=track_spread, folds=[cls(), cls()])
 
-    def _add_products(self, x: torch.Tensor, z: Optional[torch.Tensor]) -> None:
+    def _add_products(self, x: torch.Tensor, z: Optional[torch.Tensor],
+                      outputs: Optional[Dict[str, torch.Tensor]] = None) -> None:
         if self.finished:
             raise ValueError("these moments' means were taken: they take no more batches")
         width = x.shape[1]
         if self.gram is None:  # float64 accumulators; each product is added in place
             self.gram = torch.zeros(width, width, dtype=torch.float64, device=x.device)
         self.gram.add_(upper_gram(x))
-        if z is not None:
+        if outputs is not None:
+            if self.outputs is None:
+                self.outputs = {n: torch.zeros(width, y.shape[1], dtype=torch.float64, device=x.device)
+                                for n, y in outputs.items()}
+                self.cross_diag = torch.zeros(width, dtype=torch.float64, device=x.device)
+            for name, y in outputs.items():
+                self.outputs[name].add_(x.T @ y)
+            self.cross_diag.add_((x * z).sum(0, dtype=torch.float64))
+        elif z is not None:
             if self.cross is None:
                 self.cross = torch.zeros(width, z.shape[1], dtype=torch.float64, device=x.device)
             self.cross.add_(x.T @ z)
         self.count += x.shape[0]
 
     def add(self, x: torch.Tensor, z: Optional[torch.Tensor] = None,
-            sequences: Optional[Sequences] = None) -> None:
+            sequences: Optional[Sequences] = None,
+            outputs: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """One batch's rows ``x`` and, for the targets, ``z`` (the expert's own inputs) and
+        optionally ``outputs`` (its linears' outputs, ``Z W^T`` each: then ``X^T Y`` is
+        kept per linear instead of ``X^T Z``)."""
         if x.shape[0] == 0:
             return
         if sequences is not None:
@@ -210,14 +232,17 @@ class Moments:
                 raise ValueError(f"sequence lengths sum to {sum(sequences.lengths)}, not {x.shape[0]} rows")
         elif self.track_spread or self.folds is not None:
             raise ValueError("these moments need the rows' sequences")
+        if outputs is not None and z is None:
+            raise ValueError("the outputs' moments need the inputs they were computed on")
         if self.folds is None:
-            self._add_products(x, z)
+            self._add_products(x, z, outputs)
         else:
             if sequences.fold_rows is None:
                 raise ValueError("held-out moments need the rows ordered fold by fold")
             cut = sequences.fold_rows
             for part, rows in zip(self.folds, (slice(None, cut), slice(cut, None))):
-                part._add_products(x[rows], None if z is None else z[rows])
+                part._add_products(x[rows], None if z is None else z[rows],
+                                   None if outputs is None else {n: y[rows] for n, y in outputs.items()})
         if self.track_spread:
             self._add_spread(x, sequences)
 
@@ -235,6 +260,9 @@ class Moments:
                 raise ValueError("sum the folds before taking their means")
             self.gram = f0.gram + f1.gram
             self.cross = f0.cross + f1.cross if f0.cross is not None else None
+            if f0.outputs is not None:
+                self.outputs = {n: f0.outputs[n] + f1.outputs[n] for n in f0.outputs}
+                self.cross_diag = f0.cross_diag + f1.cross_diag
             self.count = f0.count + f1.count
 
     def mean_gram(self) -> torch.Tensor:
@@ -250,14 +278,22 @@ class Moments:
             raise ValueError("no calibration tokens reached this layer")
         return self.cross
 
+    def mean_outputs(self) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """The means of ``X^T Y`` per linear and of ``diag(X^T Z)``."""
+        self._finish()
+        if self.outputs is None:
+            raise ValueError("no calibration tokens reached this layer")
+        return self.outputs, self.cross_diag
+
     def _finish(self) -> None:
         if self.finished:
             return
         if self.gram is None or self.count == 0:
             raise ValueError("no calibration tokens reached this layer")
         symmetric(self.gram.div_(self.count))  # a no-op for a single block
-        if self.cross is not None:
-            self.cross.div_(self.count)
+        for moment in (self.cross, self.cross_diag, *(self.outputs or {}).values()):
+            if moment is not None:
+                moment.div_(self.count)
         self.finished = True
 
 
@@ -393,6 +429,26 @@ def blend_rhs(
     return total
 
 
+def stats_blend_rhs(stats: "SharedInputStats", experts: List[Hashable], weights: Sequence[float],
+                    alphas: Sequence[float], share: float, expert_weights: Sequence[torch.Tensor],
+                    name: str) -> torch.Tensor:
+    """``blend_rhs`` of ``stats`` for the linear ``name``. Where its targets' moments were kept
+    as ``C_t W_t^T`` (``outputs``), the two targets' products are shrunk and mixed: the
+    Gram's costs one ``in x in x out`` product (none for ``share = 1``), the other none."""
+    if share == 0.0 or not stats.outputs:
+        return blend_rhs([stats.grams[e] for e in experts], [stats.crosses.get(e) for e in experts],
+                         weights, alphas, share, expert_weights)
+    total = 0.0
+    for e, w, a, wt in zip(experts, weights, alphas, expert_weights):
+        weight_t = wt.to(torch.float64).T
+        rhs = share * _shrunk_product(stats.outputs[e][name], stats.cross_diags[e], weight_t, a)
+        if share != 1.0:
+            gram = stats.grams[e]
+            rhs = rhs + (1.0 - share) * _shrunk_product(gram @ weight_t, gram.diagonal(), weight_t, a)
+        total = total + w * rhs
+    return total
+
+
 def _shrunk_product(product: torch.Tensor, diagonal: torch.Tensor, weight_t: torch.Tensor,
                     alpha: float) -> torch.Tensor:
     """``shrink(M, alpha) @ W^T`` from ``M @ W^T`` (``product``) and ``diag(M)``:
@@ -408,6 +464,9 @@ class SharedInputStats:
 
     grams: Dict[Hashable, torch.Tensor]
     crosses: Dict[Hashable, torch.Tensor] = field(default_factory=dict)
+    # instead of crosses (Moments.outputs): C_t W_t^T per weight name, and diag(C_t)
+    outputs: Dict[Hashable, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    cross_diags: Dict[Hashable, torch.Tensor] = field(default_factory=dict)
     counts: Dict[Hashable, int] = field(default_factory=dict)  # the tokens behind each mean
     # alpha: auto -- each expert's estimated keep ratio (shrinkage_alpha)
     auto_alpha: Dict[Hashable, float] = field(default_factory=dict)
@@ -416,6 +475,12 @@ class SharedInputStats:
     last_blend: Optional[float] = None  # the share the last solve used (for the report)
     dtype: torch.dtype = torch.float64  # the activations' (held_out_blend's products run in it)
     _solvers: Dict[tuple, RidgeSolver] = field(default_factory=dict)
+
+    def cross_diagonal(self, expert: Hashable) -> torch.Tensor:
+        """``diag(C_t)``, whichever form the targets' moment was kept in."""
+        if expert in self.cross_diags:
+            return self.cross_diags[expert]
+        return self.crosses[expert].diagonal()
 
     def alphas(self, experts: List[Hashable], alpha: Alpha) -> List[float]:
         """Each expert's keep ratio: the given value, or the estimate for ``auto``."""
@@ -447,7 +512,9 @@ class FoldProducts:
     """``blend: auto``'s products for one linear, formed once in the activations' dtype:
     per fold and expert ``G_t W_t^T`` (``grams``) and ``(C_t - G_t) W_t^T`` (``diffs``; the
     difference is taken in float64 before the product, so a small one loses nothing to
-    cancellation), and per fold the weighted Gram ``sum_t w_t G_t`` (``held``)."""
+    cancellation; where ``C_t W_t^T`` was kept (``outputs``), it is that minus ``grams``,
+    taken in float64: no product), and per fold the weighted Gram ``sum_t w_t G_t``
+    (``held``)."""
 
     grams: List[List[torch.Tensor]]
     diffs: List[List[torch.Tensor]]
@@ -455,8 +522,8 @@ class FoldProducts:
 
 
 def fold_products(stats: SharedInputStats, experts: List[Hashable], weights: List[float],
-                  expert_weights: List[torch.Tensor]) -> Optional[FoldProducts]:
-    """The products of both folds (None without two non-empty folds)."""
+                  expert_weights: List[torch.Tensor], name: str = "") -> Optional[FoldProducts]:
+    """The products of both folds for the linear ``name`` (None without two non-empty folds)."""
     if len(stats.folds) != 2 or any(not f.grams for f in stats.folds):
         return None
     dtype = stats.dtype
@@ -465,8 +532,12 @@ def fold_products(stats: SharedInputStats, experts: List[Hashable], weights: Lis
     for fold in stats.folds:
         grams = [fold.grams[e].to(dtype) for e in experts]
         out.grams.append([g @ wt for g, wt in zip(grams, weight_ts)])
-        out.diffs.append([(fold.crosses[e] - fold.grams[e]).to(dtype) @ wt
-                          for e, wt in zip(experts, weight_ts)])
+        if fold.outputs:
+            out.diffs.append([(fold.outputs[e][name] - gw).to(dtype)
+                              for e, gw in zip(experts, out.grams[-1])])
+        else:
+            out.diffs.append([(fold.crosses[e] - fold.grams[e]).to(dtype) @ wt
+                              for e, wt in zip(experts, weight_ts)])
         held = grams[0] * weights[0]  # (in float64, ``grams`` are the statistics themselves)
         for g, w in zip(grams[1:], weights[1:]):
             held.add_(g, alpha=w)
@@ -495,7 +566,7 @@ def fold_blend_rhs(
         mixed = sum((n / sum(counts)) * (products.grams[f][t] + share * products.diffs[f][t])
                     for f, n in enumerate(counts)).to(torch.float64)  # the whole data's M_t W_t^T
         gram_diag = stats.grams[e].diagonal()
-        diag = gram_diag + share * (stats.crosses[e].diagonal() - gram_diag)
+        diag = gram_diag + share * (stats.cross_diagonal(e) - gram_diag)
         total = total + w * _shrunk_product(mixed, diag, wt.to(torch.float64).T, a)
     return total
 
@@ -527,7 +598,7 @@ def held_out_blend(
     held-out product that follows from them, and the solves for ``V_r`` and ``D``.
     """
     if products is None:
-        products = fold_products(stats, experts, weights, expert_weights)
+        products = fold_products(stats, experts, weights, expert_weights, name)
     if products is None:
         return 0.5
     dtype = stats.dtype
@@ -540,7 +611,7 @@ def held_out_blend(
         for t, (e, w, a) in enumerate(zip(experts, weights, alphas)):
             gram_diag = fold.grams[e].diagonal()
             rhs_r = rhs_r + w * _shrunk_product(products.grams[train][t], gram_diag, weight_ts[t], a)
-            diff_diag = fold.crosses[e].diagonal() - gram_diag
+            diff_diag = fold.cross_diagonal(e) - gram_diag
             rhs_d = rhs_d + w * _shrunk_product(products.diffs[train][t], diff_diag, weight_ts[t], a)
         v_r, d = solver.solve(torch.cat([rhs_r, rhs_d], 1), dtype).tensor_split(2, dim=1)
         r = sum(w * (products.grams[test][t] + products.diffs[test][t]) for t, w in enumerate(weights))

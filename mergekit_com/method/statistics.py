@@ -1,7 +1,8 @@
 """Calibration statistics of one input shared by a group of linears (q/k/v, gate/up, ...).
 
 Per expert: the running sums of ``X^T X`` (and ``X^T Z`` for ``match_expert`` and
-``blend``) over that expert's non-padding tokens, summed over ranks under
+``blend``, or each linear's ``X^T Y`` where that is smaller) over that expert's
+non-padding tokens, summed over ranks under
 torchrun, then turned into the mean statistics the solve uses. ``alpha: auto``
 also needs the spread of the per-sequence Grams, ``blend: auto`` the same sums
 over two folds of whole sequences.
@@ -66,10 +67,13 @@ class GroupStatistics:
     """Moments of one shared input, per expert."""
 
     def __init__(self, experts: Sequence[Hashable], biased: bool, cross: bool,
-                 spread: bool = False, held_out: bool = False):
+                 spread: bool = False, held_out: bool = False, by_outputs: bool = False):
         self.experts = list(experts)
         self.biased = biased  # the group has a bias: solved as a column on a constant input
         self.cross = cross  # also accumulate X^T Z (objective: match_expert, blend)
+        # ... as each linear's X^T Y (Y = Z W^T, its output in the expert's own layer): for a
+        # group with fewer outputs than inputs it costs in x out per token, not in x in
+        self.by_outputs = cross and by_outputs
         self.spread = spread  # alpha: auto
         self.held_out = held_out  # blend: auto
 
@@ -82,16 +86,21 @@ class GroupStatistics:
         self.dtype = torch.float32  # the activations' rows (float64 when the walk is)
 
     def add(self, expert: Hashable, x: torch.Tensor, tokens: TokenRows,
-            z: Optional[torch.Tensor] = None) -> None:
+            z: Optional[torch.Tensor] = None,
+            outputs: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term),
-        ``tokens`` where the batch's real tokens are."""
+        ``outputs`` its linears' outputs on ``z`` by weight name (``by_outputs``), ``tokens``
+        where the batch's real tokens are."""
+        if self.by_outputs and outputs is None:
+            raise ValueError("these statistics keep X^T Y: they need the linears' outputs")
         if self.held_out:
             tokens = tokens.held_out
         rows = tokens.take(x, self.biased)
         self.dtype = rows.dtype
         targets = tokens.take(z, self.biased) if self.cross else None
+        ys = {n: tokens.take(y, False) for n, y in outputs.items()} if self.by_outputs else None
         sequences = tokens.sequences if self.spread or self.held_out else None
-        self.moments[expert].add(rows, targets, sequences)
+        self.moments[expert].add(rows, targets, sequences, ys)
 
     def finish(self, where: str, warned: Set[Hashable]) -> linalg.SharedInputStats:
         """Sum over ranks, warn once per expert about too few tokens, return the means."""
@@ -120,9 +129,14 @@ class GroupStatistics:
         return stats
 
     def _means(self, moments: Dict[Hashable, linalg.Moments]) -> linalg.SharedInputStats:
-        return linalg.SharedInputStats(
+        stats = linalg.SharedInputStats(
             grams={e: mo.mean_gram() for e, mo in moments.items()},
-            crosses={e: mo.mean_cross() for e, mo in moments.items()} if self.cross else {},
+            crosses={e: mo.mean_cross() for e, mo in moments.items()}
+            if self.cross and not self.by_outputs else {},
             counts={e: mo.count for e, mo in moments.items()},
             dtype=self.dtype,
         )
+        if self.by_outputs:
+            for e, mo in moments.items():
+                stats.outputs[e], stats.cross_diags[e] = mo.mean_outputs()
+        return stats

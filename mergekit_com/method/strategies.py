@@ -58,7 +58,7 @@ class BlendObjective:
         share = self.share(settings)
         products = None
         if share == AUTO:
-            products = linalg.fold_products(stats, experts, weights, targets)
+            products = linalg.fold_products(stats, experts, weights, targets, name)
             share = linalg.held_out_blend(stats, experts, weights, targets, alphas, settings.ridge, name,
                                           products)
         stats.last_blend = share
@@ -66,8 +66,7 @@ class BlendObjective:
         if products is not None:  # the folds' products sum to the whole data's
             rhs = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, targets, products)
         else:
-            rhs = linalg.blend_rhs([stats.grams[e] for e in experts], [stats.crosses.get(e) for e in experts],
-                                   weights, alphas, share, targets)
+            rhs = linalg.stats_blend_rhs(stats, experts, weights, alphas, share, targets, name)
         return solver.solve(rhs).T
 
 

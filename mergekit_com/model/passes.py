@@ -15,11 +15,16 @@ its intermediate activations alive; a pass made with ``keep=False`` keeps
 nothing and instead restarts from the layer input for each group, which
 costs a partial forward per group but no memory. Both give the same values.
 A pass that is not run to its end must be ``close``d.
+
+A pass of a layer whose weights are not being merged (an expert's own) may
+also run on past a group, to the next stop, and hand over the outputs of the
+group's linears (``input_and_outputs``): the targets ``Y = Z W^T`` that
+forward computed anyway.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import greenlet
 import torch
@@ -27,9 +32,13 @@ from torch import nn
 
 from mergekit_com.model.stepping import LayerCall, first_output
 
+Step = Tuple[Optional[str], object]  # (stop key, its input), or (None, the layer's output)
+
 
 class _PassGreenlet(greenlet.greenlet):
     stops: Mapping[nn.Module, str] = {}
+    outputs_of: Mapping[nn.Module, str] = {}  # the modules whose outputs are handed over
+    captured: Optional[Dict[str, torch.Tensor]] = None  # while capturing: name -> first output
 
 
 def _pause_here(module: nn.Module, args) -> None:
@@ -39,13 +48,23 @@ def _pause_here(module: nn.Module, args) -> None:
         greenlet.getcurrent().parent.switch((key, args[0]))
 
 
-class PausableLayer:
-    """A layer module whose linears named in ``stops`` pause a running pass at their input."""
+def _capture_here(module: nn.Module, args, output) -> None:
+    captured = getattr(greenlet.getcurrent(), "captured", None)
+    if captured is not None:
+        name = greenlet.getcurrent().outputs_of[module]
+        captured.setdefault(name, output)
 
-    def __init__(self, module: nn.Module, stops: Mapping[str, str]):
+
+class PausableLayer:
+    """A layer module whose linears named in ``stops`` pause a running pass at their input;
+    the outputs of those named in ``outputs`` can be handed over (``input_and_outputs``)."""
+
+    def __init__(self, module: nn.Module, stops: Mapping[str, str], outputs: Sequence[str] = ()):
         self.module = module
         self.stops: Dict[nn.Module, str] = {module.get_submodule(n): key for n, key in stops.items()}
+        self.outputs_of: Dict[nn.Module, str] = {module.get_submodule(n): n for n in outputs}
         self._handles = [m.register_forward_pre_hook(_pause_here) for m in self.stops]
+        self._handles += [m.register_forward_hook(_capture_here) for m in self.outputs_of]
 
     def close(self) -> None:
         for h in self._handles:
@@ -64,6 +83,7 @@ class LayerPass:
                  keep: bool = True):
         self.layer, self.hidden, self.call, self.keep = layer, hidden, call, keep
         self._run: Optional[_PassGreenlet] = None  # a kept pass, paused at its last stop
+        self._ahead: Optional[Step] = None  # the kept pass's next step, taken already
 
     def _start(self) -> _PassGreenlet:
         module, hidden, call = self.layer.module, self.hidden(), self.call
@@ -74,39 +94,70 @@ class LayerPass:
             return first_output(module(hidden, *call.args, **call.kwargs))
 
         run = _PassGreenlet(body)
-        run.stops = self.layer.stops
+        run.stops, run.outputs_of = self.layer.stops, self.layer.outputs_of
         return run
 
-    def _step(self, run: _PassGreenlet) -> Tuple[Optional[str], object]:
+    def _step(self, run: _PassGreenlet) -> Step:
         """Resume ``run`` until its next stop: (key, input), or (None, output) at the end."""
         with torch.no_grad():
             got = run.switch()
         return (None, got) if run.dead else got
 
-    def input_of(self, key: str) -> torch.Tensor:
-        """The input of the linear group ``key`` (with the weights installed now)."""
-        run = self._run if self.keep and self._run is not None else self._start()
+    def _resume(self) -> Tuple[_PassGreenlet, Optional[Step]]:
+        """The kept pass and the step it took ahead, or a fresh pass; this pass holds neither."""
+        run, ahead = (self._run, self._ahead) if self.keep and self._run is not None else (self._start(), None)
+        self._run = self._ahead = None
+        return run, ahead
+
+    def _reach(self, key: str) -> Tuple[_PassGreenlet, torch.Tensor]:
+        run, ahead = self._resume()
         while True:
-            at, value = self._step(run)
+            at, value = ahead if ahead is not None else self._step(run)
+            ahead = None
             if at is None:
                 raise RuntimeError(f"the layer's forward never reached {key}")
             if at == key:
-                break
+                return run, value
+
+    def input_of(self, key: str) -> torch.Tensor:
+        """The input of the linear group ``key`` (with the weights installed now)."""
+        run, value = self._reach(key)
         if self.keep:
             self._run = run
         return value
 
+    def input_and_outputs(self, key: str, names: Sequence[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The input of the group ``key`` and the outputs of its linears ``names`` (among the
+        layer's ``outputs``) on it: the pass runs on to its next stop. Only for a layer whose
+        weights stay as they are: the rest of the pass runs on them now."""
+        run, value = self._reach(key)
+        run.captured = {}
+        try:
+            ahead = self._step(run)
+        finally:
+            captured, run.captured = run.captured, None
+        missing = [n for n in names if n not in captured]
+        if missing:
+            raise RuntimeError(f"the layer's forward never called {', '.join(missing)} after {key}")
+        if self.keep:
+            self._run, self._ahead = run, ahead
+        elif not run.dead:
+            with torch.no_grad():
+                run.throw()
+        return value, {n: captured[n] for n in names}
+
     def output(self) -> torch.Tensor:
         """The hidden states leaving the layer."""
-        run = self._run if self.keep and self._run is not None else self._start()
-        self._run = None
+        run, ahead = self._resume()
         while True:
-            at, value = self._step(run)
+            at, value = ahead if ahead is not None else self._step(run)
+            ahead = None
             if at is None:
                 return value
 
     def close(self) -> None:
         """Unwind a paused forward now (not whenever the garbage collector gets to it)."""
+        self._ahead = None
         run, self._run = self._run, None
         if run is not None and not run.dead:
             with torch.no_grad():

@@ -33,3 +33,15 @@ def test_mergekit_yaml_with_every_cpu_flag(zoo2, tmp_path):
     merged = read_tensors(str(out))
     assert merged.keys() == reference.keys()
     assert all(torch.equal(merged[k], reference[k]) for k in reference)
+
+
+def test_an_in_process_merge_runs_on_its_threads_and_leaves_the_callers(zoo2, tmp_path):
+    """``--num-threads`` is the walk's; the process that called the merge keeps its own
+    setting (a later merge or forward in it would otherwise run on the walk's)."""
+    import json
+
+    before = torch.get_num_threads()
+    merge(com_config(experts(zoo2)), str(tmp_path / "out"), num_threads=before + 1)
+    with open(tmp_path / "out" / "com_report.json") as f:
+        assert json.load(f)["runtime"]["cpu_threads"] == before + 1
+    assert torch.get_num_threads() == before

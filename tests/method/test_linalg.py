@@ -309,3 +309,47 @@ def test_fold_blend_rhs_is_blend_rhs_of_the_whole_data():
         assert ((got - want).norm() / want.norm()).item() < tol
     stats.folds = []  # without folds there is nothing to build from
     assert linalg.fold_products(stats, experts, weights, ws) is None
+
+
+def _as_outputs(stats: linalg.SharedInputStats, ws, name: str) -> linalg.SharedInputStats:
+    """The same statistics with the targets' moment kept as ``C_t W_t^T`` and ``diag(C_t)``
+    (how the walk keeps it for a group with fewer outputs than inputs)."""
+    return linalg.SharedInputStats(
+        grams=stats.grams, counts=stats.counts, auto_alpha=stats.auto_alpha, dtype=stats.dtype,
+        outputs={e: {name: c @ ws[e].T} for e, c in stats.crosses.items()},
+        cross_diags={e: c.diagonal().clone() for e, c in stats.crosses.items()},
+        folds=[_as_outputs(f, ws, name) for f in stats.folds])
+
+
+@pytest.mark.parametrize("objective,blend,alpha", [
+    ("blend", 0.35, 0.7), ("blend", 1.0, 0.5), ("match_expert", 0.5, 1.0), ("blend", "auto", "auto"),
+    ("blend", "auto", 0.8)])
+def test_targets_kept_as_outputs_solve_as_the_cross_moments_do(objective, blend, alpha):
+    """``X^T Y`` per linear (``outputs``) is ``(X^T Z) W^T``: every objective, share and
+    shrinkage solves to the same merge, and ``blend: auto`` picks the same share."""
+    g = torch.Generator().manual_seed(7)
+    d, k, out = 12, 3, 5
+    ws = [torch.randn(out, d, generator=g, dtype=torch.float64) for _ in range(k)]
+
+    def fold():
+        xs = [torch.randn(30, d, generator=g, dtype=torch.float64) for _ in range(k)]
+        zs = [x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in xs]
+        return xs, zs
+
+    parts = [fold(), fold()]
+    xs = [torch.cat([parts[0][0][e], parts[1][0][e]]) for e in range(k)]
+    zs = [torch.cat([parts[0][1][e], parts[1][1][e]]) for e in range(k)]
+    stats = _fold_stats(xs, zs)
+    stats.counts = {e: 60 for e in range(k)}
+    stats.auto_alpha = {0: 0.9, 1: 0.6, 2: 1.0}
+    stats.folds = [_fold_stats(*p) for p in parts]
+    for f in stats.folds:
+        f.counts = {e: 30 for e in range(k)}
+    kept = _as_outputs(stats, ws, "test")
+    weights = [1.0, 0.5, 2.0]
+    want = solve_with(objective, stats, list(range(k)), weights, ws, alpha=alpha, ridge=1e-6, blend=blend)
+    got = solve_with(objective, kept, list(range(k)), weights, ws, alpha=alpha, ridge=1e-6, blend=blend)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if blend == "auto":
+        assert 0.0 < stats.last_blend < 1.0
+        assert abs(kept.last_blend - stats.last_blend) < 1e-10

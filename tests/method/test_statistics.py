@@ -24,6 +24,34 @@ def test_means_over_valid_tokens_with_a_ones_column_for_a_bias():
     torch.testing.assert_close(got.crosses["a"], rows.T @ zrows / 8)
 
 
+@pytest.mark.parametrize("held_out", [False, True])
+def test_targets_by_outputs_are_the_cross_moment_times_the_weights(held_out):
+    """A group with fewer outputs than inputs keeps ``X^T Y`` per linear (``Y`` the
+    linear's output on ``Z``, bias included) and ``diag(X^T Z)``: with the ones column,
+    exactly ``C [W | b]^T`` and ``diag(C)`` of the cross moment ``C``, folds and all."""
+    torch.manual_seed(0)
+    x, z = torch.randn(2, 2, 5, 6), torch.randn(2, 2, 5, 6)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    w, b = torch.randn(2, 6), torch.randn(2)
+    both = {}
+    for by_outputs in (False, True):
+        stats = GroupStatistics(["a"], biased=True, cross=True, held_out=held_out, by_outputs=by_outputs)
+        for i in range(2):
+            stats.add("a", x[i], TokenRows.of(valid, first=i), z[i], {"w": z[i] @ w.T + b})
+        both[by_outputs] = stats.finish("layer 0 down", set())
+    cross, kept = both[False], both[True]
+    augmented = torch.cat([w, b[:, None]], 1).double()
+    assert not kept.crosses and not cross.outputs
+    for plain, outputs in [(cross, kept)] + list(zip(cross.folds, kept.folds)):
+        torch.testing.assert_close(outputs.outputs["a"]["w"], plain.crosses["a"] @ augmented.T)
+        torch.testing.assert_close(outputs.cross_diags["a"], plain.crosses["a"].diagonal())
+        torch.testing.assert_close(outputs.grams["a"], plain.grams["a"])
+    assert len(kept.folds) == (2 if held_out else 0)
+    with pytest.raises(ValueError, match="need the linears' outputs"):
+        GroupStatistics(["a"], biased=False, cross=True, by_outputs=True).add(
+            "a", x[0], TokenRows.of(valid), z[0])
+
+
 def test_too_few_tokens_are_reported_once_per_expert(caplog):
     warned = set()
     for layer in range(3):

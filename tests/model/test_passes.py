@@ -85,6 +85,40 @@ def test_weights_installed_while_paused_are_used_when_resumed(layer0, keep):
     assert not torch.equal(got, run_layer(shell.instantiate(0, params), hidden, call))
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_pass_hands_over_its_linears_outputs_and_carries_on(layer0, keep):
+    """An expert's own pass runs on through a group and gives each linear's output on
+    the group's input: what the targets ``Y = Z W^T`` are built from."""
+    shell, params, hidden, call = layer0
+    module = shell.instantiate(0, params)
+    want_inputs, want_out = captured(module, hidden, call)
+    every = [k for g in GROUPS for k in g]
+    layer = PausableLayer(module, {g[0]: g[0] for g in GROUPS}, outputs=every)
+    run = LayerPass(layer, lambda: hidden, call, keep=keep)
+    for g in GROUPS:
+        x, outputs = run.input_and_outputs(g[0], g)
+        assert torch.equal(x, want_inputs[g[0]])
+        assert list(outputs) == g
+        for k in g:
+            assert torch.equal(outputs[k], module.get_submodule(k)(x))
+    assert torch.equal(run.output(), want_out)
+    # a pass that is not capturing records nothing: the same layer, plain stops
+    plain = LayerPass(layer, lambda: hidden, call, keep=keep)
+    assert torch.equal(plain.input_of("mlp.down_proj"), want_inputs["mlp.down_proj"])
+    assert torch.equal(plain.output(), want_out)
+    layer.close()
+
+
+def test_outputs_of_a_linear_the_pass_never_calls_are_an_error(layer0):
+    shell, params, hidden, call = layer0
+    module = shell.instantiate(0, params)
+    layer = PausableLayer(module, {"self_attn.q_proj": "self_attn.q_proj"}, outputs=["mlp.up_proj"])
+    run = LayerPass(layer, lambda: hidden, call)
+    with pytest.raises(RuntimeError, match="never called self_attn.k_proj after self_attn.q_proj"):
+        run.input_and_outputs("self_attn.q_proj", ["self_attn.k_proj"])
+    layer.close()
+
+
 def test_a_stop_the_forward_never_reaches_is_an_error(layer0):
     shell, params, hidden, call = layer0
     module = shell.instantiate(0, params)

@@ -185,6 +185,20 @@ def test_cost_table_compares_each_variant_with_the_floor():
         "forward": 2.0, "gram": 1.0, "cross": 2.0, "tokens": 10}
 
 
+def test_the_targets_floor_takes_each_groups_smaller_targets_moment():
+    """The floor's cross term per group: ``X^T Z`` (input width squared) or, where the
+    group's outputs are no wider than its input, ``X^T Y`` (what the walk forms there)."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_com.bench import cost
+    from tests.support import pico
+
+    model = AutoModelForCausalLM.from_config(pico.llama_config(layers=2, hidden=32))
+    h, kv, mlp = 32, 16, 64  # hidden, k/v outputs (2 of 4 heads), MLP width
+    layer = [(h, h + 2 * kv), (h, h), (h, 2 * mlp), (mlp, h)]
+    assert cost._group_widths(model) == layer * 2 + [(h, pico.VOCAB)]
+
+
 def test_tuning_on_the_first_val_prompts_normalises_by_the_experts_on_the_same_prompts():
     # the expert got the first 4 prompts 3/4 right, all 8 prompts 5/8
     assert quality._head_accuracy({"correct": "11011100", "accuracy": 5 / 8}, 4) == 0.75
