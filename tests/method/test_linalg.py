@@ -353,3 +353,20 @@ def test_targets_kept_as_outputs_solve_as_the_cross_moments_do(objective, blend,
     if blend == "auto":
         assert 0.0 < stats.last_blend < 1.0
         assert abs(kept.last_blend - stats.last_blend) < 1e-10
+
+
+@pytest.mark.parametrize("columns", [3, 8, 20])  # narrower than A, as wide, wider
+def test_ridge_solver_solves_wide_and_narrow_right_hand_sides_alike(columns):
+    """Narrow right-hand sides go through the Cholesky factor, wide ones through ``A^-1``
+    formed once from it: both are ``A^-1 rhs`` (float64 to 1e-12, float32 to its precision)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    lhs = x.T @ x / 50
+    rhs = torch.randn(8, columns, generator=g, dtype=torch.float64)
+    solver = linalg.RidgeSolver(lhs, ridge=1e-3)
+    want = torch.linalg.solve(lhs + solver.eps * torch.eye(8, dtype=torch.float64), rhs)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        got = solver.solve(rhs, dtype)
+        assert got.dtype == dtype
+        assert ((got.double() - want).norm() / want.norm()).item() < tol
+    assert bool(solver._inverses) == (columns >= 8)
