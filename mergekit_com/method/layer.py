@@ -6,7 +6,7 @@
      gate/up, down for Llama).
   4. For each group: accumulate every expert's statistics on the inputs the
      chain says (``X_t``; ``Z_t`` too for ``match_expert`` and ``blend``, and
-     where the group has fewer outputs than inputs, its linears' outputs
+     where the group has no more outputs than inputs, its linears' outputs
      ``Y_t`` in the expert's own layer), solve each of its linears, write them
      and install them in the merged layer.
   5. Push the streams through the merged layer (and each expert's own).

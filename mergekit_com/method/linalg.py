@@ -385,8 +385,8 @@ class RidgeSolver:
 
         A right-hand side with at least as many columns as ``A`` goes through ``A^-1``
         (formed once from the factor, in float64, and kept): one product instead of two
-        triangular solves, 1.6-2x faster on a 2-core CPU from that width on (the solvers of
-        q/k/v and gate/up take several); a narrower one through the factor."""
+        triangular solves, 1.1-2.1x faster at pico's widths on one CPU thread (the solvers
+        of q/k/v and gate/up take several); a narrower one through the factor."""
         if rhs.shape[1] >= self.factor.shape[0]:
             if dtype not in self._inverses:
                 self._inverses[dtype] = torch.cholesky_inverse(self.factor).to(dtype)

@@ -52,7 +52,8 @@ def _capture_here(module: nn.Module, args, output) -> None:
     captured = getattr(greenlet.getcurrent(), "captured", None)
     if captured is not None:
         name = greenlet.getcurrent().outputs_of[module]
-        captured.setdefault(name, output)
+        if name not in captured:  # a copy: the forward may go on to change its output in place
+            captured[name] = output.clone()
 
 
 class PausableLayer:
@@ -105,7 +106,10 @@ class LayerPass:
 
     def _resume(self) -> Tuple[_PassGreenlet, Optional[Step]]:
         """The kept pass and the step it took ahead, or a fresh pass; this pass holds neither."""
-        run, ahead = (self._run, self._ahead) if self.keep and self._run is not None else (self._start(), None)
+        if self.keep and self._run is not None:
+            run, ahead = self._run, self._ahead
+        else:
+            run, ahead = self._start(), None
         self._run = self._ahead = None
         return run, ahead
 
@@ -126,7 +130,8 @@ class LayerPass:
             self._run = run
         return value
 
-    def input_and_outputs(self, key: str, names: Sequence[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def input_and_outputs(self, key: str, names: Sequence[str]
+                          ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The input of the group ``key`` and the outputs of its linears ``names`` (among the
         layer's ``outputs``) on it: the pass runs on to its next stop. Only for a layer whose
         weights stay as they are: the rest of the pass runs on them now."""

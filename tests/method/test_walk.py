@@ -55,6 +55,12 @@ class NoReport:
     def add_shift(self, *a):
         pass
 
+    def add_alpha(self, *a):
+        pass
+
+    def add_blend(self, *a):
+        pass
+
     def sum_shift_over_ranks(self, *a):
         pass
 
@@ -117,6 +123,31 @@ def test_paused_passes_equal_restarted_ones(llama, chain, objective):
     restarted = walk(llama, chain, objective, pass_budget=0)
     for name, value in paused.items():
         assert torch.equal(restarted[name], value), name
+
+
+@pytest.mark.parametrize("chain", ["module", "block", "none"])
+def test_targets_from_the_own_outputs_merge_as_the_cross_moments_do(llama, chain, monkeypatch):
+    """o_proj and down_proj (no more outputs than inputs) keep X^T Y from the expert's own
+    pass; the same walk keeping X^T Z for every group gives the same merge, to float32's
+    sums (objective: blend, blend: auto: a well-conditioned fit; every chain's passes)."""
+    from mergekit_com.method.layer import LayerMerge
+
+    kept = []
+    decide = LayerMerge._targets_by_outputs
+
+    def spy(self, layer, group):
+        chosen = decide(self, layer, group)
+        if chosen:
+            kept.append(group[0])
+        return chosen
+
+    monkeypatch.setattr(LayerMerge, "_targets_by_outputs", spy)
+    by_outputs = walk(llama, chain, "blend")
+    assert set(kept) == {"self_attn.o_proj", "mlp.down_proj"}
+    monkeypatch.setattr(LayerMerge, "_targets_by_outputs", lambda *a: False)
+    by_cross = walk(llama, chain, "blend")
+    for name, value in by_cross.items():
+        assert ((by_outputs[name] - value).norm() / value.norm()).item() < 1e-5, name
 
 
 def test_tensors_are_written_in_forward_order(llama):

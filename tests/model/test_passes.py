@@ -163,3 +163,20 @@ def test_a_pass_left_paused_is_collected_and_never_changes_the_grad_mode(layer0)
     assert paused() is None  # its intermediate activations are freed
     assert torch.is_grad_enabled()
     layer.close()
+
+
+def test_handed_over_outputs_are_what_the_linear_returned_even_if_changed_in_place(layer0):
+    """A forward that goes on to modify a linear's output in place (an in-place residual add
+    or activation) must not change the target handed over."""
+    shell, params, hidden, call = layer0
+    module = shell.instantiate(0, params)
+    down = module.get_submodule("mlp.down_proj")
+    layer = PausableLayer(module, {g[0]: g[0] for g in GROUPS}, outputs=["mlp.down_proj"])
+    # runs after the pass's own hook: the output changes once it was handed over
+    handle = down.register_forward_hook(lambda _m, _a, out: out.mul_(0.0))
+    run = LayerPass(layer, lambda: hidden, call)
+    x, outputs = run.input_and_outputs("mlp.down_proj", ["mlp.down_proj"])
+    run.output()
+    handle.remove()
+    layer.close()
+    assert torch.equal(outputs["mlp.down_proj"], torch.nn.functional.linear(x, down.weight))
