@@ -175,11 +175,11 @@ class Moments:
     (``Sequences.fold_rows``), so each fold's product is taken from a slice, not a copy.
 
     The targets' moment ``X^T Z`` comes in one of two forms: whole (``cross``), or, for a
-    group whose linears have fewer outputs in all than inputs (Llama's ``down_proj``),
-    as each linear's ``X^T Y`` with ``Y = Z W^T`` its output in the expert's own layer
+    group whose linears have no more outputs in all than inputs (Llama's ``o_proj`` and
+    ``down_proj``), as each linear's ``X^T Y`` with ``Y = Z W^T`` its output in the expert's own layer
     (``outputs``, by weight name) and the diagonal of ``X^T Z`` (``cross_diag``, for the
     shrinkage): ``X^T Y = (X^T Z) W^T`` is all a solve uses, and costs ``in x out``
-    rather than ``in x in`` per token.
+    rather than ``in x in`` per token (``statistics.GroupStatistics.by_outputs``).
     """
 
     gram: Optional[torch.Tensor] = None  # upper block triangle, unless one block

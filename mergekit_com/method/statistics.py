@@ -1,7 +1,7 @@
 """Calibration statistics of one input shared by a group of linears (q/k/v, gate/up, ...).
 
 Per expert: the running sums of ``X^T X`` (and ``X^T Z`` for ``match_expert`` and
-``blend``, or each linear's ``X^T Y`` where that is smaller) over that expert's
+``blend``, or each linear's ``X^T Y`` where that is no larger) over that expert's
 non-padding tokens, summed over ranks under
 torchrun, then turned into the mean statistics the solve uses. ``alpha: auto``
 also needs the spread of the per-sequence Grams, ``blend: auto`` the same sums
