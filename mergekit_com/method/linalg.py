@@ -538,7 +538,7 @@ class FoldProducts:
 
 
 def fold_products(stats: SharedInputStats, experts: List[Hashable], weights: List[float],
-                  expert_weights: List[torch.Tensor], name: str = "") -> Optional[FoldProducts]:
+                  expert_weights: List[torch.Tensor], name: str) -> Optional[FoldProducts]:
     """The products of both folds for the linear ``name`` (None without two non-empty folds)."""
     if len(stats.folds) != 2 or any(not f.grams for f in stats.folds):
         return None

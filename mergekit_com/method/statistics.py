@@ -72,7 +72,7 @@ class GroupStatistics:
         self.biased = biased  # the group has a bias: solved as a column on a constant input
         self.cross = cross  # also accumulate X^T Z (objective: match_expert, blend)
         # ... as each linear's X^T Y (Y = Z W^T, its output in the expert's own layer): for a
-        # group with fewer outputs than inputs it costs in x out per token, not in x in
+        # group with no more outputs than inputs it costs in x out per token, not in x in
         self.by_outputs = cross and by_outputs
         self.spread = spread  # alpha: auto
         self.held_out = held_out  # blend: auto

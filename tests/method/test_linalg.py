@@ -303,12 +303,12 @@ def test_fold_blend_rhs_is_blend_rhs_of_the_whole_data():
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         stats = stats_of(whole, dtype)
         stats.folds = [stats_of(f) for f in folds]
-        products = linalg.fold_products(stats, experts, weights, ws)
+        products = linalg.fold_products(stats, experts, weights, ws, "test")
         got = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, ws, products)
         assert got.dtype == torch.float64
         assert ((got - want).norm() / want.norm()).item() < tol
     stats.folds = []  # without folds there is nothing to build from
-    assert linalg.fold_products(stats, experts, weights, ws) is None
+    assert linalg.fold_products(stats, experts, weights, ws, "test") is None
 
 
 def _as_outputs(stats: linalg.SharedInputStats, ws, name: str) -> linalg.SharedInputStats:
