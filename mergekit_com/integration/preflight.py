@@ -35,6 +35,7 @@ from mergekit_com.integration.models import (
 from mergekit_com.io.calibration import CalibrationSet, load_calibration
 from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.inputs import not_regular, tree_entries, within
+from mergekit_com.method.linalg import all_finite
 
 Shapes = Dict[str, Tuple[int, ...]]
 
@@ -291,8 +292,8 @@ def scan_weights(models: List[ModelReference], options) -> None:
                 mapped = 0
             if not t.is_floating_point():
                 continue
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
+            if not all_finite(t):
+                finite = torch.isfinite(t)
                 nan = int(torch.isnan(t).sum())
                 inf = int((~finite).sum()) - nan
                 what = " and ".join(f"{n} {k}" for n, k in ((nan, "NaN"), (inf, "Inf")) if n)

@@ -131,17 +131,21 @@ class MergeReport:
             r.restore(state)
 
     def add_residual(self, layer: str, linear: str, index: int, gram: torch.Tensor,
-                     target: torch.Tensor, merged: torch.Tensor) -> None:
-        """``target``/``merged``: ``[out, in]`` (bias column included); ``gram``: ``[in, in]``."""
+                     target: torch.Tensor, merged: torch.Tensor,
+                     target_norm: Optional[float] = None) -> None:
+        """``target``/``merged``: ``[out, in]`` (bias column included); ``gram``: ``[in, in]``;
+        ``target_norm``: ``tr(W G W^T)`` of the target where the solve had it (then it
+        costs no product here)."""
         self._layer(layer)
         ratios = self._residual[layer].setdefault(linear, [_Ratio() for _ in self.experts])
         # Diagnostic precision is enough: float32 products (the difference is taken
         # first, so nothing cancels).
-        gram = gram.to(torch.float32)
+        gram32 = gram.to(torch.float32)
         diff = (merged.double() - target.double()).to(torch.float32)
-        num = linalg.gram_inner(diff, gram).item()
-        den = linalg.gram_inner(target.to(torch.float32), gram).item()
-        ratios[index].add(num, den)
+        num = linalg.gram_inner(diff, gram32).item()
+        if target_norm is None:
+            target_norm = linalg.gram_inner(target.to(torch.float32), gram32).item()
+        ratios[index].add(num, target_norm)
 
     def add_alpha(self, layer: str, linear: str, alphas: List[float]) -> None:
         """The keep ratios ``alpha: auto`` chose for one linear, one per expert."""

@@ -62,7 +62,8 @@ def solve_group(ctx: WalkContext, layer_key: str, group: Sequence[str],
                               transposed, biased, ctx.device)
                    for e in ctx.experts]
         with PHASES.phase("solve"):
-            merged = ctx.objective.solve(stats, ctx.experts, targets, settings, weight_name)
+            merged, target_norms = ctx.objective.solve(stats, ctx.experts, targets, settings,
+                                                       weight_name)
         if settings.alpha == AUTO and ctx.objective.uses_alpha:  # match_expert ignores alpha
             ctx.report.add_alpha(layer_key, key, stats.alphas(ctx.experts, AUTO))
         if ctx.objective.share(settings) == AUTO:
@@ -79,7 +80,8 @@ def solve_group(ctx: WalkContext, layer_key: str, group: Sequence[str],
                                 ctx.device)
         with PHASES.phase("report"):
             for t, e in enumerate(ctx.experts):
-                ctx.report.add_residual(layer_key, key, t, stats.grams[e], targets[t], as_written)
+                ctx.report.add_residual(layer_key, key, t, stats.grams[e], targets[t], as_written,
+                                        None if target_norms is None else target_norms[t])
     return written
 
 

@@ -25,6 +25,15 @@ def offdiag_sq(m: torch.Tensor) -> float:
     return float(total - torch.linalg.vector_norm(m.diagonal(), dtype=torch.float64).square())
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. A NaN or Inf anywhere makes the sum NaN or
+    Inf, so one sum (30x faster than ``isfinite(t).all()`` on this CPU, and as fast on
+    two threads as on one) settles it, unless finite entries overflowed it: then the
+    entries are tested one by one."""
+    wide = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+    return bool(torch.isfinite(t.sum(dtype=wide))) or bool(torch.isfinite(t).all())
+
+
 GRAM_BLOCK = 128  # columns per block of the upper-triangle Gram (at most 8 blocks)
 
 
@@ -350,7 +359,7 @@ class RidgeSolver:
     def __init__(self, lhs: torch.Tensor, ridge: float, name: str = "layer"):
         lhs = lhs.to(torch.float64)
         scale = lhs.diagonal().mean().item()
-        if not torch.isfinite(lhs).all():
+        if not all_finite(lhs):
             raise FloatingPointError(f"non-finite calibration statistics for {name}")
         if scale <= 0:
             # Every input feature is zero on every token: nothing to fit.
@@ -441,23 +450,27 @@ def blend_rhs(
 
 def stats_blend_rhs(stats: "SharedInputStats", experts: List[Hashable], weights: Sequence[float],
                     alphas: Sequence[float], share: float, expert_weights: Sequence[torch.Tensor],
-                    name: str) -> torch.Tensor:
-    """``blend_rhs`` of ``stats`` for the linear ``name``. Where its targets' moments were kept
-    as ``C_t W_t^T`` (``outputs``), the two targets' products are shrunk and mixed: the
-    Gram's costs one ``in x in x out`` product (none for ``share = 1``), the other none."""
-    if share == 0.0 or not stats.outputs:
+                    name: str) -> Tuple[torch.Tensor, Optional[List[float]]]:
+    """``blend_rhs`` of ``stats`` for the linear ``name``, and each expert's ``tr(W_t G_t W_t^T)``
+    where ``G_t W_t^T`` is formed on the way (None where it is not: the report's residuals
+    form their own). For regmean's share of 0, and where the targets' moments were kept as
+    ``C_t W_t^T`` (``outputs``), the two targets' products are shrunk and mixed: the Gram's
+    costs one ``in x in x out`` product (none for ``share = 1``), the other none."""
+    if share != 0.0 and not stats.outputs:
         return blend_rhs([stats.grams[e] for e in experts], [stats.crosses.get(e) for e in experts],
-                         weights, alphas, share, expert_weights)
-    total = None
+                         weights, alphas, share, expert_weights), None
+    total, norms = None, []
     for e, w, a, wt in zip(experts, weights, alphas, expert_weights):
         weight_t = wt.to(torch.float64).T
-        total = add_shrunk_product(total, stats.outputs[e][name], stats.cross_diags[e], weight_t, a,
-                                   w * share)
+        if share != 0.0:
+            total = add_shrunk_product(total, stats.outputs[e][name], stats.cross_diags[e], weight_t,
+                                       a, w * share)
         if share != 1.0:
             gram = stats.grams[e]
-            total = add_shrunk_product(total, gram @ weight_t, gram.diagonal(), weight_t, a,
-                                       w * (1.0 - share))
-    return total
+            product = gram @ weight_t
+            norms.append(float((product * weight_t).sum()))
+            total = add_shrunk_product(total, product, gram.diagonal(), weight_t, a, w * (1.0 - share))
+    return total, norms or None
 
 
 def add_shrunk_product(total: Optional[torch.Tensor], product: torch.Tensor, diagonal: torch.Tensor,
@@ -585,6 +598,19 @@ def fold_blend_rhs(
         diag = gram_diag + share * (stats.cross_diagonal(e) - gram_diag)
         total = add_shrunk_product(total, mixed, diag, wt.to(torch.float64).T, a, w)
     return total
+
+
+def fold_target_norms(stats: SharedInputStats, experts: List[Hashable],
+                      expert_weights: List[torch.Tensor], products: FoldProducts) -> List[float]:
+    """Each expert's ``tr(W_t G_t W_t^T)`` over the whole data, from its folds' products
+    ``G_t W_t^T`` weighted by their token counts (no product of its own)."""
+    norms = []
+    for t, (e, wt) in enumerate(zip(experts, expert_weights)):
+        counts = [fold.counts[e] for fold in stats.folds]
+        weight_t = wt.to(stats.dtype).T
+        norms.append(sum((n / sum(counts)) * float((products.grams[f][t] * weight_t).sum(dtype=torch.float64))
+                         for f, n in enumerate(counts)))
+    return norms
 
 
 def held_out_blend(

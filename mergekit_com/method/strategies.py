@@ -9,7 +9,7 @@ own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, List, Sequence
+from typing import Hashable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -33,6 +33,15 @@ CHAINS = {
 }
 
 
+class Solved(NamedTuple):
+    """A linear's merged ``[out, in]`` weight and, where the solve formed each expert's
+    ``G_t W_t^T`` on the way, ``tr(W_t G_t W_t^T)``: the merge report's residuals divide by
+    them (they cost no product then)."""
+
+    weight: torch.Tensor
+    target_norms: Optional[List[float]] = None
+
+
 class BlendObjective:
     """Fit a mix of both targets: with share ``b`` (``blend``), each expert contributes
     ``(1 - b) ||X_t V - X_t W_t^T||^2 + b ||X_t V - Z_t W_t^T||^2`` (over its tokens):
@@ -52,7 +61,7 @@ class BlendObjective:
         return self.fixed_share if self.fixed_share is not None else settings.blend
 
     def solve(self, stats: linalg.SharedInputStats, experts: List[Hashable],
-              targets: Sequence[torch.Tensor], settings: SolveSettings, name: str) -> torch.Tensor:
+              targets: Sequence[torch.Tensor], settings: SolveSettings, name: str) -> Solved:
         weights = list(settings.weights)
         alphas = stats.alphas(experts, settings.alpha if self.uses_alpha else 1.0)
         share = self.share(settings)
@@ -65,9 +74,10 @@ class BlendObjective:
         solver = stats.solver(experts, weights, alphas, settings.ridge, name)
         if products is not None:  # the folds' products sum to the whole data's
             rhs = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, targets, products)
+            norms = linalg.fold_target_norms(stats, experts, targets, products)
         else:
-            rhs = linalg.stats_blend_rhs(stats, experts, weights, alphas, share, targets, name)
-        return solver.solve(rhs).T
+            rhs, norms = linalg.stats_blend_rhs(stats, experts, weights, alphas, share, targets, name)
+        return Solved(solver.solve(rhs).T, norms)
 
 
 class RegMeanObjective(BlendObjective):

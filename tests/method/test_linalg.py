@@ -11,12 +11,16 @@ from mergekit_com.method.strategies import OBJECTIVES, RegMeanObjective
 
 def solve(stats, experts, weights, targets, alpha, ridge):
     settings = SolveSettings(alpha=alpha, ridge=ridge, weights=tuple(weights))
-    return RegMeanObjective().solve(stats, experts, targets, settings, name="test")
+    return RegMeanObjective().solve(stats, experts, targets, settings, name="test").weight
 
 
-def solve_with(objective, stats, experts, weights, targets, alpha, ridge, blend=0.5):
+def solved_with(objective, stats, experts, weights, targets, alpha, ridge, blend=0.5):
     settings = SolveSettings(alpha=alpha, ridge=ridge, weights=tuple(weights), blend=blend)
     return OBJECTIVES[Objective(objective)].solve(stats, experts, targets, settings, name="test")
+
+
+def solve_with(*args, **kwargs):
+    return solved_with(*args, **kwargs).weight
 
 
 def test_moments_are_batch_invariant_and_float64():
@@ -323,10 +327,12 @@ def _as_outputs(stats: linalg.SharedInputStats, ws, name: str) -> linalg.SharedI
 
 @pytest.mark.parametrize("objective,blend,alpha", [
     ("blend", 0.35, 0.7), ("blend", 1.0, 0.5), ("match_expert", 0.5, 1.0), ("blend", "auto", "auto"),
-    ("blend", "auto", 0.8)])
+    ("blend", "auto", 0.8), ("regmean", 0.5, 0.7)])
 def test_targets_kept_as_outputs_solve_as_the_cross_moments_do(objective, blend, alpha):
     """``X^T Y`` per linear (``outputs``) is ``(X^T Z) W^T``: every objective, share and
-    shrinkage solves to the same merge, and ``blend: auto`` picks the same share."""
+    shrinkage solves to the same merge, and ``blend: auto`` picks the same share. Where
+    a solve formed each expert's ``G_t W_t^T`` on the way it hands over ``tr(W_t G_t W_t^T)``
+    (the report's residual norms): wherever the Gram's product enters apart from ``C_t``."""
     g = torch.Generator().manual_seed(7)
     d, k, out = 12, 3, 5
     ws = [torch.randn(out, d, generator=g, dtype=torch.float64) for _ in range(k)]
@@ -347,9 +353,15 @@ def test_targets_kept_as_outputs_solve_as_the_cross_moments_do(objective, blend,
         f.counts = {e: 30 for e in range(k)}
     kept = _as_outputs(stats, ws, "test")
     weights = [1.0, 0.5, 2.0]
-    want = solve_with(objective, stats, list(range(k)), weights, ws, alpha=alpha, ridge=1e-6, blend=blend)
-    got = solve_with(objective, kept, list(range(k)), weights, ws, alpha=alpha, ridge=1e-6, blend=blend)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    want = solved_with(objective, stats, list(range(k)), weights, ws, alpha=alpha, ridge=1e-6, blend=blend)
+    got = solved_with(objective, kept, list(range(k)), weights, ws, alpha=alpha, ridge=1e-6, blend=blend)
+    torch.testing.assert_close(got.weight, want.weight, rtol=1e-10, atol=1e-12)
+    share = {"regmean": 0.0, "match_expert": 1.0}.get(objective, blend)
+    assert (want.target_norms is None) == (share not in (0.0, "auto"))
+    assert (got.target_norms is None) == (share == 1.0)
+    for norms in (want.target_norms, got.target_norms):
+        for e, norm in enumerate(norms or []):
+            assert norm == pytest.approx(float((ws[e] @ stats.grams[e] * ws[e]).sum()), rel=1e-10)
     if blend == "auto":
         assert 0.0 < stats.last_blend < 1.0
         assert abs(kept.last_blend - stats.last_blend) < 1e-10
@@ -370,3 +382,29 @@ def test_ridge_solver_solves_wide_and_narrow_right_hand_sides_alike(columns):
         assert got.dtype == dtype
         assert ((got.double() - want).norm() / want.norm()).item() < tol
     assert bool(solver._inverses) == (columns >= 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_any_nan_or_inf_and_passes_a_sum_that_overflows(dtype):
+    big = torch.finfo(dtype).max
+    t = torch.full((64, 3), big / 2, dtype=dtype)  # finite, though its sum is not
+    assert linalg.all_finite(t) and linalg.all_finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0), (63, 2)):
+            u = torch.randn(64, 3).to(dtype)
+            u[where] = bad
+            assert not linalg.all_finite(u)
+            t2 = t.clone()
+            t2[where] = bad
+            assert not linalg.all_finite(t2)
+    both = torch.randn(5).to(dtype)
+    both[0], both[1] = float("inf"), float("-inf")  # they sum to NaN: still caught
+    assert not linalg.all_finite(both)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_statistics_stop_the_solve_naming_the_linear(bad):
+    lhs = torch.eye(4, dtype=torch.float64)
+    lhs[2, 1] = lhs[1, 2] = bad
+    with pytest.raises(FloatingPointError, match="non-finite calibration statistics for model.q_proj"):
+        linalg.RidgeSolver(lhs, ridge=1e-6, name="model.q_proj")

@@ -185,6 +185,21 @@ def test_cost_table_compares_each_variant_with_the_floor():
         "forward": 2.0, "gram": 1.0, "cross": 2.0, "tokens": 10}
 
 
+def test_a_short_merge_is_measured_twice_and_its_faster_run_kept():
+    from mergekit_com.bench import cost
+    from mergekit_com.bench.measure import Measurement
+
+    def runs(*seconds):
+        left = list(seconds)
+        return lambda: Measurement(wall_s=left[0] + 1, merge_s=left.pop(0), peak_rss_mb=1.0)
+
+    short = cost.measure_merge(runs(3.0, 2.0, 1.0), repeat_below_s=10)
+    assert (short["merge_s"], short["wall_s"], short["runs"]) == (2.0, 3.0, 2)
+    assert cost.measure_merge(runs(1.0, 5.0), repeat_below_s=10)["merge_s"] == 1.0
+    long = cost.measure_merge(runs(30.0, 1.0), repeat_below_s=10)
+    assert (long["merge_s"], long["runs"]) == (30.0, 1)
+
+
 def test_the_targets_floor_takes_each_groups_smaller_targets_moment():
     """The floor's cross term per group: ``X^T Z`` (input width squared) or, where the
     group's outputs are no wider than its input, ``X^T Y`` (what the walk forms there)."""
