@@ -56,11 +56,19 @@ def upper_gram(x: torch.Tensor) -> torch.Tensor:
     width = x.shape[1]
     if gram_blocks(width) == 1:
         return x.T @ x
+    return add_upper_gram(x.new_zeros(width, width), x)
+
+
+def add_upper_gram(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``total += upper_gram(x)``, each block product added where it goes: no zero lower
+    blocks are formed or added (a float64 ``total`` takes float32 products exactly)."""
+    width = x.shape[1]
+    if gram_blocks(width) == 1:
+        return total.add_(x.T @ x)
     step = _block_step(width)
-    out = x.new_zeros(width, width)
     for i in range(0, width, step):
-        out[i:i + step, i:] = x[:, i:i + step].T @ x[:, i:]
-    return out
+        total[i:i + step, i:].add_(x[:, i:i + step].T @ x[:, i:])
+    return total
 
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
@@ -90,7 +98,12 @@ def _symmetric_inner(upper: torch.Tensor, other: torch.Tensor, inner) -> torch.T
 def gram_sq_norm(x: torch.Tensor) -> torch.Tensor:
     """``||X^T X||_F^2`` (float64) from the upper block triangle of the smaller of
     ``X^T X`` and ``X X^T`` (their squared norms are equal)."""
-    upper = upper_gram(x if x.shape[0] >= x.shape[1] else x.T)
+    small = x if x.shape[0] >= x.shape[1] else x.T
+    if gram_blocks(small.shape[1]) <= 2:
+        # two blocks save a quarter of the product, less than the blocks' own overhead
+        # (1.2-2.5x slower at 2 threads on 256-row sequences, docs/scaling.md)
+        return torch.linalg.vector_norm(small.T @ small, dtype=torch.float64).square()
+    upper = upper_gram(small)
     return _symmetric_inner(upper, upper,
                             lambda a, _: torch.linalg.vector_norm(a, dtype=torch.float64).square())
 
@@ -128,8 +141,8 @@ def sequence_spread(x: torch.Tensor, sequences: Union[Sequences, Sequence[int]])
 
     Short sequences (or narrow inputs) are padded into one batched product: their
     products are single blocks, and one call per sequence cost 2-7x more on the zoos'
-    shapes. Longer ones go one by one through ``gram_sq_norm``'s upper blocks, which
-    beat the batched product from two blocks on (``docs/scaling.md``)."""
+    shapes. Longer ones go one by one through ``gram_sq_norm`` (one product each, upper
+    blocks from 384 rows and features on), which beat the batched product there."""
     if not isinstance(sequences, Sequences):
         sequences = Sequences(tuple(int(n) for n in sequences))
     lengths = sequences.nonempty
@@ -213,7 +226,7 @@ class Moments:
         width = x.shape[1]
         if self.gram is None:  # float64 accumulators; each product is added in place
             self.gram = torch.zeros(width, width, dtype=torch.float64, device=x.device)
-        self.gram.add_(upper_gram(x))
+        add_upper_gram(self.gram, x)
         if outputs is not None:
             if self.outputs is None:
                 self.outputs = {n: torch.zeros(width, y.shape[1], dtype=torch.float64, device=x.device)

@@ -93,6 +93,11 @@ def test_blocked_upper_gram_completes_to_the_full_product():
         if linalg.gram_blocks(width) > 1:  # the lower blocks were never computed
             upper = linalg.upper_gram(x)
             assert upper[-1, 0] == 0 and upper[0, -1] != 0
+        # float32 products added block by block into a float64 sum: exactly the sum of the
+        # whole products, converted
+        x32, total = x.float(), torch.zeros(width, width, dtype=torch.float64)
+        linalg.add_upper_gram(linalg.add_upper_gram(total, x32[:25]), x32[25:])
+        assert torch.equal(total, linalg.upper_gram(x32[:25]).double() + linalg.upper_gram(x32[25:]).double())
 
 
 def test_gram_norm_from_either_side_of_the_product():
@@ -105,7 +110,8 @@ def test_gram_norm_from_either_side_of_the_product():
 @pytest.mark.parametrize("width, lengths", [
     (40, [7, 3, 5]),  # short: one batched product, X_s X_s^T side
     (6, [30, 9, 17]),  # narrow: batched, X_s^T X_s side
-    (300, [260, 256]),  # long and wide: one sequence at a time, upper blocks
+    (300, [260, 256]),  # long and wide: one sequence at a time, one product each
+    (520, [400, 390]),  # longer and wider: one sequence at a time, upper blocks
 ])
 def test_sequence_spread_is_the_per_sequence_off_diagonal_energy(width, lengths):
     x = torch.randn(sum(lengths), width, dtype=torch.float64)
