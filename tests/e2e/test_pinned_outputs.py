@@ -19,17 +19,13 @@ def records():
     return pinned.recorded("float32"), pinned.recorded("float64")
 
 
-def _relative(got, want) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
 @pytest.mark.parametrize("case", sorted(pinned.CASES))
 def test_pinned_float64_merge_is_unchanged(case, inputs, records, tmp_path):
     got = pinned.run_case(case, inputs, str(tmp_path / "out"), "float64")
     want = records[1][case]
     assert got.keys() == want.keys()
     for name, expected in want.items():
-        err = _relative(got[name], expected)
+        err = pinned.relative(got[name], expected)
         assert err <= pinned.REFERENCE_TOLERANCE, f"{case}: {name} moved by {err:.2e} (relative, float64)"
 
 
@@ -39,5 +35,5 @@ def test_pinned_merge_is_unchanged(case, inputs, records, tmp_path):
     want, references = records[0][case], records[1][case]
     assert got.keys() == want.keys()
     for name, expected in want.items():
-        err, tol = _relative(got[name], expected), pinned.float32_tolerance(expected, references[name])
+        err, tol = pinned.relative(got[name], expected), pinned.float32_tolerance(expected, references[name])
         assert err <= tol, f"{case}: {name} moved by {err:.2e} (relative; float32 holds {tol:.2e} here)"

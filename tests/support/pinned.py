@@ -128,10 +128,14 @@ def run_case(case: str, paths: Dict[str, str], out: str, dtype: str = "float32"
     return merge({**config_for(case, paths), "dtype": dtype}, out)
 
 
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``||got - want|| / ||want||`` of one tensor, in float64."""
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
 def relative_error(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> float:
-    """The largest per-tensor relative error ``||got - want|| / ||want||``."""
-    return max(((got[k].double() - want[k].double()).norm() / want[k].double().norm()).item()
-               for k in want)
+    """The largest per-tensor relative error."""
+    return max(relative(got[k], want[k]) for k in want)
 
 
 def float64_errors(root: str) -> Dict[str, Tuple[float, float]]:
@@ -154,7 +158,7 @@ def float32_tolerance(recorded32: torch.Tensor, reference: torch.Tensor) -> floa
     """How far (relative) a float32 merge on another CPU may be from the recorded one: 1e-6,
     or four times the recorded merge's own distance from float64 where that is larger
     (a float32 merge on any CPU is about as far from float64 as the recorded one)."""
-    return max(1e-6, 4 * relative_error({"t": recorded32}, {"t": reference}))
+    return max(1e-6, 4 * relative(recorded32, reference))
 
 
 def recorded(dtype: str = "float32") -> Dict[str, Dict[str, torch.Tensor]]:
