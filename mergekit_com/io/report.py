@@ -118,9 +118,10 @@ class MergeReport:
     def add_shift(self, layer: str, index: int, merged: torch.Tensor, own: torch.Tensor) -> None:
         """One batch of hidden states (valid tokens only) entering ``layer``."""
         self._layer(layer)
-        merged, own = merged.double(), own.double()
-        self._shift[layer][index].add((merged - own).square().sum().item(), own.square().sum().item(),
-                                      merged.shape[0])
+        # in the states' dtype, each column's sum of squares added in float64 (linalg.inner):
+        # the difference is taken first, so nothing cancels
+        diff, own = (merged - own).flatten(1), own.flatten(1)
+        self._shift[layer][index].add(linalg.inner(diff, diff), linalg.inner(own, own), merged.shape[0])
 
     def sum_shift_over_ranks(self, layer: str, device: torch.device) -> None:
         """Under torchrun each rank saw its own share of the tokens: add the shares up."""

@@ -225,7 +225,8 @@ class LayerMerge:
                 ys = None
                 with PHASES.phase("forward"):
                     if by_outputs:  # the expert's own pass runs on through the group
-                        z, outputs = z_pass.input_and_outputs(key, group)
+                        z, outputs = z_pass.input_and_outputs(
+                            key, group, stats.output_rows(ctx.streams.tokens[e][b]))
                         ys = {names_of[k][0]: y for k, y in outputs.items()}
                         x = z if z_pass is x_pass else x_pass.input_of(key)
                     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Hashable, Optional, Sequence, Set
+from typing import Callable, Dict, Hashable, Optional, Sequence, Set
 
 import torch
 
@@ -85,20 +85,29 @@ class GroupStatistics:
         self.moments: Dict[Hashable, linalg.Moments] = {e: moments() for e in experts}
         self.dtype = torch.float32  # the activations' rows (float64 when the walk is)
 
+    def rows(self, tokens: TokenRows) -> TokenRows:
+        """Where a batch's tokens are, in the order these statistics take them."""
+        return tokens.held_out if self.held_out else tokens
+
+    def output_rows(self, tokens: TokenRows) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What ``add`` takes of a linear's output (its tokens' rows, as ``output_rows``):
+        given to the pass that makes the output, so it is gathered as it is made."""
+        rows = self.rows(tokens)
+        return lambda y: rows.take(y, False)
+
     def add(self, expert: Hashable, x: torch.Tensor, tokens: TokenRows,
             z: Optional[torch.Tensor] = None,
             outputs: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """One batch: ``x`` the group's inputs, ``z`` the expert's own (for the cross term),
-        ``outputs`` its linears' outputs on ``z`` by weight name (``by_outputs``), ``tokens``
-        where the batch's real tokens are."""
+        ``outputs`` its linears' outputs on ``z`` by weight name (``by_outputs``), as
+        ``output_rows`` takes them, ``tokens`` where the batch's real tokens are."""
         if self.by_outputs and outputs is None:
             raise ValueError("these statistics keep X^T Y: they need the linears' outputs")
-        if self.held_out:
-            tokens = tokens.held_out
+        tokens = self.rows(tokens)
         rows = tokens.take(x, self.biased)
         self.dtype = rows.dtype
         targets = tokens.take(z, self.biased) if self.cross else None
-        ys = {n: tokens.take(y, False) for n, y in outputs.items()} if self.by_outputs else None
+        ys = outputs if self.by_outputs else None
         sequences = tokens.sequences if self.spread or self.held_out else None
         self.moments[expert].add(rows, targets, sequences, ys)
 

@@ -74,7 +74,7 @@ class BlendObjective:
         solver = stats.solver(experts, weights, alphas, settings.ridge, name)
         if products is not None:  # the folds' products sum to the whole data's
             rhs = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, targets, products)
-            norms = linalg.fold_target_norms(stats, experts, targets, products)
+            norms = linalg.fold_target_norms(stats, experts, products)
         else:
             rhs, norms = linalg.stats_blend_rhs(stats, experts, weights, alphas, share, targets, name)
         return Solved(solver.solve(rhs).T, norms)

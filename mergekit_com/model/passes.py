@@ -19,7 +19,8 @@ A pass that is not run to its end must be ``close``d.
 A pass of a layer whose weights are not being merged (an expert's own) may
 also run on past a group, to the next stop, and hand over the outputs of the
 group's linears (``input_and_outputs``): the targets ``Y = Z W^T`` that
-forward computed anyway.
+forward computed anyway, or what a given function takes of them as they are made
+(the real tokens' rows: one copy instead of a copy and a gather).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class _PassGreenlet(greenlet.greenlet):
     stops: Mapping[nn.Module, str] = {}
     outputs_of: Mapping[nn.Module, str] = {}  # the modules whose outputs are handed over
     captured: Optional[Dict[str, torch.Tensor]] = None  # while capturing: name -> first output
+    keep: Callable[[torch.Tensor], torch.Tensor] = torch.clone  # what is kept of an output
 
 
 def _pause_here(module: nn.Module, args) -> None:
@@ -53,7 +55,7 @@ def _capture_here(module: nn.Module, args, output) -> None:
     if captured is not None:
         name = greenlet.getcurrent().outputs_of[module]
         if name not in captured:  # a copy: the forward may go on to change its output in place
-            captured[name] = output.clone()
+            captured[name] = greenlet.getcurrent().keep(output)
 
 
 class PausableLayer:
@@ -130,13 +132,16 @@ class LayerPass:
             self._run = run
         return value
 
-    def input_and_outputs(self, key: str, names: Sequence[str]
+    def input_and_outputs(self, key: str, names: Sequence[str],
+                          keep: Callable[[torch.Tensor], torch.Tensor] = torch.clone,
                           ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The input of the group ``key`` and the outputs of its linears ``names`` (among the
         layer's ``outputs``) on it: the pass runs on to its next stop. Only for a layer whose
-        weights stay as they are: the rest of the pass runs on them now."""
+        weights stay as they are: the rest of the pass runs on them now. What is handed over
+        of each output is ``keep(output)``, called as the linear returns it: a new tensor (a
+        copy, or a gather of some rows), since the forward may change the output in place."""
         run, value = self._reach(key)
-        run.captured = {}
+        run.captured, run.keep = {}, keep
         try:
             ahead = self._step(run)
         finally:

@@ -112,15 +112,23 @@ def test_gram_norm_from_either_side_of_the_product():
     (6, [30, 9, 17]),  # narrow: batched, X_s^T X_s side
     (300, [260, 256]),  # long and wide: one sequence at a time, one product each
     (520, [400, 390]),  # longer and wider: one sequence at a time, upper blocks
+    (300, [260, 260, 260]),  # one length: on more than one thread, one batched product
+    (260, [300, 300]),  # ... from either side
 ])
-def test_sequence_spread_is_the_per_sequence_off_diagonal_energy(width, lengths):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sequence_spread_is_the_per_sequence_off_diagonal_energy(width, lengths, threads):
     x = torch.randn(sum(lengths), width, dtype=torch.float64)
     expected = 0.0
     for seq in x.split(lengths):
         u = seq.T @ seq
         expected += float((u - torch.diag(u.diagonal())).square().sum()) / len(seq)
-    assert abs(linalg.sequence_spread(x, lengths) - expected) <= 1e-10 * expected
-    got32 = linalg.sequence_spread(x.float(), lengths)  # float32 products, float64 sums
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert abs(linalg.sequence_spread(x, lengths) - expected) <= 1e-10 * expected
+        got32 = linalg.sequence_spread(x.float(), lengths)  # float32 products, float64 sums
+    finally:
+        torch.set_num_threads(before)
     assert abs(got32 - expected) <= 1e-5 * expected
 
 
@@ -381,7 +389,7 @@ def test_ridge_solver_solves_wide_and_narrow_right_hand_sides_alike(columns):
     x = torch.randn(50, 8, generator=g, dtype=torch.float64)
     lhs = x.T @ x / 50
     rhs = torch.randn(8, columns, generator=g, dtype=torch.float64)
-    solver = linalg.RidgeSolver(lhs, ridge=1e-3)
+    solver = linalg.RidgeSolver(lhs.clone(), ridge=1e-3)  # it adds the ridge in place
     want = torch.linalg.solve(lhs + solver.eps * torch.eye(8, dtype=torch.float64), rhs)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         got = solver.solve(rhs, dtype)

@@ -37,7 +37,10 @@ def test_targets_by_outputs_are_the_cross_moment_times_the_weights(held_out):
     for by_outputs in (False, True):
         stats = GroupStatistics(["a"], biased=True, cross=True, held_out=held_out, by_outputs=by_outputs)
         for i in range(2):
-            stats.add("a", x[i], TokenRows.of(valid, first=i), z[i], {"w": z[i] @ w.T + b})
+            tokens = TokenRows.of(valid, first=i)
+            # the outputs as the walk's pass hands them over: their tokens' rows, as taken
+            y = stats.output_rows(tokens)(z[i] @ w.T + b)
+            stats.add("a", x[i], tokens, z[i], {"w": y})
         both[by_outputs] = stats.finish("layer 0 down", set())
     cross, kept = both[False], both[True]
     augmented = torch.cat([w, b[:, None]], 1).double()
