@@ -162,9 +162,10 @@ def sequence_spread(x: torch.Tensor, sequences: Union[Sequences, Sequence[int]])
     lengths = sequences.nonempty
     if min(max(lengths), x.shape[1]) < 2 * GRAM_BLOCK:
         return _spread_batched(x, sequences)
-    if torch.get_num_threads() > 1 and len(lengths) > 1 and min(lengths) == max(lengths):
+    parallel = x.device.type != "cpu" or torch.get_num_threads() > 1
+    if parallel and len(lengths) > 1 and min(lengths) == max(lengths):
         # Sequences of one length (records cut at max_seq_len) are a view of the rows: one
-        # batched product needs no padding, and on 2 threads beat the per-sequence
+        # batched product needs no padding, and on 2 CPU threads beat the per-sequence
         # products, which gain little from a second thread (on 1 thread it is slower).
         return _spread_of_equal(x.view(len(lengths), lengths[0], x.shape[1]))
     total = 0.0
