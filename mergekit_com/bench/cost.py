@@ -12,10 +12,13 @@ For each model family, in one run and at each thread count:
   (one forward per token and layer: the floor's own shape), with every default
   (``objective: blend``: the experts' own models run too, for the targets), and
   with ``objective: match_expert``;
-* the floor's parts are measured before and after the merges and each part's
-  shorter time is kept: on a shared machine the speed drifts. By the same rule a
-  merge shorter than ``REPEAT_BELOW_S`` runs a second time and its faster run is
-  kept (the zoos' and pico's merges; SmolLM2's run once);
+* in rounds: each round measures the floor's parts, then runs every merge once; the
+  floor is measured once more after the last round, and each part and each merge
+  keeps its fastest measurement. On a shared machine the speed drifts over seconds to
+  minutes (the same tiny-zoo merge took 0.85 s or 1.3 s at random), so the
+  repeats are spread over the run rather than run back to back, and the floor and the
+  merges are treated alike. How many rounds follows from the first one's length
+  (``ROUNDS``): five for the zoos, two for pico, one for SmolLM2;
 * **the targets' floor**, what any merge fitting the experts' own outputs must
   do (the defaults, match_expert): a second ``forward`` (each expert's own
   model over its tokens) and ``cross`` on top of the floor: per batch and group
@@ -29,6 +32,7 @@ forward and Grams run in this process on the same batches.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -36,7 +40,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -61,9 +65,9 @@ FAMILIES = {
     # SmolLM2-135M-Instruct (30 layers, hidden 576, MLP 1536), 4 experts, 32k tokens
     "smollm2": Family("smollm2", experts=4, samples=32, seq_len=256),
 }
-# a merge shorter than this runs twice and its faster run is kept, as the floor's parts are
-# measured twice: a second run of the longer ones would add most of an hour
-REPEAT_BELOW_S = 100.0
+# (a first round at least this long in seconds, rounds in all): a second round of SmolLM2
+# would add most of an hour
+ROUNDS = ((600.0, 1), (60.0, 2), (0.0, 5))
 PICO_SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=8)
 
@@ -207,19 +211,47 @@ def floor(paths: Dict[str, object], family: Family) -> Dict[str, float]:
     return {"forward": forward, "gram": gram, "cross": cross, "tokens": tokens}
 
 
-def measure_merge(merge: Callable[[], Measurement], repeat_below_s: float = REPEAT_BELOW_S) -> dict:
-    """One merge's measurement: a merge shorter than ``repeat_below_s`` runs again and the
-    faster of its two runs is kept (``runs``: how many were made)."""
-    runs = [merge()]
-    if runs[0].merge_s < repeat_below_s:
-        runs.append(merge())
-    best = min(runs, key=lambda m: m.merge_s)
-    return {**best.to_json(), "runs": len(runs)}
+def rounds_after(first_round_s: float) -> int:
+    """How many rounds in all, given the first one's wall time (``ROUNDS``)."""
+    return next(n for longer, n in ROUNDS if first_round_s >= longer)
+
+
+def fastest(measurements: Sequence[Measurement]) -> dict:
+    """One merge's measurements (one per round): the fastest, and how many there were."""
+    best = min(measurements, key=lambda m: m.merge_s)
+    return {**best.to_json(), "runs": len(measurements)}
 
 
 def faster(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
     """Two measurements of the floor's parts: each part's shorter time (tokens: the same)."""
     return {k: min(a[k], b[k]) if k != "tokens" else a[k] for k in a}
+
+
+def measure(paths: Dict[str, object], spec: Family, cfgs: Dict[str, dict], threads: int,
+            out: Path) -> Dict[str, object]:
+    """One family at one thread count, in rounds: the floor's parts and each merge's
+    fastest measurement."""
+    args = ["--quiet", "--num-threads", str(threads)]
+    floors: List[Dict[str, float]] = []
+    merges: Dict[str, List[Measurement]] = {label: [] for label in cfgs}
+    total, start = 1, time.perf_counter()
+    while len(floors) < total:
+        floors.append(floor(paths, spec))
+        for label, cfg in cfgs.items():
+            dest = out / "merges" / f"{spec.name.replace(':', '_')}_{label}_t{threads}"
+            merges[label].append(run_yaml(cfg, dest, args))
+            shutil.rmtree(dest, ignore_errors=True)
+            LOG.info("%s, %d thread(s), round %d: %s %.1f s", spec.name, threads, len(floors),
+                     label, merges[label][-1].merge_s)
+        if len(floors) == 1:
+            total = rounds_after(time.perf_counter() - start)
+    floors.append(floor(paths, spec))  # and once after the last round
+    row: Dict[str, object] = {"family": spec.name, "threads": threads, "rounds": total}
+    row.update(functools.reduce(faster, floors))
+    row.update({label: fastest(m) for label, m in merges.items()})
+    row["floor"] = row["forward"] + row["gram"] + row["linear"]["merge_s"]
+    row["targets_floor"] = row["floor"] + row["forward"] + row["cross"]
+    return row
 
 
 def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
@@ -233,23 +265,9 @@ def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
         cfgs = configs(paths, spec)
         for t in threads:
             torch.set_num_threads(t)
-            args = ["--quiet", "--num-threads", str(t)]
-            before = floor(paths, spec)
-            row: Dict[str, object] = {"family": name, "threads": t}
-            LOG.info("%s, %d thread(s): floor forward %.1f s, gram %.1f s", name, t,
-                     before["forward"], before["gram"])
-            for label, cfg in cfgs.items():
-                dest = out / "merges" / f"{name.replace(':', '_')}_{label}_t{t}"
-                row[label] = measure_merge(lambda: run_yaml(cfg, dest, args))
-                shutil.rmtree(dest, ignore_errors=True)
-                LOG.info("%s, %d thread(s): %s %.1f s (%d runs)", name, t, label,
-                         row[label]["merge_s"], row[label]["runs"])
-            # a shared machine's speed drifts: the floor is measured before and after the
-            # merges, and each part's faster time kept (what this machine can do)
-            row.update(faster(before, floor(paths, spec)))
-            row["floor"] = row["forward"] + row["gram"] + row["linear"]["merge_s"]
-            row["targets_floor"] = row["floor"] + row["forward"] + row["cross"]
-            rows.append(row)
+            rows.append(measure(paths, spec, cfgs, t, out))
+            LOG.info("%s, %d thread(s): %d rounds, floor %.1f s, defaults %.1f s", name, t,
+                     rows[-1]["rounds"], rows[-1]["floor"], rows[-1]["com"]["merge_s"])
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 

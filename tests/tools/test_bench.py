@@ -185,19 +185,45 @@ def test_cost_table_compares_each_variant_with_the_floor():
         "forward": 2.0, "gram": 1.0, "cross": 2.0, "tokens": 10}
 
 
-def test_a_short_merge_is_measured_twice_and_its_faster_run_kept():
+def test_each_merge_keeps_its_fastest_round_and_short_families_run_more_rounds():
     from mergekit_com.bench import cost
     from mergekit_com.bench.measure import Measurement
 
-    def runs(*seconds):
-        left = list(seconds)
-        return lambda: Measurement(wall_s=left[0] + 1, merge_s=left.pop(0), peak_rss_mb=1.0)
+    kept = cost.fastest([Measurement(wall_s=s + 1, merge_s=s, peak_rss_mb=1.0) for s in (3.0, 2.0, 4.0)])
+    assert (kept["merge_s"], kept["wall_s"], kept["runs"]) == (2.0, 3.0, 3)
+    # the first round's wall time decides: the zoos' (seconds) 5, pico's (minutes) 2,
+    # SmolLM2's (most of an hour) 1
+    assert [cost.rounds_after(s) for s in (0.0, 30.0, 59.9, 60.0, 300.0, 599.0, 600.0, 3000.0)] == [
+        5, 5, 5, 2, 2, 2, 1, 1]
 
-    short = cost.measure_merge(runs(3.0, 2.0, 1.0), repeat_below_s=10)
-    assert (short["merge_s"], short["wall_s"], short["runs"]) == (2.0, 3.0, 2)
-    assert cost.measure_merge(runs(1.0, 5.0), repeat_below_s=10)["merge_s"] == 1.0
-    long = cost.measure_merge(runs(30.0, 1.0), repeat_below_s=10)
-    assert (long["merge_s"], long["runs"]) == (30.0, 1)
+
+def test_the_rounds_interleave_the_floor_and_the_merges(monkeypatch, tmp_path):
+    """Each round measures the floor, then every merge once; the floor once more after the
+    last round; every part and merge keeps its fastest measurement."""
+    from mergekit_com.bench import cost
+    from mergekit_com.bench.measure import Measurement
+
+    events, floors = [], iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0])
+
+    def fake_floor(paths, spec):
+        events.append("floor")
+        f = next(floors)
+        return {"forward": f, "gram": f / 2, "cross": 1.0, "tokens": 10}
+
+    times = {"linear": iter([1.0, 0.5, 0.9, 0.8, 0.7]), "com": iter([9.0, 8.0, 10.0, 7.5, 9.5])}
+
+    def fake_run(cfg, dest, args):
+        events.append(cfg)
+        return Measurement(wall_s=1.0, merge_s=next(times[cfg]), peak_rss_mb=1.0)
+
+    monkeypatch.setattr(cost, "floor", fake_floor)
+    monkeypatch.setattr(cost, "run_yaml", fake_run)
+    row = cost.measure({}, cost.Family("pico"), {"linear": "linear", "com": "com"}, 1, tmp_path)
+    assert row["rounds"] == 5  # a first round of well under a minute
+    assert events == ["floor", "linear", "com"] * 5 + ["floor"]
+    assert (row["forward"], row["gram"], row["linear"]["merge_s"], row["com"]["merge_s"]) == (3.0, 1.5, 0.5, 7.5)
+    assert row["com"]["runs"] == 5 and row["floor"] == 3.0 + 1.5 + 0.5
+    assert row["targets_floor"] == row["floor"] + 3.0 + 1.0
 
 
 def test_the_targets_floor_takes_each_groups_smaller_targets_moment():
