@@ -90,7 +90,7 @@ class GroupStatistics:
         return tokens.held_out if self.held_out else tokens
 
     def output_rows(self, tokens: TokenRows) -> Callable[[torch.Tensor], torch.Tensor]:
-        """What ``add`` takes of a linear's output (its tokens' rows, as ``output_rows``):
+        """What ``add`` takes of a linear's output (its tokens' rows, ordered as ``rows``):
         given to the pass that makes the output, so it is gathered as it is made."""
         rows = self.rows(tokens)
         return lambda y: rows.take(y, False)

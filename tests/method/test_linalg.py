@@ -422,3 +422,18 @@ def test_non_finite_statistics_stop_the_solve_naming_the_linear(bad):
     lhs[2, 1] = lhs[1, 2] = bad
     with pytest.raises(FloatingPointError, match="non-finite calibration statistics for model.q_proj"):
         linalg.RidgeSolver(lhs, ridge=1e-6, name="model.q_proj")
+
+
+def test_inner_and_column_dots_sum_in_the_tensors_dtype_then_float64():
+    """Products and each column's sum in the tensors' dtype, the columns added in float64:
+    float64 to its own precision, float32 to the precision its products carry."""
+    g = torch.Generator().manual_seed(11)
+    a, b = (torch.randn(700, 300, generator=g, dtype=torch.float64) for _ in range(2))
+    want = float((a * b).sum())
+    assert linalg.inner(a, b) == pytest.approx(want, rel=1e-12)
+    # the sum cancels (random signs): measured against the sizes of its terms
+    assert abs(linalg.inner(a.float(), b.float()) - want) <= 1e-6 * float(a.norm() * b.norm())
+    torch.testing.assert_close(linalg.column_dots(a, b), (a * b).sum(0))
+    assert linalg.column_dots(a.float(), b.float()).dtype == torch.float32
+    wide = torch.randn(700, 2 * 300, generator=g, dtype=torch.float64)[:, :300]  # a column slice
+    assert linalg.inner(wide, b) == pytest.approx(float((wide * b).sum()), rel=1e-12)

@@ -165,18 +165,43 @@ def test_a_pass_left_paused_is_collected_and_never_changes_the_grad_mode(layer0)
     layer.close()
 
 
-def test_handed_over_outputs_are_what_the_linear_returned_even_if_changed_in_place(layer0):
-    """A forward that goes on to modify a linear's output in place (an in-place residual add
-    or activation) must not change the target handed over."""
+def _zeroed_after_handover(layer0):
+    """A pass whose forward goes on to zero ``mlp.down_proj``'s output in place (an in-place
+    residual add or activation would change it too), after the pass's own hook has run."""
     shell, params, hidden, call = layer0
     module = shell.instantiate(0, params)
     down = module.get_submodule("mlp.down_proj")
     layer = PausableLayer(module, {g[0]: g[0] for g in GROUPS}, outputs=["mlp.down_proj"])
-    # runs after the pass's own hook: the output changes once it was handed over
     handle = down.register_forward_hook(lambda _m, _a, out: out.mul_(0.0))
-    run = LayerPass(layer, lambda: hidden, call)
+    return down, layer, handle, LayerPass(layer, lambda: hidden, call)
+
+
+def test_handed_over_outputs_are_what_the_linear_returned_even_if_changed_in_place(layer0):
+    """A forward that goes on to modify a linear's output in place must not change the
+    target handed over."""
+    down, layer, handle, run = _zeroed_after_handover(layer0)
     x, outputs = run.input_and_outputs("mlp.down_proj", ["mlp.down_proj"])
     run.output()
     handle.remove()
     layer.close()
     assert torch.equal(outputs["mlp.down_proj"], torch.nn.functional.linear(x, down.weight))
+
+
+def test_handed_over_outputs_can_be_taken_as_they_are_made(layer0):
+    """``keep`` decides what is handed over of each output (here the first rows, as the
+    statistics gather their tokens' rows), called as the linear returns: an in-place change
+    after that does not reach it either."""
+    down, layer, handle, run = _zeroed_after_handover(layer0)
+    kept = []
+
+    def first_rows(y):
+        kept.append(y.shape)
+        return y.reshape(-1, y.shape[-1])[:3].clone()
+
+    x, outputs = run.input_and_outputs("mlp.down_proj", ["mlp.down_proj"], keep=first_rows)
+    run.output()
+    handle.remove()
+    layer.close()
+    assert len(kept) == 1
+    want = torch.nn.functional.linear(x, down.weight).reshape(-1, down.weight.shape[0])[:3]
+    assert torch.equal(outputs["mlp.down_proj"], want)
