@@ -167,25 +167,13 @@ def sequence_spread(x: torch.Tensor, sequences: Union[Sequences, Sequence[int]])
         # Sequences of one length (records cut at max_seq_len) are a view of the rows: one
         # batched product needs no padding, and on 2 CPU threads beat the per-sequence
         # products, which gain little from a second thread (on 1 thread it is slower).
-        return _spread_of_equal(x.view(len(lengths), lengths[0], x.shape[1]))
+        seqs = x.view(len(lengths), lengths[0], x.shape[1])
+        return _spread_of_stacked(seqs, seqs.new_full((len(lengths),), lengths[0], dtype=torch.float64))
     total = 0.0
     for seq in x.split(lengths):
         diag = column_dots(seq, seq).double().square().sum()  # diag(X_s^T X_s), as the product's
         total += float(gram_sq_norm(seq) - diag) / seq.shape[0]
     return total
-
-
-def _spread_of_equal(seqs: torch.Tensor) -> float:
-    """``sequence_spread`` of ``[sequences, rows, width]`` sequences of one length."""
-    length, width = seqs.shape[1:]
-    if length > width:  # the smaller side: X_s^T X_s, whose diagonal is the column sums
-        prod = torch.bmm(seqs.transpose(1, 2), seqs)
-        columns = prod.diagonal(dim1=1, dim2=2)
-    else:
-        prod = torch.bmm(seqs, seqs.transpose(1, 2))
-        columns = seqs.square().sum(1)
-    full = torch.linalg.vector_norm(prod.flatten(1), dim=1, dtype=torch.float64).square()
-    return float((full - columns.double().square().sum(1)).sum() / length)
 
 
 def _spread_batched(x: torch.Tensor, sequences: Sequences) -> float:
@@ -194,12 +182,20 @@ def _spread_batched(x: torch.Tensor, sequences: Sequences) -> float:
     longest = int(max(sequences.lengths))
     # padding rows add nothing
     padded = x.new_zeros(count * longest, width).index_copy_(0, slots, x).view(count, longest, width)
+    return _spread_of_stacked(padded, counts, scratch=True)
+
+
+def _spread_of_stacked(seqs: torch.Tensor, counts: torch.Tensor, scratch: bool = False) -> float:
+    """``sequence_spread`` of ``[sequences, rows, width]`` sequences (zero rows pad the
+    shorter ones) of ``counts`` rows each (float64); ``scratch``: ``seqs`` may be overwritten."""
+    count, longest, width = seqs.shape
     if longest > width:  # the smaller side: X_s^T X_s, whose diagonal is the column sums
-        prod = torch.bmm(padded.transpose(1, 2), padded)
+        prod = torch.bmm(seqs.transpose(1, 2), seqs)
         columns = prod.diagonal(dim1=1, dim2=2)
     else:  # X_s X_s^T; the column sums of squares as a product too (a strided sum is slow)
-        prod = torch.bmm(padded, padded.transpose(1, 2))
-        columns = torch.bmm(padded.new_ones(count, 1, longest), padded.square_()).squeeze(1)
+        prod = torch.bmm(seqs, seqs.transpose(1, 2))
+        squares = seqs.square_() if scratch else seqs.square()
+        columns = torch.bmm(seqs.new_ones(count, 1, longest), squares).squeeze(1)
     full = torch.linalg.vector_norm(prod.flatten(1), dim=1, dtype=torch.float64).square()
     diag = columns.to(torch.float64).square().sum(1)
     return float(((full - diag) / counts).sum())
