@@ -127,8 +127,9 @@ def _cost(args) -> None:
     out = _save(result, args, "cost.json")
     print(f"\n## CoM against its compute floor ({result['machine']})\n")
     print(cost.table(result))
-    for family, value in result["speedups"].items():
-        print(f"\n{family}: CoM at 1 thread / at 2 threads = {value:.2f}", end="")
+    for family, gains in result["speedups"].items():
+        print(f"\n{family}: 1 thread / 2 threads: " + ", ".join(f"{k} {v:.2f}x" for k, v in gains.items()),
+              end="")
     print(f"\n\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'cost.json'}")
 
 

@@ -12,13 +12,15 @@ For each model family, in one run and at each thread count:
   (one forward per token and layer: the floor's own shape), with every default
   (``objective: blend``: the experts' own models run too, for the targets), and
   with ``objective: match_expert``;
-* in rounds: each round measures the floor's parts, then runs every merge once; the
-  floor is measured once more after the last round, and each part and each merge
-  keeps its fastest measurement. On a shared machine the speed drifts over seconds to
-  minutes (the same tiny-zoo merge took 0.85 s or 1.3 s at random), so the
-  repeats are spread over the run rather than run back to back, and the floor and the
-  merges are treated alike. How many rounds follows from the first one's length
-  (``ROUNDS``): five for the zoos, two for pico, one for SmolLM2;
+* in rounds: each round measures, at each thread count in turn, the floor's parts, then
+  runs every merge once; the floor is measured once more after the last round, and each
+  part and each merge keeps its fastest measurement. On a shared machine the speed
+  drifts over seconds to minutes (the same tiny-zoo merge took 0.85 s or 1.3 s at
+  random), so the repeats are spread over the run rather than run back to back, the
+  floor and the merges are treated alike, and the thread counts alternate (the speed-up
+  compares measurements minutes apart). How many rounds follows from the first one's
+  length, all thread counts together (``ROUNDS``): five for the zoos, two for pico, one
+  for SmolLM2;
 * **the targets' floor**, what any merge fitting the experts' own outputs must
   do (the defaults, match_expert): a second ``forward`` (each expert's own
   model over its tokens) and ``cross`` on top of the floor: per batch and group
@@ -227,31 +229,39 @@ def faster(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
     return {k: min(a[k], b[k]) if k != "tokens" else a[k] for k in a}
 
 
-def measure(paths: Dict[str, object], spec: Family, cfgs: Dict[str, dict], threads: int,
-            out: Path) -> Dict[str, object]:
-    """One family at one thread count, in rounds: the floor's parts and each merge's
-    fastest measurement."""
-    args = ["--quiet", "--num-threads", str(threads)]
-    floors: List[Dict[str, float]] = []
-    merges: Dict[str, List[Measurement]] = {label: [] for label in cfgs}
-    total, start = 1, time.perf_counter()
-    while len(floors) < total:
-        floors.append(floor(paths, spec))
-        for label, cfg in cfgs.items():
-            dest = out / "merges" / f"{spec.name.replace(':', '_')}_{label}_t{threads}"
-            merges[label].append(run_yaml(cfg, dest, args))
-            shutil.rmtree(dest, ignore_errors=True)
-            LOG.info("%s, %d thread(s), round %d: %s %.1f s", spec.name, threads, len(floors),
-                     label, merges[label][-1].merge_s)
-        if len(floors) == 1:
+def measure(paths: Dict[str, object], spec: Family, cfgs: Dict[str, dict], threads: Sequence[int],
+            out: Path) -> List[Dict[str, object]]:
+    """One family, in rounds: a row per thread count, with the floor's parts and each
+    merge's fastest measurement. Each round measures every thread count in turn (the
+    floor, then every merge), so the speed-up from 1 to 2 threads compares measurements
+    taken minutes apart, not a whole run apart."""
+    floors: Dict[int, List[Dict[str, float]]] = {t: [] for t in threads}
+    merges = {t: {label: [] for label in cfgs} for t in threads}
+    total, rounds, start = 1, 0, time.perf_counter()
+    while rounds < total:
+        rounds += 1
+        for t in threads:
+            torch.set_num_threads(t)
+            floors[t].append(floor(paths, spec))
+            for label, cfg in cfgs.items():
+                dest = out / "merges" / f"{spec.name.replace(':', '_')}_{label}_t{t}"
+                merges[t][label].append(run_yaml(cfg, dest, ["--quiet", "--num-threads", str(t)]))
+                shutil.rmtree(dest, ignore_errors=True)
+                LOG.info("%s, %d thread(s), round %d: %s %.1f s", spec.name, t, rounds, label,
+                         merges[t][label][-1].merge_s)
+        if rounds == 1:
             total = rounds_after(time.perf_counter() - start)
-    floors.append(floor(paths, spec))  # and once after the last round
-    row: Dict[str, object] = {"family": spec.name, "threads": threads, "rounds": total}
-    row.update(functools.reduce(faster, floors))
-    row.update({label: fastest(m) for label, m in merges.items()})
-    row["floor"] = row["forward"] + row["gram"] + row["linear"]["merge_s"]
-    row["targets_floor"] = row["floor"] + row["forward"] + row["cross"]
-    return row
+    rows = []
+    for t in threads:  # the floor once more after the last round
+        torch.set_num_threads(t)
+        floors[t].append(floor(paths, spec))
+        row: Dict[str, object] = {"family": spec.name, "threads": t, "rounds": total}
+        row.update(functools.reduce(faster, floors[t]))
+        row.update({label: fastest(m) for label, m in merges[t].items()})
+        row["floor"] = row["forward"] + row["gram"] + row["linear"]["merge_s"]
+        row["targets_floor"] = row["floor"] + row["forward"] + row["cross"]
+        rows.append(row)
+    return rows
 
 
 def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
@@ -262,12 +272,10 @@ def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
     for name in families:
         spec = family(name)
         paths = zoo_paths(zoo_cache, spec.zoo) if spec.zoo else build(out / "models" / name, spec)
-        cfgs = configs(paths, spec)
-        for t in threads:
-            torch.set_num_threads(t)
-            rows.append(measure(paths, spec, cfgs, t, out))
-            LOG.info("%s, %d thread(s): %d rounds, floor %.1f s, defaults %.1f s", name, t,
-                     rows[-1]["rounds"], rows[-1]["floor"], rows[-1]["com"]["merge_s"])
+        for row in measure(paths, spec, configs(paths, spec), threads, out):
+            rows.append(row)
+            LOG.info("%s, %d thread(s): %d rounds, floor %.1f s, defaults %.1f s", name,
+                     row["threads"], row["rounds"], row["floor"], row["com"]["merge_s"])
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
@@ -299,8 +307,11 @@ def _phases(merge: dict) -> str:
     return ", ".join(f"{merge['phases'][p]:.1f}" for p in ORDER)
 
 
-def speedups(result: dict) -> Dict[str, float]:
-    """CoM's time (objective: regmean) at 1 thread over its time at 2, per family."""
+def speedups(result: dict) -> Dict[str, Dict[str, float]]:
+    """Time at 1 thread over time at 2, per family: of the floor (what two cores give this
+    work), of CoM with ``objective: regmean`` and of CoM with every default."""
     by = {(r["family"], r["threads"]): r for r in result["rows"]}
-    return {f: by[(f, 1)]["regmean"]["merge_s"] / by[(f, 2)]["regmean"]["merge_s"]
+    return {f: {"floor": by[(f, 1)]["floor"] / by[(f, 2)]["floor"],
+                "regmean": by[(f, 1)]["regmean"]["merge_s"] / by[(f, 2)]["regmean"]["merge_s"],
+                "defaults": by[(f, 1)]["com"]["merge_s"] / by[(f, 2)]["com"]["merge_s"]}
             for f, t in by if t == 1 and (f, 2) in by}

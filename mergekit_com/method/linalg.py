@@ -506,28 +506,31 @@ def stats_blend_rhs(stats: "SharedInputStats", experts: List[Hashable], weights:
                          weights, alphas, share, expert_weights), None
     total, norms = None, []
     for e, w, a, wt in zip(experts, weights, alphas, expert_weights):
-        weight_t = wt.to(torch.float64).T
+        # contiguous: the row scaling and the norm below on a transposed view cost 2-12x more
+        weight_t = wt.to(torch.float64).T.contiguous()
         if share != 0.0:
             total = add_shrunk_product(total, stats.outputs[e][name], stats.cross_diags[e], weight_t,
                                        a, w * share)
         if share != 1.0:
             gram = stats.grams[e]
             product = gram @ weight_t
-            norms.append(float((product * weight_t).sum()))
+            norms.append(float(torch.dot(product.flatten(), weight_t.flatten())))
             total = add_shrunk_product(total, product, gram.diagonal(), weight_t, a, w * (1.0 - share))
     return total, norms or None
 
 
 def add_shrunk_product(total: Optional[torch.Tensor], product: torch.Tensor, diagonal: torch.Tensor,
                        weight_t: torch.Tensor, alpha: float, weight: float = 1.0,
-                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       out: Optional[torch.Tensor] = None,
+                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``total += weight * shrink(M, alpha) @ W^T``, in place, from ``M @ W^T`` (``product``)
     and ``diag(M)``: shrinkage only adds a diagonal term, a row scaling of ``W^T``
-    (``weight_t``). ``total`` None starts a sum in ``weight_t``'s dtype (into ``out`` when
-    given: a view of a larger right-hand side). No ``in x out`` temporaries."""
+    (``weight_t``, contiguous: on a transposed view it is 4-12x slower). ``total`` None
+    starts a sum in ``dtype`` (default ``weight_t``'s; into ``out`` when given: a view of a
+    larger right-hand side). No ``in x out`` temporaries."""
     if total is None:
         if out is None:
-            out = torch.empty(product.shape, dtype=weight_t.dtype, device=product.device)
+            out = torch.empty(product.shape, dtype=dtype or weight_t.dtype, device=product.device)
         total = torch.mul(product, weight * alpha, out=out)
     else:
         total.add_(product, alpha=weight * alpha)
@@ -635,7 +638,6 @@ def fold_blend_rhs(
     weights: List[float],
     alphas: Sequence[float],
     share: float,
-    expert_weights: List[torch.Tensor],
     products: FoldProducts,
 ) -> torch.Tensor:
     """``blend_rhs`` (float64) from the folds' products: each expert's mean moment is
@@ -645,7 +647,7 @@ def fold_blend_rhs(
     The products are the activations' dtype: float32 sums at ``in`` terms each, the
     precision the Grams were formed with; they are mixed in place, then summed in float64."""
     total = None
-    for t, (e, w, a, wt) in enumerate(zip(experts, weights, alphas, expert_weights)):
+    for t, (e, w, a) in enumerate(zip(experts, weights, alphas)):
         shares = _fold_shares(stats, e)
         mixed = torch.mul(products.grams[0][t], shares[0])  # the whole data's M_t W_t^T
         mixed.add_(products.grams[1][t], alpha=shares[1])
@@ -654,7 +656,9 @@ def fold_blend_rhs(
                 mixed.add_(products.diffs[f][t], alpha=c * share)
         gram_diag = stats.grams[e].diagonal()
         diag = gram_diag + share * (stats.cross_diagonal(e) - gram_diag)
-        total = add_shrunk_product(total, mixed, diag, wt.to(torch.float64).T, a, w)
+        # W_t^T as the products were formed with it (contiguous; the float64 transposed view
+        # cost 4-6x more here), the sum in float64
+        total = add_shrunk_product(total, mixed, diag, products.weight_ts[t], a, w, dtype=torch.float64)
     return total
 
 

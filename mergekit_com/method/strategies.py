@@ -73,7 +73,7 @@ class BlendObjective:
         stats.last_blend = share
         solver = stats.solver(experts, weights, alphas, settings.ridge, name)
         if products is not None:  # the folds' products sum to the whole data's
-            rhs = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, targets, products)
+            rhs = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, products)
             norms = linalg.fold_target_norms(stats, experts, products)
         else:
             rhs, norms = linalg.stats_blend_rhs(stats, experts, weights, alphas, share, targets, name)

@@ -322,7 +322,7 @@ def test_fold_blend_rhs_is_blend_rhs_of_the_whole_data():
         stats = stats_of(whole, dtype)
         stats.folds = [stats_of(f) for f in folds]
         products = linalg.fold_products(stats, experts, weights, ws, "test")
-        got = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, ws, products)
+        got = linalg.fold_blend_rhs(stats, experts, weights, alphas, share, products)
         assert got.dtype == torch.float64
         assert ((got - want).norm() / want.norm()).item() < tol
     stats.folds = []  # without folds there is nothing to build from

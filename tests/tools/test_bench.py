@@ -178,7 +178,7 @@ def test_cost_table_compares_each_variant_with_the_floor():
     assert cells[head.index("defaults / targets' floor")] == f"{20 / 14:.2f}"
     assert cells[head.index("match_expert / targets' floor")] == f"{22 / 14:.2f}"
     assert cells[head.index("match_expert / defaults")] == "1.10"
-    assert cost.speedups({"rows": rows}) == {"pico": 2.0}
+    assert cost.speedups({"rows": rows}) == {"pico": {"floor": 7.0 / 4.0, "regmean": 2.0, "defaults": 2.0}}
     # the floor measured before and after the merges: each part's shorter time
     assert cost.faster({"forward": 3.0, "gram": 1.0, "cross": 2.0, "tokens": 10},
                        {"forward": 2.0, "gram": 1.5, "cross": 2.0, "tokens": 10}) == {
@@ -197,33 +197,50 @@ def test_each_merge_keeps_its_fastest_round_and_short_families_run_more_rounds()
         5, 5, 5, 2, 2, 2, 1, 1]
 
 
-def test_the_rounds_interleave_the_floor_and_the_merges(monkeypatch, tmp_path):
-    """Each round measures the floor, then every merge once; the floor once more after the
-    last round; every part and merge keeps its fastest measurement."""
+def test_the_rounds_interleave_the_floor_the_merges_and_the_thread_counts(monkeypatch, tmp_path):
+    """Each round measures, at each thread count in turn, the floor, then every merge once;
+    the floor once more at each thread count after the last round; every part and merge
+    keeps its fastest measurement, per thread count."""
+    import torch
+
     from mergekit_com.bench import cost
     from mergekit_com.bench.measure import Measurement
 
-    events, floors = [], iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0])
+    events = []
+    floors = {1: iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0]), 2: iter([2.5, 2.0, 3.0, 2.2, 2.4, 2.6])}
+    times = {(1, "linear"): iter([1.0, 0.5, 0.9, 0.8, 0.7]), (1, "com"): iter([9.0, 8.0, 10.0, 7.5, 9.5]),
+             (2, "linear"): iter([0.6, 0.4, 0.5, 0.5, 0.5]), (2, "com"): iter([5.0, 4.5, 4.0, 6.0, 5.5])}
+    times.update({(t, "regmean"): iter([3.0 / t] * 5) for t in (1, 2)})
 
     def fake_floor(paths, spec):
-        events.append("floor")
-        f = next(floors)
+        t = torch.get_num_threads()
+        events.append(("floor", t))
+        f = next(floors[t])
         return {"forward": f, "gram": f / 2, "cross": 1.0, "tokens": 10}
 
-    times = {"linear": iter([1.0, 0.5, 0.9, 0.8, 0.7]), "com": iter([9.0, 8.0, 10.0, 7.5, 9.5])}
-
     def fake_run(cfg, dest, args):
-        events.append(cfg)
-        return Measurement(wall_s=1.0, merge_s=next(times[cfg]), peak_rss_mb=1.0)
+        t = int(args[args.index("--num-threads") + 1])
+        events.append((cfg, t))
+        return Measurement(wall_s=1.0, merge_s=next(times[(t, cfg)]), peak_rss_mb=1.0)
 
     monkeypatch.setattr(cost, "floor", fake_floor)
     monkeypatch.setattr(cost, "run_yaml", fake_run)
-    row = cost.measure({}, cost.Family("pico"), {"linear": "linear", "com": "com"}, 1, tmp_path)
-    assert row["rounds"] == 5  # a first round of well under a minute
-    assert events == ["floor", "linear", "com"] * 5 + ["floor"]
-    assert (row["forward"], row["gram"], row["linear"]["merge_s"], row["com"]["merge_s"]) == (3.0, 1.5, 0.5, 7.5)
-    assert row["com"]["runs"] == 5 and row["floor"] == 3.0 + 1.5 + 0.5
-    assert row["targets_floor"] == row["floor"] + 3.0 + 1.0
+    before = torch.get_num_threads()
+    try:
+        rows = cost.measure({}, cost.Family("pico"), {c: c for c in ("linear", "regmean", "com")}, (1, 2),
+                            tmp_path)
+    finally:
+        torch.set_num_threads(before)
+    one_round = [(c, t) for t in (1, 2) for c in ("floor", "linear", "regmean", "com")]
+    assert events == one_round * 5 + [("floor", 1), ("floor", 2)]  # a first round well under a minute
+    one, two = rows
+    assert (one["threads"], two["threads"], one["rounds"], two["rounds"]) == (1, 2, 5, 5)
+    assert (one["forward"], one["gram"], one["linear"]["merge_s"], one["com"]["merge_s"]) == (3.0, 1.5, 0.5, 7.5)
+    assert (two["forward"], two["linear"]["merge_s"], two["com"]["merge_s"]) == (2.0, 0.4, 4.0)
+    assert one["com"]["runs"] == 5 and one["floor"] == 3.0 + 1.5 + 0.5
+    assert one["targets_floor"] == one["floor"] + 3.0 + 1.0
+    gains = cost.speedups({"rows": rows})["pico"]
+    assert gains == {"floor": one["floor"] / two["floor"], "regmean": 2.0, "defaults": 7.5 / 4.0}
 
 
 def test_the_targets_floor_takes_each_groups_smaller_targets_moment():
