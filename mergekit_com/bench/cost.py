@@ -12,15 +12,16 @@ For each model family, in one run and at each thread count:
   (one forward per token and layer: the floor's own shape), with every default
   (``objective: blend``: the experts' own models run too, for the targets), and
   with ``objective: match_expert``;
-* in rounds: each round measures, at each thread count in turn, the floor's parts, then
-  runs every merge once; the floor is measured once more after the last round, and each
-  part and each merge keeps its fastest measurement. On a shared machine the speed
-  drifts over seconds to minutes (the same tiny-zoo merge took 0.85 s or 1.3 s at
-  random), so the repeats are spread over the run rather than run back to back, the
-  floor and the merges are treated alike, and the thread counts alternate (the speed-up
-  compares measurements minutes apart). How many rounds follows from the first one's
-  length, all thread counts together (``ROUNDS``): five for the zoos, two for pico, one
-  for SmolLM2;
+* in rounds: each round measures the floor's parts at each thread count, then runs every
+  merge at each thread count back to back; the floor is measured once more after the last
+  round, and each part and each merge keeps its fastest measurement. On a shared machine
+  the speed drifts by 20-30% over seconds to minutes (the same tiny-zoo merge took 0.85 s
+  or 1.3 s at random, a pico merge 29 s in one round and 40 s in the next), so the repeats
+  are spread over the run rather than run back to back, the floor and the merges are
+  treated alike, and a merge's 1- and 2-thread runs come one after the other (the
+  speed-up compares measurements seconds apart). How many rounds follows from the first
+  one's length per thread count (``ROUNDS``): five for the zoos, three for pico, one for
+  SmolLM2;
 * **the targets' floor**, what any merge fitting the experts' own outputs must
   do (the defaults, match_expert): a second ``forward`` (each expert's own
   model over its tokens) and ``cross`` on top of the floor: per batch and group
@@ -67,9 +68,9 @@ FAMILIES = {
     # SmolLM2-135M-Instruct (30 layers, hidden 576, MLP 1536), 4 experts, 32k tokens
     "smollm2": Family("smollm2", experts=4, samples=32, seq_len=256),
 }
-# (a first round at least this long in seconds, rounds in all): a second round of SmolLM2
-# would add most of an hour
-ROUNDS = ((600.0, 1), (60.0, 2), (0.0, 5))
+# (a first round at least this long in seconds per thread count, rounds in all): a second
+# round of SmolLM2 would add most of an hour; pico's speed drifted 20-30% between rounds
+ROUNDS = ((600.0, 1), (60.0, 3), (0.0, 5))
 PICO_SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=8)
 
@@ -232,9 +233,9 @@ def faster(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, float]:
 def measure(paths: Dict[str, object], spec: Family, cfgs: Dict[str, dict], threads: Sequence[int],
             out: Path) -> List[Dict[str, object]]:
     """One family, in rounds: a row per thread count, with the floor's parts and each
-    merge's fastest measurement. Each round measures every thread count in turn (the
-    floor, then every merge), so the speed-up from 1 to 2 threads compares measurements
-    taken minutes apart, not a whole run apart."""
+    merge's fastest measurement. A round measures the floor at each thread count, then
+    each merge at each thread count back to back, so a merge's 1- and 2-thread runs are
+    seconds to a minute apart, not a whole run."""
     floors: Dict[int, List[Dict[str, float]]] = {t: [] for t in threads}
     merges = {t: {label: [] for label in cfgs} for t in threads}
     total, rounds, start = 1, 0, time.perf_counter()
@@ -243,14 +244,15 @@ def measure(paths: Dict[str, object], spec: Family, cfgs: Dict[str, dict], threa
         for t in threads:
             torch.set_num_threads(t)
             floors[t].append(floor(paths, spec))
-            for label, cfg in cfgs.items():
+        for label, cfg in cfgs.items():
+            for t in threads:
                 dest = out / "merges" / f"{spec.name.replace(':', '_')}_{label}_t{t}"
                 merges[t][label].append(run_yaml(cfg, dest, ["--quiet", "--num-threads", str(t)]))
                 shutil.rmtree(dest, ignore_errors=True)
                 LOG.info("%s, %d thread(s), round %d: %s %.1f s", spec.name, t, rounds, label,
                          merges[t][label][-1].merge_s)
-        if rounds == 1:
-            total = rounds_after(time.perf_counter() - start)
+        if rounds == 1:  # per thread count, as the rounds were measured before (ROUNDS)
+            total = rounds_after((time.perf_counter() - start) / len(threads))
     rows = []
     for t in threads:  # the floor once more after the last round
         torch.set_num_threads(t)

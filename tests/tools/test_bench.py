@@ -191,16 +191,16 @@ def test_each_merge_keeps_its_fastest_round_and_short_families_run_more_rounds()
 
     kept = cost.fastest([Measurement(wall_s=s + 1, merge_s=s, peak_rss_mb=1.0) for s in (3.0, 2.0, 4.0)])
     assert (kept["merge_s"], kept["wall_s"], kept["runs"]) == (2.0, 3.0, 3)
-    # the first round's wall time decides: the zoos' (seconds) 5, pico's (minutes) 2,
+    # the first round's wall time per thread count decides: the zoos' (seconds) 5, pico's (minutes) 3,
     # SmolLM2's (most of an hour) 1
     assert [cost.rounds_after(s) for s in (0.0, 30.0, 59.9, 60.0, 300.0, 599.0, 600.0, 3000.0)] == [
-        5, 5, 5, 2, 2, 2, 1, 1]
+        5, 5, 5, 3, 3, 3, 1, 1]
 
 
 def test_the_rounds_interleave_the_floor_the_merges_and_the_thread_counts(monkeypatch, tmp_path):
-    """Each round measures, at each thread count in turn, the floor, then every merge once;
-    the floor once more at each thread count after the last round; every part and merge
-    keeps its fastest measurement, per thread count."""
+    """Each round measures the floor at each thread count, then every merge at each thread
+    count back to back; the floor once more at each thread count after the last round;
+    every part and merge keeps its fastest measurement, per thread count."""
     import torch
 
     from mergekit_com.bench import cost
@@ -231,7 +231,7 @@ def test_the_rounds_interleave_the_floor_the_merges_and_the_thread_counts(monkey
                             tmp_path)
     finally:
         torch.set_num_threads(before)
-    one_round = [(c, t) for t in (1, 2) for c in ("floor", "linear", "regmean", "com")]
+    one_round = [("floor", 1), ("floor", 2)] + [(c, t) for c in ("linear", "regmean", "com") for t in (1, 2)]
     assert events == one_round * 5 + [("floor", 1), ("floor", 2)]  # a first round well under a minute
     one, two = rows
     assert (one["threads"], two["threads"], one["rounds"], two["rounds"]) == (1, 2, 5, 5)
