@@ -506,8 +506,10 @@ def stats_blend_rhs(stats: "SharedInputStats", experts: List[Hashable], weights:
                          weights, alphas, share, expert_weights), None
     total, norms = None, []
     for e, w, a, wt in zip(experts, weights, alphas, expert_weights):
-        # contiguous: the row scaling and the norm below on a transposed view cost 2-12x more
-        weight_t = wt.to(torch.float64).T.contiguous()
+        weight_t = wt.to(torch.float64).T
+        if a != 1.0 or share != 1.0:  # read elementwise below (match_expert's outputs: never)
+            # contiguous: the row scaling and the norm on a transposed view cost 2-12x more
+            weight_t = weight_t.contiguous()
         if share != 0.0:
             total = add_shrunk_product(total, stats.outputs[e][name], stats.cross_diags[e], weight_t,
                                        a, w * share)
