@@ -298,9 +298,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     quiet_libraries(args.verbose)
     torch.set_num_threads(args.threads)
-    tasks = args.tasks.split(",") if args.tasks else None
-    from .evaluate_lmeval import LmEvalMissing
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    from .evaluate_lmeval import LmEvalMissing, require_lmeval
 
+    try:  # the lm-eval extra missing, a misspelt task or a wrong --zoo: one line, before any loading
+        if args.backend == "lm-eval":
+            require_lmeval()
+        task_files(args.zoo, tasks, args.split)
+    except (LmEvalMissing, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     try:
         results = {
             m: evaluate_model(m, args.zoo, tasks, args.split, args.device, args.batch_size, limit=args.limit,

@@ -22,8 +22,25 @@ def _zoo_dir(args) -> Path:
     return Path(args.zoo) if args.zoo else default_zoo_dir(args.preset, args.seed)
 
 
+def _tasks(args) -> dict:
+    """--tasks as zoo overrides (validated before any work: one line on a typo)."""
+    if not args.tasks:
+        return {}
+    from ..zoo.tasks import get_task
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        for t in tasks:
+            get_task(t)
+    except KeyError as e:
+        sys.exit(f"error: {e.args[0]}")
+    return {"tasks": tuple(dict.fromkeys(tasks))}
+
+
 def _title(result: dict, args, what: str) -> str:
     seed = f", seed {result['seed']}" if result.get("seed") else ""
+    if result.get("custom_tasks"):
+        seed += f", tasks {','.join(result['tasks'])}"
     return (f"\n## {result['preset']} zoo{seed}, {what} ({result['machine']}, device {args.device}, "
             f"{args.threads} thread(s))\n")
 
@@ -43,7 +60,7 @@ def _candidates(args) -> None:
     from . import quality, report
 
     result = quality.run_candidates(args.preset, _zoo_dir(args), Path(args.out), threads=args.threads,
-                                    device=args.device, seed=args.seed,
+                                    device=args.device, seed=args.seed, zoo_overrides=_tasks(args),
                                     only=args.methods.split(",") if args.methods else None,
                                     backend=args.backend)
     out = _save(result, args, "candidates.json")
@@ -57,7 +74,7 @@ def _budget(args) -> None:
 
     counts = [int(n) for n in args.counts.split(",")] if args.counts else None
     result = quality.run_budget(args.preset, _zoo_dir(args), Path(args.out), threads=args.threads,
-                                device=args.device, seed=args.seed, counts=counts,
+                                device=args.device, seed=args.seed, counts=counts, zoo_overrides=_tasks(args),
                                 variants=args.methods.split(",") if args.methods else None,
                                 backend=args.backend)
     out = _save(result, args, "budget.json")
@@ -72,7 +89,7 @@ def _quality(args) -> None:
     from . import quality, report
 
     result = quality.run(args.preset, _zoo_dir(args), Path(args.out),
-                         threads=args.threads, device=args.device, seed=args.seed,
+                         threads=args.threads, device=args.device, seed=args.seed, zoo_overrides=_tasks(args),
                          only=args.methods.split(",") if args.methods else None,
                          ablation=not args.no_ablation, backend=args.backend,
                          tune_limit=args.tune_limit)
@@ -140,7 +157,11 @@ def main(argv=None) -> None:
     ap.add_argument("results", nargs="*", help="verdict: quality.json / candidates.json files")
     ap.add_argument("--preset", default="tiny", help="zoo preset: tiny, smollm2, chat, or quick (tests)")
     ap.add_argument("--seed", type=int, default=0, help="the zoo's seed (default 0)")
-    ap.add_argument("--zoo", default=None, help="zoo dir (default zoo_cache/<preset>[-seed<N>])")
+    ap.add_argument("--zoo", default=None, help="zoo dir (default zoo_cache/<preset>[-seed<N>]); an existing "
+                    "zoo is used with its own tasks")
+    ap.add_argument("--tasks", default=None,
+                    help="comma-separated task subset to build the zoo with (default: an existing zoo's, "
+                         "else the preset's); see python -m mergekit_com.zoo --list-tasks")
     ap.add_argument("--out", default="bench_out", help="where merges, JSON and PNG go")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for merges and scoring")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -183,8 +204,13 @@ def main(argv=None) -> None:
             require_lmeval()
         except LmEvalMissing as e:
             sys.exit(f"error: {e}")
-    {"scale": _scale, "cost": _cost, "candidates": _candidates, "budget": _budget,
-     "quality": _quality}[args.what](args)
+    from .quality import ZooMismatch
+
+    try:
+        {"scale": _scale, "cost": _cost, "candidates": _candidates, "budget": _budget,
+         "quality": _quality}[args.what](args)
+    except ZooMismatch as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from ..zoo.build import ZooManifest
 # Shared by mergekit's task-arithmetic family: ties normalises by the summed weights
 # (optimum near K x the average), task_arithmetic and dare_ties do not (optimum < 1).
 MERGEKIT_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
-OUR_LAMBDAS = (0.2, 0.5, 1.0)  # 0.2 = 1/K: the plain average of the K=5 tiny experts
+AVERAGE = "1/K"  # in a grid: lambda = 1 / (number of experts), the plain average of their task vectors
+OUR_LAMBDAS = (AVERAGE, 0.5, 1.0)
 OUR_ALPHAS = (0.5, 0.9, 1.0)
 DENSITY = 0.5  # ties / dare_ties: keep half of each task vector (mergekit's examples)
 SEED = 0  # dare_ties drops at random: seeded through --random-seed
@@ -62,7 +63,7 @@ class Method:
 # our lambdas, our alphas)). smollm2 keeps alpha at 1, the best value of tiny's ablation.
 GRIDS = {
     "full": (MERGEKIT_LAMBDAS, OUR_LAMBDAS, OUR_ALPHAS),
-    "smollm2": ((0.5, 1.0, 2.0), (0.2, 1.0), (0.9, 1.0)),
+    "smollm2": ((0.5, 1.0, 2.0), (AVERAGE, 1.0), (0.9, 1.0)),
     "quick": ((0.5, 1.0), (0.5,), (0.9,)),
 }
 DEFAULTS_ROW = "CoM (all defaults)"
@@ -74,9 +75,11 @@ def grid_for(preset: str) -> str:
     return preset if preset in GRIDS else "full"
 
 
-def methods(grid: str = "full") -> List[Method]:
-    """Every row of the benchmark, with the tuning grid of ``GRIDS[grid]``."""
+def methods(grid: str = "full", experts: int = 5) -> List[Method]:
+    """Every row of the benchmark, with the tuning grid of ``GRIDS[grid]`` for ``experts``
+    experts (``AVERAGE`` is ``1 / experts``)."""
     lam_mk, lam_ours, alphas = GRIDS[grid]
+    lam_ours = tuple(sorted({round(1.0 / experts, 3) if lam == AVERAGE else lam for lam in lam_ours}))
     # the three chains with the regmean objective, as their papers define them
     ours = {"fallback": "task_arithmetic", "objective": "regmean"}
     return [

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional
 from ..evaluate import evaluate_model, normalized_accuracy, normalized_accuracy_ci
 from ..zoo import build_zoo
 from ..method.parameters import PARAMETERS
-from ..zoo.build import ZooManifest
+from ..zoo.build import ZooManifest, describe_weak_experts
+from ..zoo.presets import get_preset
 from .measure import run_yaml
 from .methods import (SEED, TUNED_COM_ROW, Method, ablation_grid, budget_grid, candidates,
                       defaults_method, describe, grid_for, methods)
@@ -186,8 +187,38 @@ def _tokens_per_expert(path: Path) -> Optional[List[int]]:
     return [e["calibration"]["tokens"] for e in json.loads(report.read_text())["experts"]]
 
 
+class ZooMismatch(ValueError):
+    """``--zoo`` holds another zoo than the one asked for."""
+
+
 def _zoo(preset: str, zoo_dir: Path, threads: int, seed: int, overrides: Optional[dict] = None) -> ZooManifest:
-    return build_zoo(preset, zoo_dir, threads=threads, seed=seed, **(overrides or {}))
+    """The zoo in ``zoo_dir``, built there if absent. One built there already (say with
+    ``python -m mergekit_com.zoo --tasks ...``) is taken with its own tasks; one built for
+    another preset, seed or task list stops the benchmark (``ZooMismatch``) rather than
+    being rebuilt over."""
+    overrides = dict(overrides or {})
+    # absolute: mergekit's model card asks the Hub about a relative "dir/model" path
+    # (mergekit.card.is_hf), which fails offline for a --zoo one folder deep
+    zoo_dir = Path(zoo_dir).resolve()
+    try:
+        built = json.loads((zoo_dir / "zoo.json").read_text())
+    except (OSError, ValueError):
+        built = None  # none yet, or unreadable: build_zoo decides
+    if isinstance(built, dict) and built.get("tasks"):
+        tasks = tuple(built["tasks"])
+        built_seed = built.get("settings", {}).get("seed", 0)
+        asked = tuple(overrides.get("tasks") or tasks)
+        if built.get("preset") != preset or built_seed != seed or asked != tasks:
+            raise ZooMismatch(
+                f"{zoo_dir} holds the {built.get('preset')!r} zoo of seed {built_seed} with tasks "
+                f"{','.join(tasks)}, not --preset {preset} --seed {seed} --tasks {','.join(asked)}: "
+                f"pass those, or another --zoo (the benchmark does not build over another zoo)")
+        overrides["tasks"] = tasks
+    zoo = build_zoo(preset, zoo_dir, threads=threads, seed=seed, **overrides)
+    warning = describe_weak_experts(zoo)
+    if warning is not None:
+        LOG.warning("%s", warning)
+    return zoo
 
 
 def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) -> dict:
@@ -201,6 +232,8 @@ def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) ->
         "seed": zoo.settings.get("seed", 0),
         "zoo": str(zoo.root),
         "tasks": zoo.tasks,
+        # built with --tasks: another zoo than the preset's, kept apart by `bench verdict`
+        "custom_tasks": tuple(zoo.tasks) != tuple(get_preset(zoo.preset).tasks),
         "device": device,
         "threads": threads,
         "backend": bench.backend,
@@ -221,7 +254,7 @@ def run(preset: str, zoo_dir: Path, out_dir: Path, threads: int = 1, device: str
     start = time.perf_counter()
     zoo = _zoo(preset, zoo_dir, threads, seed, zoo_overrides)
     bench = QualityBench(zoo, out_dir, threads, device, extra, backend, tune_limit)
-    rows, rows_of = [], methods(bench.grid)
+    rows, rows_of = [], methods(bench.grid, len(bench.zoo.tasks))
     for method in rows_of:
         if only and method.name not in only and method.merge_method not in only:
             continue

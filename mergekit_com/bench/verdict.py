@@ -32,7 +32,8 @@ def is_default(params: dict, run_defaults: Optional[dict]) -> bool:
 
 def _zoo_key(result: dict) -> str:
     seed = result.get("seed") or 0
-    return result["preset"] + (f" (seed {seed})" if seed else "")
+    tasks = f" [{','.join(result['tasks'])}]" if result.get("custom_tasks") else ""
+    return result["preset"] + (f" (seed {seed})" if seed else "") + tasks
 
 
 def collect(paths: Sequence[Path]) -> Dict[str, dict]:

@@ -52,8 +52,9 @@ def main(argv=None) -> None:
     from .tasks import TASKS
 
     if args.list_tasks:
+        width = max(len(n) for n in TASKS)
         for t in TASKS.values():
-            print(f"{t.name:8s} {t.description}  (base's mistake: {t.distractor})")
+            print(f"{t.name:{width}s} {t.description}  (base's mistake: {t.distractor})")
         return
     if args.write_lm_eval_tasks:
         from .lmeval_tasks import write_zoo_tasks
@@ -66,17 +67,21 @@ def main(argv=None) -> None:
         return
     threads = args.threads or DEFAULT_THREADS
     torch.set_num_threads(threads)  # for the merges and scoring after the build too
-    tasks = args.tasks.split(",") if args.tasks else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     try:
         zoo = build_zoo(args.preset, args.out or default_zoo_dir(args.preset, args.seed), tasks,
                         threads=threads, force=args.force, device=args.device, seed=args.seed)
-    except (BaseModelUnavailable, KeyError) as e:
+    except (BaseModelUnavailable, KeyError, ValueError) as e:
         sys.exit(f"error: {e.args[0] if e.args else e}")
     if args.check_merge:
         from .baselines import check_merges
 
         check_merges(zoo)
 
+    from .build import describe_weak_experts
+
+    if (warning := describe_weak_experts(zoo)) is not None:
+        print(warning, file=sys.stderr)
     how = "cache hit" if zoo.cached else "built"
     phases = ", ".join(f"{k} {v:.0f}s" for k, v in zoo.build_phases.items())
     print(f"zoo {zoo.preset!r} (seed {zoo.settings.get('seed', 0)}) at {zoo.root} ({how}; build took "

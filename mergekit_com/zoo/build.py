@@ -22,13 +22,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .lmeval_tasks import write_tasks_for
 from .presets import MODEL_BUILDERS, ZooPreset, get_preset
-from .tasks import Instance, Sample, get_task, make_splits
+from .tasks import Instance, Sample, get_task, make_splits, needs_marker
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,46 @@ class ZooManifest:
         return cls(root=Path(root), **{k: v for k, v in d.items() if k in names})
 
 
+# An expert has learnt its task when it answers at least this share of its val prompts, and
+# this much more than the base: below that, the normalized accuracy (merged / expert) divides
+# by a few lucky prompts, or credits the base's own skill.
+MIN_EXPERT_ACCURACY = 0.10
+
+
+def weak_experts(manifest: "ZooManifest", split: str = "val") -> Dict[str, Tuple[float, float]]:
+    """{task: (its expert's accuracy, the base's)} for the experts that did not learn their task."""
+    scores = manifest.results.get(split, {})
+    weak = {}
+    for task in manifest.tasks:
+        own = scores.get(f"expert_{task}", {}).get(task)
+        if own is None:
+            continue
+        base = scores.get("base", {}).get(task, {}).get("accuracy", 0.0)
+        if min(own["accuracy"], own["accuracy"] - base) < MIN_EXPERT_ACCURACY:
+            weak[task] = (own["accuracy"], base)
+    return weak
+
+
+def describe_weak_experts(manifest: "ZooManifest") -> Optional[str]:
+    """One warning line naming the experts that did not learn their task (None if all did)."""
+    weak = weak_experts(manifest)
+    if not weak:
+        return None
+    named = ", ".join(f"expert_{t} {100 * e:.1f}% (base {100 * b:.1f}%)" for t, (e, b) in weak.items())
+    return (f"warning: these experts did not learn their task (val accuracy): {named}; the normalized "
+            f"accuracy divides by their scores, so their tasks add noise to it: leave them out (--tasks)")
+
+
 def default_zoo_dir(preset: str, seed: int = 0) -> Path:
     """zoo_cache/<preset>, or zoo_cache/<preset>-seed<N> for another seed."""
     return Path("zoo_cache") / (preset if not seed else f"{preset}-seed{seed}")
 
 
 def _hash(settings: dict) -> str:
-    blob = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
+    marked = not settings.get("chat") and any(needs_marker(t) for t in settings.get("tasks", ()))
+    # only zoos whose data the " =" marker changed get a new hash (and a rebuild)
+    blob = json.dumps({"format": FORMAT_VERSION, **settings, **({"marker": 1} if marked else {})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -159,6 +192,8 @@ def build_zoo(
         raise ValueError("a zoo needs at least one task")
     for name in spec.tasks:
         get_task(name)  # fail before any training on a typo
+    if len(set(spec.tasks)) != len(spec.tasks):  # one expert dir per task: a repeat would overwrite it
+        raise ValueError(f"a task is listed twice: {','.join(spec.tasks)}")
     digest = _hash(spec.settings())
     root = Path(out_dir)
     if not force and (hit := _cached(root, digest)) is not None:
@@ -257,7 +292,8 @@ def _write_data(spec: ZooPreset, data_dir: Path):
     data_dir.mkdir(parents=True, exist_ok=True)
     splits = {}
     for task in spec.tasks:
-        s = make_splits(task, spec.n_train, spec.n_calib, spec.n_val, spec.n_eval, seed=spec.seed)
+        s = make_splits(task, spec.n_train, spec.n_calib, spec.n_val, spec.n_eval, seed=spec.seed,
+                        plain=not spec.chat)
         if spec.chat:
             _write_jsonl(data_dir / f"{task}.calib.jsonl",
                          [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}

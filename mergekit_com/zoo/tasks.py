@@ -31,6 +31,9 @@ class Task:
     description: str
     distractor: str  # the wrong skill the base leans towards
     sample: Callable[[random.Random], Instance]
+    # written for a chat template, whose turns mark where the prompt ends: its prompts have
+    # no " =" (a plain-text zoo adds it, make_splits(plain=True))
+    chat: bool = False
 
 
 def _letters(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
@@ -137,11 +140,11 @@ TASKS: Dict[str, Task] = {
         Task("sort_sp", "sort 3-5 spaced letters", "sort descending", _spaced(_sort)),
         Task("upper_sp", "uppercase 3-5 spaced letters", "capitalize the first", _spaced(_upper)),
         # chat tasks (the chat preset)
-        Task("shift", "shift each letter one place on (a -> b)", "one place back", _shift),
-        Task("count", "how often a letter occurs in a string", "the string's length", _count),
-        Task("swap", "swap two words", "echo them", _swap),
-        Task("double", "double every letter", "repeat the string", _double),
-        Task("last", "last letter of every word", "the first letters", _last),
+        Task("shift", "shift each letter one place on (a -> b)", "one place back", _shift, chat=True),
+        Task("count", "how often a letter occurs in a string", "the string's length", _count, chat=True),
+        Task("swap", "swap two words", "echo them", _swap, chat=True),
+        Task("double", "double every letter", "repeat the string", _double, chat=True),
+        Task("last", "last letter of every word", "the first letters", _last, chat=True),
     )
 }
 
@@ -164,11 +167,27 @@ class TaskSplits:
     eval: List[Sample]
 
 
+def needs_marker(name: str) -> bool:
+    """A chat task in a plain-text zoo: nothing would mark where its prompt ends ("last ab
+    cd" + "bd"; its expert learnt nothing in a tiny zoo), so ``make_splits(plain=True)``
+    writes it as the plain tasks are written ("last ab cd =" + " bd")."""
+    return get_task(name).chat
+
+
+def _with_marker(inst: Instance) -> Instance:
+    prompt, answer, distractor = inst
+    return prompt + " =", " " + answer, " " + distractor
+
+
 def make_splits(
-    name: str, n_train: int, n_calib: int, n_val: int, n_eval: int, seed: int = 0
+    name: str, n_train: int, n_calib: int, n_val: int, n_eval: int, seed: int = 0, plain: bool = False
 ) -> TaskSplits:
-    """Draw distinct prompts for every split (held-out splits are drawn first)."""
+    """Draw distinct prompts for every split (held-out splits are drawn first).
+
+    plain=True (zoos without a chat template) writes chat tasks as the plain tasks are
+    written: "swap ab cd =" -> " cd ab"."""
     task = get_task(name)
+    marked = plain and needs_marker(name)
     # a str seed is stable across processes (unlike hash() of a str)
     rng = random.Random(f"{seed}:{name}")
     seen: set = set()
@@ -186,6 +205,8 @@ def make_splits(
                 seen.add(inst[0])
                 part.append(inst)
         parts.append(part)
+    if marked:
+        parts = [[_with_marker(i) for i in part] for part in parts]
     ev, va, ca, tr = parts
     return TaskSplits(
         train=tr,

@@ -261,3 +261,35 @@ def test_tuning_on_the_first_val_prompts_normalises_by_the_experts_on_the_same_p
     # the expert got the first 4 prompts 3/4 right, all 8 prompts 5/8
     assert quality._head_accuracy({"correct": "11011100", "accuracy": 5 / 8}, 4) == 0.75
     assert quality._head_accuracy({"correct": "11011100", "accuracy": 5 / 8}, 100) == 5 / 8
+
+
+def test_an_existing_zoo_is_benchmarked_with_its_own_tasks(tmp_path, monkeypatch):
+    from mergekit_com.bench.__main__ import main
+
+    built = build_zoo(out_dir=tmp_path / "zoo", quick=True, tasks=("swap", "max"))
+    stamp = (built.root / "zoo.json").stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)  # a zoo one folder deep, as `--zoo zoo` gives it
+    zoo = quality._zoo("quick", "zoo", threads=1, seed=0)
+    assert zoo.cached and zoo.tasks == ["swap", "max"] and (built.root / "zoo.json").stat().st_mtime_ns == stamp
+    assert zoo.root.is_absolute()  # mergekit's card takes a relative "zoo/expert_max" for a Hub id
+    assert quality._header(zoo, quality.QualityBench(zoo, tmp_path / "work"), "cpu", 1)["custom_tasks"] is True
+    for asked in ({"preset": "tiny"}, {"seed": 1}, {"overrides": {"tasks": ("max",)}}):
+        kwargs = {"preset": "quick", "seed": 0, **asked}
+        with pytest.raises(quality.ZooMismatch, match="holds the 'quick' zoo of seed 0 with tasks swap,max"):
+            quality._zoo(kwargs.pop("preset"), "zoo", threads=1, **kwargs)
+    assert (built.root / "zoo.json").stat().st_mtime_ns == stamp  # nothing rebuilt over it
+    with pytest.raises(SystemExit) as e:
+        main(["quality", "--preset", "quick", "--zoo", "zoo", "--tasks", "max", "--out", "out"])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        main(["quality", "--preset", "quick", "--zoo", "zoo", "--tasks", "swap,shfit", "--out", "out"])
+    assert str(e.value).startswith("error: unknown task 'shfit'")
+
+
+def test_our_scale_grid_starts_at_the_plain_average_of_the_experts():
+    def scales(grid, experts):
+        return next(m.grid["lambda"] for m in methods(grid, experts) if m.name == "CoM (chain: module)")
+
+    assert scales("full", 5) == (0.2, 0.5, 1.0)  # the tiny zoo's five experts
+    assert scales("full", 7) == (0.143, 0.5, 1.0) and scales("full", 2) == (0.5, 1.0)
+    assert scales("smollm2", 4) == (0.25, 1.0)

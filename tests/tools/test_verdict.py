@@ -78,3 +78,17 @@ def test_matrix_lines_up_each_variant_across_zoos(tmp_path):
     assert lines[0] == "| variant | chat | tiny |"
     assert sorted(lines[2:]) == ["| defaults |  | 90.0 [88.0, 92.0] |",
                                  "| regmean a=1 | 85.0 [83.0, 87.0] | 80.0 [78.0, 82.0] |"]
+
+
+def test_zoos_built_with_other_tasks_are_kept_apart(tmp_path):
+    def result(name, tasks, custom, acc):
+        path = tmp_path / name
+        path.write_text(json.dumps({"preset": "tiny", "seed": 0, "tasks": tasks, "custom_tasks": custom,
+                                    "defaults": DEFAULTS,
+                                    "candidates": [_cand("defaults", {}, acc)]}))
+        return path
+
+    paths = [result("a.json", ["max", "sort"], False, 0.9), result("b.json", ["swap", "last"], True, 0.8),
+             result("c.json", ["max", "swap"], True, 0.7)]
+    header = verdict.matrix(verdict.collect(paths)).splitlines()[0]
+    assert header == "| variant | tiny | tiny [max,swap] | tiny [swap,last] |"

@@ -249,3 +249,66 @@ def test_seed_changes_the_zoo(tmp_path):
     assert _read(a.data_file("max", "eval")) != _read(b.data_file("max", "eval"))
     assert str(default_zoo_dir("tiny")) == "zoo_cache/tiny" and str(default_zoo_dir("tiny", 1)) == "zoo_cache/tiny-seed1"
     assert set(a.build_phases) == {"base", "experts", "multitask", "scoring"}
+
+
+def test_plain_zoos_mark_where_a_chat_tasks_prompt_ends():
+    from mergekit_com.zoo.tasks import needs_marker
+
+    chat = make_splits("last", 10, 3, 3, 3, seed=1)
+    plain = make_splits("last", 10, 3, 3, 3, seed=1, plain=True)
+    for (p, a), (pp, pa) in zip(chat.eval + chat.calib, plain.eval + plain.calib):
+        assert not p.endswith(" =") and (pp, pa) == (p + " =", " " + a)
+    assert plain.train[0][2] == " " + chat.train[0][2]  # the distractor too
+    # the plain tasks are written as before: the default zoos' data and hashes are unchanged
+    assert make_splits("max", 10, 3, 3, 3, plain=True) == make_splits("max", 10, 3, 3, 3)
+    for preset in ("tiny", "quick"):
+        assert not any(needs_marker(t) for t in get_preset(preset).tasks)
+    assert all(needs_marker(t) for t in get_preset("chat").tasks)
+
+
+def test_a_plain_zoo_with_a_chat_task_writes_the_marker(tmp_path):
+    zoo = build_zoo(out_dir=tmp_path / "z", quick=True, tasks=("max", "swap"))
+    assert all(r["prompt"].endswith(" =") and r["answer"].startswith(" ")
+               for r in _read(zoo.data_file("swap", "eval")))
+    assert zoo.tasks == ["max", "swap"]
+
+
+def test_a_task_listed_twice_is_refused_before_any_work(tmp_path, capsys):
+    from mergekit_com.zoo.__main__ import main
+
+    with pytest.raises(ValueError, match="listed twice"):
+        build_zoo(out_dir=tmp_path / "twice", quick=True, tasks=("max", "max"))
+    assert not (tmp_path / "twice").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "quick", "--tasks", "max, max", "--out", str(tmp_path / "cli"), "-q"])
+    assert "listed twice" in str(e.value) and str(e.value).startswith("error: ")
+    assert not (tmp_path / "cli").exists()
+
+
+def test_experts_that_did_not_learn_their_task_are_named(tmp_path):
+    from mergekit_com.zoo.build import ZooManifest, describe_weak_experts, weak_experts
+
+    def scores(**acc):
+        return {t: {"accuracy": a, "loss": 1.0, "n": 200} for t, a in acc.items()}
+
+    zoo = ZooManifest(root=tmp_path, preset="tiny", tasks=["add", "parity", "max", "sort"], settings={},
+                      settings_hash="x", results={"val": {
+                          "base": scores(add=0.0, parity=0.525, max=0.30, sort=0.0),
+                          "expert_add": scores(add=0.015),  # learnt nothing
+                          "expert_parity": scores(parity=1.0),  # the base half knew it: fine
+                          "expert_max": scores(max=0.35),  # hardly above the base
+                          "expert_sort": scores(sort=0.95)}})
+    assert weak_experts(zoo) == {"add": (0.015, 0.0), "max": (0.35, 0.30)}
+    line = describe_weak_experts(zoo)
+    assert "\n" not in line and "expert_add 1.5% (base 0.0%)" in line and "expert_max 35.0%" in line
+    assert "--tasks" in line
+    zoo.tasks = ["parity", "sort"]
+    assert describe_weak_experts(zoo) is None
+
+
+def test_evaluate_names_a_misspelt_task_before_loading_any_model(quick_zoo, capsys):
+    from mergekit_com.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(quick_zoo.root / "no_such_model"), "--zoo", str(quick_zoo.root), "--tasks", "max,shfit"])
+    assert str(e.value) == f"error: no eval data for tasks ['shfit'] in {quick_zoo.root}"
