@@ -34,6 +34,7 @@ def _command(seen: dict) -> click.Command:
             raise MergeInputError("--private applies to --push-to-hub; add --push-to-hub org/name")
         if push_to_hub:
             hub_upload.check_push(push_to_hub)  # before any work
+        _check_config_file(kwargs.get("config_file"))
         token = RESUME_ONLY.set(resume)
         try:
             run_yaml.callback(**kwargs)
@@ -55,6 +56,26 @@ def _command(seen: dict) -> click.Command:
         name="mergekit-com", callback=callback, params=[*run_yaml.params, *extra],
         help=run_yaml.help,
     )
+
+
+def _check_config_file(config_file: Optional[str]) -> None:
+    """mergekit's config validators raise RuntimeError (not a pydantic error) for some
+    mistakes, e.g. `models: []`; say those in one line too."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_com.errors import MergeInputError
+
+    if not config_file:
+        return
+    with open(config_file, encoding="utf-8") as fp:
+        data = yaml.safe_load(fp)  # a YAML error is reported by main()
+    try:
+        MergeConfiguration.model_validate(data)
+    except (RuntimeError, AssertionError) as e:
+        raise MergeInputError(
+            f"config file {config_file} is not a valid mergekit config: "
+            f"{str(e).strip() or type(e).__name__}") from None
 
 
 def _config_error(config_file: Optional[str], error: Exception) -> str:
@@ -106,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         if isinstance(e.__cause__, Terminated):
             fail("terminated (SIGTERM); run the same command again to continue", 143)
-        fail("interrupted", 130)
+        fail("interrupted; run the same command again to continue", 130)
     except (yaml.YAMLError, pydantic.ValidationError) as e:
         if verbose:
             raise

@@ -29,7 +29,12 @@ def local_dir(model: ModelReference, options) -> str:
         raise ChainConfigError(f"model {model}: its LoRA could not be applied ({first_line(e)})") from None
     path = merged.model.path
     if path.startswith((".", "/", "~")) or path.count("/") > 1:  # as mergekit's card tells
-        if not os.path.isdir(os.path.expanduser(path)):
+        if os.path.exists(os.path.expanduser(path)):
+            if not os.path.isdir(os.path.expanduser(path)):
+                raise ChainConfigError(
+                    f"model {model} is a file, not a model folder; give the folder that holds "
+                    "its config.json and weights")
+        else:
             raise ChainConfigError(f"model {model} does not exist; check the path")
     try:
         return merged.local_path(cache_dir=options.transformers_cache)

@@ -130,6 +130,15 @@ def check_models(config, options) -> Dict[ModelReference, str]:
                 "models of one architecture fine-tuned from one base"
             )
 
+    for m in models[1:]:
+        depths = [getattr(configs[x], "num_hidden_layers", None) for x in (m, first)]
+        if depths[0] != depths[1]:
+            raise ChainConfigError(
+                f"model {m} has {depths[0]} layers (num_hidden_layers in its config.json) but "
+                f"{first} has {depths[1]}; {config.merge_method} merges models of one size "
+                "fine-tuned from one base"
+            )
+
     shapes = {m: tensor_shapes(m, paths[m]) for m in models}
 
     if tokenizer_source(config) is None:

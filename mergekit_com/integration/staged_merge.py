@@ -25,6 +25,8 @@ from mergekit_com.integration import card, preflight
 from mergekit_com.integration.config_views import calibration_sources
 from mergekit_com.integration.output_errors import output_errors, stop_signals
 from mergekit_com.integration.validation import (
+    check_config_keys,
+    check_config_values,
     check_listed_once,
     check_options,
     check_parameter_names,
@@ -134,6 +136,15 @@ def run_chain_merge(run_merge, merge_config, out_path: str, options, config_sour
 def _run_chain_merge(run_merge, merge_config, out_path: str, options, config_source) -> None:
     if os.path.lexists(out_path) and not os.path.isdir(out_path):
         raise ChainConfigError(f"out_path {out_path} exists and is not a directory")
+    above = os.path.dirname(out_path.rstrip(os.sep)) or "."
+    while not os.path.lexists(above):  # the nearest existing folder above, as the user wrote it
+        above = os.path.dirname(above) or "."
+    if not os.path.isdir(above):
+        raise ChainConfigError(
+            f"out_path {out_path} cannot be made: {above} is a file, not a directory; "
+            "choose another out_path")
+    check_config_keys(config_source)
+    check_config_values(merge_config)
     check_parameter_names(merge_config)
     check_listed_once(merge_config)
     check_options(options)
@@ -144,14 +155,41 @@ def _run_chain_merge(run_merge, merge_config, out_path: str, options, config_sou
         work.open(fingerprint(merge_config, options, model_dirs), RESUME_ONLY.get(), create=False)
         _run_other_rank(run_merge, merge_config, work, options, config_source)
         return
-    with output_errors(work) as progress:
-        os.makedirs(os.path.dirname(work.path), exist_ok=True)
-        with work.lock():  # a second merge into out_path stops here, touching nothing
-            work.recover()  # a publish a kill interrupted: finished or undone first
-            _check_out_path_contents(work)
-            work.open(fingerprint(merge_config, options, model_dirs), resume_only=RESUME_ONLY.get())
-            progress.work = work
-            _merge_and_publish(run_merge, merge_config, work, options, config_source)
+    parent = os.path.dirname(work.path)
+    created = _first_missing(parent)
+    try:
+        with output_errors(work) as progress:
+            os.makedirs(parent, exist_ok=True)
+            with work.lock():  # a second merge into out_path stops here, touching nothing
+                work.recover()  # a publish a kill interrupted: finished or undone first
+                _check_out_path_contents(work)
+                work.open(fingerprint(merge_config, options, model_dirs), resume_only=RESUME_ONLY.get())
+                progress.work = work
+                _merge_and_publish(run_merge, merge_config, work, options, config_source)
+    except BaseException:
+        if created is not None:  # the folders made for out_path, unless a resumable merge is in them
+            _remove_empty_folders(parent, created)
+        raise
+
+
+def _first_missing(path: str) -> Optional[str]:
+    """The outermost folder on the way to ``path`` that does not exist yet (None: it exists)."""
+    missing = None
+    while not os.path.lexists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def _remove_empty_folders(path: str, top: str) -> None:
+    """Remove ``path`` and its parents up to ``top`` while they are empty."""
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return  # not empty (or gone): what is in it is kept
+        if path == top:
+            return
+        path = os.path.dirname(path)
 
 
 def _merge_and_publish(run_merge, merge_config, work: WorkDir, options, config_source) -> None:

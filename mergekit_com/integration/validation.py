@@ -220,3 +220,88 @@ def fit_max_seq_len(value: int, out_config, explicit: bool) -> int:
 def sets_parameter(config, name: str) -> bool:
     """Whether the config writes ``name`` anywhere (else it is the default)."""
     return any(name in (params or {}) for _where, params, _ in parameter_scopes(config))
+
+
+# ---------------------------------------------------------------- mergekit's own settings
+# mergekit's pydantic models ignore keys they do not know, so a misspelt `paramters:` (or a
+# model's `parameter:`) would silently drop everything under it.
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _did_you_mean(value: Any, known) -> str:
+    close = difflib.get_close_matches(str(value), list(known), n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def check_config_keys(config_source: Optional[str]) -> None:
+    """The keys of the YAML as written (top level, and each of ``models:``) that mergekit's
+    configuration does not have."""
+    import yaml
+    from mergekit.config import InputModelDefinition, MergeConfiguration
+
+    if not isinstance(config_source, str):
+        return  # a MergeConfiguration built in Python: no YAML to read
+    try:
+        raw = yaml.safe_load(config_source)
+    except yaml.YAMLError:
+        return  # mergekit parsed it already
+    if not isinstance(raw, dict):
+        return
+    entries = [("config", raw, MergeConfiguration.model_fields)]
+    entries += [(f"models[{i}]", entry, InputModelDefinition.model_fields)
+                for i, entry in enumerate(raw.get("models") or []) if isinstance(entry, dict)]
+    for where, mapping, known in entries:
+        for key in mapping:
+            if key not in known:
+                raise ChainConfigError(
+                    f"{where}: unknown key '{key}' (mergekit would ignore it and everything "
+                    f"under it); {_did_you_mean(key, known)}valid keys: {', '.join(sorted(known))}")
+
+
+def check_config_values(config) -> None:
+    """mergekit's own settings that would otherwise fail with a traceback mid-merge (or
+    write a chat template that cannot be rendered)."""
+    for key in ("dtype", "out_dtype"):
+        value = getattr(config, key, None)
+        if value is not None and str(value).replace("torch.", "", 1) not in FLOAT_DTYPES:
+            raise ChainConfigError(
+                f"{key} '{value}' is not a dtype {METHOD_NAME} can merge in; "
+                f"{_did_you_mean(value, FLOAT_DTYPES)}use one of {', '.join(FLOAT_DTYPES)}")
+    _check_chat_template(getattr(config, "chat_template", None))
+    source = getattr(config, "tokenizer_source", None)
+    if isinstance(source, ModelReference):
+        path = source.model.path
+        if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+            raise ChainConfigError(
+                f"tokenizer_source {path} is not a directory; give a model folder that has "
+                "tokenizer files, a Hub model id, base, or union")
+
+
+def _check_chat_template(template: Optional[str]) -> None:
+    """As ``mergekit.merge`` reads ``chat_template``: a name of its own templates, ``auto``,
+    or a Jinja template (at least 20 characters, with a ``{``), which must parse."""
+    if not template or template == "auto":
+        return
+    import importlib.resources
+
+    import jinja2
+    from mergekit._data import chat_templates
+
+    names = sorted(p.name[:-len(".jinja")] for p in importlib.resources.files(chat_templates).iterdir()
+                   if p.name.endswith(".jinja"))
+    if "{" not in template:
+        if template not in names:
+            raise ChainConfigError(
+                f"chat_template '{template}' is neither a template mergekit knows nor a Jinja "
+                f"template; {_did_you_mean(template, names)}named templates: {', '.join(names)}, "
+                "or auto")
+        return
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChainConfigError(
+            f"chat_template is not a valid Jinja template ({e.message}, line {e.lineno})") from None
+    if len(template) < 20:
+        raise ChainConfigError(
+            f"chat_template {template!r} is too short for mergekit to take as a template (20 "
+            "characters at least); give the whole template, a named one, or auto")

@@ -220,6 +220,11 @@ def _dataset_records(path: str, shown: str, split: str = "train") -> Iterator[La
         rows: Iterable = ds
     else:
         ext = os.path.splitext(path)[1].lower()
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+
+            if pq.ParquetFile(path).metadata.num_rows == 0:
+                return  # no records (datasets' streaming reader fails on it: "BatchSize ... 0")
         # Streaming reads only as far as needed and writes no cache.
         rows = datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train", streaming=True)
     for number, row in enumerate(rows, start=1):
@@ -355,14 +360,19 @@ def load_records(path: str, num_samples: int,
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    # datasets logs its own parse errors before raising; ours replace them.
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    # datasets logs its own parse errors before raising; ours replace them. Imported
+    # first: its first import sets its logger's level, which would undo ours.
+    import datasets  # noqa: F401
+
+    loggers = [logging.getLogger(n) for n in ("datasets", "huggingface_hub.repocard")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def tokenize_records(

@@ -57,6 +57,17 @@ MODEL_FILES = (
 CANNOT_RENAME = (errno.EXDEV, errno.EBUSY, errno.EPERM, errno.ENOTSUP, errno.EACCES)
 
 
+def _transaction_like(path: str) -> bool:
+    """Whether ``path`` is shaped like a publish transaction of ours (only new/, old/ and
+    the journal in it): a folder of someone else's with that name is never touched."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        return set(os.listdir(path)) <= {"new", "old", JOURNAL, COMMITTED, JOURNAL + ".tmp"}
+    except OSError:
+        return False
+
+
 def loads_with_model(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILES)
 
@@ -84,7 +95,8 @@ def inventory(folder: str, ignore: Iterable[str] = ()) -> Tuple[Set[str], List[s
     """(our files, everyone else's entries) in ``folder``, leaving out ``ignore``."""
     listed = _read_marker(folder)
     ours, foreign = set(), []
-    skip = {MARKER, TRANSACTION, DONE, *ignore}
+    skip = {MARKER, *ignore}
+    skip.update(n for n in (TRANSACTION, DONE) if _transaction_like(os.path.join(folder, n)))
     for name in sorted(os.listdir(folder)):
         if name in skip:
             continue
@@ -101,7 +113,8 @@ def blocking_files(folder: str, ignore: Iterable[str] = ()) -> List[str]:
     """Someone else's entries in ``folder`` that the merged model would replace or load with."""
     if not os.path.isdir(folder):
         return []
-    return [n for n in inventory(folder, ignore)[1] if loads_with_model(n)]
+    return [n for n in inventory(folder, ignore)[1]
+            if loads_with_model(n) or n in (TRANSACTION, DONE)]
 
 
 class PublishBlocked(Exception):
@@ -172,7 +185,8 @@ def _publish_into(staged: str, target: str, ignore: List[str]) -> None:
     recover(target)
     names = sorted(os.listdir(staged))
     ours, foreign = inventory(target, ignore)
-    clash = [n for n in names if n in foreign]
+    # after recover(), an entry of either name is someone else's: the transaction needs both
+    clash = [n for n in names if n in foreign] + [n for n in (TRANSACTION, DONE) if n in foreign]
     if clash:
         raise PublishBlocked(clash)
     txn = os.path.join(target, TRANSACTION)
@@ -207,9 +221,10 @@ def _publish_into(staged: str, target: str, ignore: List[str]) -> None:
 def recover(target: str) -> None:
     """Finish or undo an interrupted publish into ``target``; nothing to do if there was none."""
     txn, done = os.path.join(target, TRANSACTION), os.path.join(target, DONE)
-    fsops.remove_tree(done)  # a finished transaction whose removal was interrupted
-    if not os.path.isdir(txn) or os.path.islink(txn):
-        return
+    if _transaction_like(done):
+        fsops.remove_tree(done)  # a finished transaction whose removal was interrupted
+    if not _transaction_like(txn):
+        return  # none, or someone else's folder of that name (blocking_files names it)
     if not os.path.exists(os.path.join(txn, COMMITTED)):
         _roll_back(target, txn)
     # renamed before it is removed: a half-removed transaction is never read again

@@ -126,6 +126,9 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
 WALK_WIDE = tuple(name for name, p in PARAMETERS.items() if p.walk_wide)
 _POSITIVE = ("num_samples", "max_seq_len", "batch_size")
 _NON_NEGATIVE = ("ridge", "weight", "activation_budget")
+# ridge is relative to the Gram's mean diagonal: at 1 it already shrinks the merged
+# linears by about half; beyond, the merge is mostly the ridge (ridge: 1e5 zeroes them).
+MAX_RIDGE = 1.0
 
 
 def check_value(name: str, value: Any, where: str) -> None:
@@ -146,6 +149,10 @@ def check_value(name: str, value: Any, where: str) -> None:
         raise bad("must be a positive integer")
     if name in _NON_NEGATIVE and value < 0:
         raise bad("must be >= 0")
+    if name == "ridge" and value > MAX_RIDGE:
+        raise bad(f"must be at most {MAX_RIDGE:g}: it is relative to each Gram's mean "
+                  "diagonal, so larger values shrink every merged linear towards zero "
+                  "(the default is 1e-05)")
     if parameter.choices and value not in parameter.choices:
         raise bad(f"must be one of {', '.join(parameter.choices)}")
 

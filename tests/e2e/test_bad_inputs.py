@@ -239,3 +239,27 @@ def test_plain_pickled_checkpoint_merges_like_safetensors(in_world):
     assert run_cli(cli_args(world, binary)) == 0
     merged = read_tensors(world.path(binary.out_path))
     assert all(torch.equal(merged[k], reference[k]) for k in reference)
+
+
+def test_a_stopped_merge_removes_the_folders_it_made_for_out_path(in_world, capsys):
+    world = in_world
+    case = Case("new-folders", calibration="missing.jsonl", out="made/for/merged")
+    assert run_cli(cli_args(world, case)) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not os.path.exists(world.path("made"))
+    os.makedirs(world.path("kept/for"))  # folders that were there before stay
+    case = Case("old-folders", calibration="missing.jsonl", out="kept/for/merged")
+    assert run_cli(cli_args(world, case)) == 2
+    assert os.listdir(world.path("kept/for")) == []
+
+
+def test_interrupted_says_how_to_continue(in_world, monkeypatch, capsys):
+    import mergekit_com.io.checkpoints as ck
+
+    def interrupt(self, key, *a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.LayerCheckpoints, "save", interrupt)
+    assert run_cli(cli_args(in_world, Case("ctrl-c"))) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "mergekit-com: error: interrupted; run the same command again to continue"

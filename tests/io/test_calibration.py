@@ -102,3 +102,13 @@ def test_short_records_share_a_batch_up_to_batch_size_full_length_sequences():
     assert [tuple(ids.shape) for ids, _ in full] == [(2, 9), (2, 9), (1, 9)]
     short = make_batches([[1] * 3] * 10, batch_size=2, pad_id=0, max_tokens=18)
     assert [tuple(ids.shape) for ids, _ in short] == [(6, 3), (4, 3)]
+
+
+def test_an_empty_parquet_file_is_one_line_without_the_librarys_logs(tmp_path, tok, capfd):
+    datasets.Dataset.from_dict({"text": []}).to_parquet(str(tmp_path / "none.parquet"))
+    capfd.readouterr()
+    with pytest.raises(CalibrationError) as e:
+        load_calibration(str(tmp_path / "none.parquet"), tok, num_samples=4, max_seq_len=16)
+    assert "none.parquet" in str(e.value) and "BatchSize" not in str(e.value)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == "", captured

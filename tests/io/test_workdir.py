@@ -52,3 +52,21 @@ def test_resume_only_needs_a_work_directory(tmp_path):
     assert not os.path.exists(tmp_path / "merged.com-work")
 
 
+
+
+@pytest.mark.parametrize("name", [".com-publish", ".com-publish.done"])
+def test_a_folder_of_someone_elses_named_like_a_publish_is_never_touched(tmp_path, name):
+    from mergekit_com.io import publish
+
+    target, staged = tmp_path / "merged", tmp_path / "staged"
+    (target / name).mkdir(parents=True)
+    (target / name / "mine.txt").write_text("the user's")
+    staged.mkdir()
+    (staged / "config.json").write_text("{}")
+    publish.recover(str(target))  # a leftover transaction would be finished or undone here
+    assert (target / name / "mine.txt").read_text() == "the user's"
+    assert publish.blocking_files(str(target)) == [name]
+    with pytest.raises(publish.PublishBlocked):
+        publish.publish(str(staged), str(target))
+    assert (target / name / "mine.txt").read_text() == "the user's"
+    assert not (target / "config.json").exists()

@@ -30,6 +30,14 @@ ERRORS_DOC = os.path.join(DOCS, "errors.md")
 ROW = re.compile(r"^\| (\w+) \| [^|]+ \| (stops|merges)[^|]* \| (.+) \|$", re.M)
 
 
+TWO_MODELS = """models:
+  - model: ./expert0
+    parameters: {calibration: e0.jsonl}
+  - model: ./expert1
+    parameters: {calibration: e1.jsonl}
+"""
+
+
 @dataclass
 class Case:
     id: str
@@ -110,6 +118,15 @@ CASES = {c.id: c for c in [
     Case("s1", code=143),
     Case("c1", raw_config="merge_method: chain_of_merges\nmodels: [\n"),
     Case("c2", raw_config="merge_method: chain_of_merges\nmodels:\n  - parameters: {}\n"),
+    Case("c3", raw_config=f"merge_method: chain_of_merges\n{TWO_MODELS}paramters: {{alpha: 0.5}}\n"),
+    Case("c4", raw_config="merge_method: chain_of_merges\nmodels: []\n"),
+    Case("c5", raw_config=f"merge_method: chain_of_merges\n{TWO_MODELS}dtype: bf16\n"),
+    Case("c6", raw_config=f"merge_method: chain_of_merges\n{TWO_MODELS}chat_template: chatm\n"),
+    Case("c7", raw_config=f"merge_method: chain_of_merges\n{TWO_MODELS}tokenizer_source: ./tok\n"),
+    Case("10h", params={"ridge": 1e5}),
+    Case("11c", expert="expert_deep"),
+    Case("m3", expert="e0.jsonl"),
+    Case("o5", out="e0.jsonl/merged"),
 ]}
 
 
@@ -207,6 +224,14 @@ class World:
         w = state["model.layers.1.mlp.up_proj.weight"]
         w[0, 0], w[0, 1] = float("nan"), float("inf")
         save_file(state, f, metadata={"format": "pt"})
+
+    def _make_expert_deep(self, p):  # its config says one layer more than its weights hold
+        self._copy_expert1(p)
+        f = os.path.join(p, "config.json")
+        config = json.load(open(f))
+        config["num_hidden_layers"] += 1
+        with open(f, "w") as fp:
+            json.dump(config, fp)
 
     def _make_expert_noweights(self, p):
         os.makedirs(p)
