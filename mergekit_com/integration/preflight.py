@@ -175,7 +175,32 @@ def check_models(config, options) -> Dict[ModelReference, str]:
                 f"models {first} and {m} differ in shape: {detail}; "
                 f"{config.merge_method} merges models of one size fine-tuned from one base"
             )
+    check_token_sources(config, paths, options)
     return paths
+
+
+def check_token_sources(config, paths: Dict[ModelReference, str], options) -> None:
+    """Each ``tokenizer.tokens`` entry that takes its embedding from a merged model names a
+    token that model has (mergekit asserts it while writing the embeddings)."""
+    from mergekit.tokenizer.config import ModelTokenEmbedding
+
+    tokens = getattr(getattr(config, "tokenizer", None), "tokens", None) or {}
+    for token, spec in tokens.items():
+        source = spec.source
+        if isinstance(source, ModelTokenEmbedding):
+            model, wanted = source.model, source.token
+        elif isinstance(source, ModelReference):
+            model, wanted = source, token
+        else:
+            continue  # zero, or the default: nothing to find
+        if wanted is None or model not in paths:
+            continue  # by id (mergekit checks its range), or a model not merged here
+        vocab = _TOKENIZERS[model].get_vocab() if model in _TOKENIZERS else _vocabulary(model, options)
+        if vocab is not None and wanted not in vocab:
+            raise ChainConfigError(
+                f"tokenizer.tokens: {token!r} takes its embedding from model {model}, whose "
+                f"vocabulary has no {wanted!r}; name a token it has (source: {{kind: "
+                "model_token, model: ..., token: ...}) or give source: {kind: zero}")
 
 
 def check_regular_files(model: ModelReference, path: str) -> None:

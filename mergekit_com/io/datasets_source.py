@@ -23,7 +23,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from mergekit_com.errors import CalibrationError
+from mergekit_com.errors import CalibrationError, one_line
 from mergekit_com.io.fingerprint import data_sha256, sha256_json
 
 # Parameter names of the settings below, as written under a model's `parameters:`.
@@ -88,6 +88,10 @@ class RecordSpec:
                 raise CalibrationError(
                     f"{where} has no field {e.args[0]!r} for calibration_template (fields: "
                     f"{_fields(row)}); fix the template") from None
+            except (ValueError, TypeError, IndexError, AttributeError, MemoryError, OverflowError) as e:
+                raise CalibrationError(
+                    f"{where}: calibration_template {self.template!r} cannot be filled from this "
+                    f"row ({type(e).__name__}: {one_line(str(e))}); fix the template") from None
         if self.column is None:
             return row
         if self.column not in row:
@@ -110,12 +114,22 @@ def _fields(row: Mapping) -> str:
 
 def template_fields(template: str, shown: str) -> List[str]:
     """The field names a template uses; one clear error for a malformed one."""
+    bad = f"calibration_template {template!r} (calibration {shown})"
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = [(f, conv) for _, f, _, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise CalibrationError(
-            f"calibration_template {template!r} (calibration {shown}) is not a valid format "
-            f"string ({e}); write fields as {{name}} and double literal braces") from None
+            f"{bad} is not a valid format string ({e}); write fields as {{name}} and double "
+            "literal braces") from None
+    for field_name, conversion in parts:
+        if conversion not in (None, "s", "r", "a"):
+            raise CalibrationError(f"{bad} has an unknown conversion !{conversion} in "
+                                   f"{{{field_name}!{conversion}}}; drop it (or use !s or !r)")
+        if "." in re.split(r"\[", field_name, maxsplit=1)[0]:
+            # a str's method or attribute, not a column: its repr would become the text
+            raise CalibrationError(f"{bad} reads an attribute ({{{field_name}}}); name columns "
+                                   "only, as in {question} (an index, as in {turns[0]}, is fine)")
+    names = [f for f, _ in parts]
     roots = [re.split(r"[.\[]", f, maxsplit=1)[0] for f in names]
     if any(not r or r.isdigit() for r in roots):
         raise CalibrationError(

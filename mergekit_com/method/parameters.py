@@ -140,6 +140,8 @@ def check_value(name: str, value: Any, where: str) -> None:
     parameter = PARAMETERS[name]
     if isinstance(value, float) and not math.isfinite(value):
         raise bad("must be a finite number")
+    if name in ("alpha", "blend") and isinstance(value, bool):  # YAML's true would pass as 1
+        raise bad(f"must be a number in [0, 1] or {AUTO}")
     if name in ("alpha", "blend") and isinstance(value, str):
         if value != AUTO:
             raise bad(f"must be a number in [0, 1] or {AUTO}")

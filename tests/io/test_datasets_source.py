@@ -195,3 +195,18 @@ def test_resume_stamps_follow_the_data(repo, datasets_cache):
     first = source_stamp("pico-org/tiny-qa")
     cache_hub_dataset(str(datasets_cache), "pico-org/tiny-qa", repo, "f" * 40)
     assert len({empty, first, source_stamp("pico-org/tiny-qa")}) == 3
+
+
+@pytest.mark.parametrize("template, says", [
+    ("{question!z}", "unknown conversion !z"),
+    ("{question.upper}", "reads an attribute ({question.upper})"),
+])
+def test_a_template_that_cannot_give_a_rows_text_is_named_before_reading(template, says):
+    from mergekit_com.errors import CalibrationError
+    from mergekit_com.io.datasets_source import template_fields
+
+    with pytest.raises(CalibrationError) as e:
+        template_fields(template, "qa.jsonl")
+    assert str(e.value).startswith(f"calibration_template {template!r} (calibration qa.jsonl)")
+    assert says in str(e.value)
+    assert template_fields("{question} {turns[0]!r}", "qa.jsonl") == ["question", "turns"]

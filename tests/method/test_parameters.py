@@ -30,6 +30,10 @@ def test_choices_are_the_enums_and_every_default_passes_its_own_check():
     ("alpha", float("nan"), "must be a finite number"),
     ("num_samples", 0, "must be a positive integer"),
     ("ridge", -1e-3, "must be >= 0"),
+    ("ridge", 1e5, "must be at most 1: it is relative to each Gram's mean diagonal, so larger values "
+                   "shrink every merged linear towards zero (the default is 1e-05)"),
+    ("alpha", True, "must be a number in [0, 1] or auto"),
+    ("blend", False, "must be a number in [0, 1] or auto"),
     ("weight", -1.0, "must be >= 0"),
     ("chain", "forward", "must be one of module, block, none"),
     ("activation_dtype", "int8", "must be one of auto, float32, bfloat16, float16"),

@@ -123,6 +123,8 @@ CASES = {c.id: c for c in [
     Case("c5", raw_config=f"merge_method: chain_of_merges\n{TWO_MODELS}dtype: bf16\n"),
     Case("c6", raw_config=f"merge_method: chain_of_merges\n{TWO_MODELS}chat_template: chatm\n"),
     Case("c7", raw_config=f"merge_method: chain_of_merges\n{TWO_MODELS}tokenizer_source: ./tok\n"),
+    Case("c8", raw_config=f"merge_method: chain_of_merges\n{TWO_MODELS}tokenizer:\n  source: union\n"
+                          "  tokens:\n    <x>: {source: ./expert0}\n"),
     Case("10h", params={"ridge": 1e5}),
     Case("11c", expert="expert_deep"),
     Case("m3", expert="e0.jsonl"),
