@@ -10,6 +10,7 @@ merge's own loading, but none of its compute, so it runs last.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -123,6 +124,14 @@ def check_models(config, options) -> Dict[ModelReference, str]:
         return (configs[m].model_type, tuple(configs[m].architectures or ()))
 
     for m in models[1:]:
+        if arch(m) != arch(first) and arch(m)[0] == arch(first)[0] and not all(
+                arch(x)[1] for x in (m, first)):
+            lacking, other = (m, first) if not arch(m)[1] else (first, m)
+            raise ChainConfigError(
+                f"model {lacking}: its config.json names no architectures (model_type "
+                f"{arch(lacking)[0]}), while {other}'s names {'/'.join(arch(other)[1])}; add "
+                f"\"architectures\": {json.dumps(list(arch(other)[1]))} to it if it is that model"
+            )
         if arch(m) != arch(first):
             raise ChainConfigError(
                 f"model {m} is a {'/'.join(arch(m)[1]) or arch(m)[0]} but {first} is a "

@@ -127,6 +127,7 @@ CASES = {c.id: c for c in [
                           "  tokens:\n    <x>: {source: ./expert0}\n"),
     Case("10h", params={"ridge": 1e5}),
     Case("11c", expert="expert_deep"),
+    Case("11d", expert="expert_noarch"),
     Case("m3", expert="e0.jsonl"),
     Case("o5", out="e0.jsonl/merged"),
 ]}
@@ -232,6 +233,14 @@ class World:
         f = os.path.join(p, "config.json")
         config = json.load(open(f))
         config["num_hidden_layers"] += 1
+        with open(f, "w") as fp:
+            json.dump(config, fp)
+
+    def _make_expert_noarch(self, p):  # its config.json lost "architectures"
+        self._copy_expert1(p)
+        f = os.path.join(p, "config.json")
+        config = json.load(open(f))
+        del config["architectures"]
         with open(f, "w") as fp:
             json.dump(config, fp)
 
