@@ -319,7 +319,7 @@ def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
     out: List[Labeled] = []
     total = 0
     try:
-        with _quiet_datasets():
+        with _quiet_datasets(_read_by_datasets(path)):
             if is_dataset(path):  # a Hub id or a downloaded repository folder
                 noun = "calibration dataset"
                 opened = open_dataset(path, spec, shown)
@@ -358,11 +358,18 @@ def load_records(path: str, num_samples: int,
     return [row for _, row in load_labeled(path, num_samples, spec=spec)[0]]
 
 
+def _read_by_datasets(path: str) -> bool:
+    """Whether the ``datasets`` library reads this source (not our .jsonl/.json/.txt readers)."""
+    return is_dataset(path) or os.path.splitext(path)[1].lower() not in (".jsonl", ".json", ".txt")
+
+
 @contextlib.contextmanager
-def _quiet_datasets():
-    # datasets logs its own parse errors before raising; ours replace them. Imported
-    # first: its first import sets its logger's level, which would undo ours.
-    import datasets  # noqa: F401
+def _quiet_datasets(imports: bool = True):
+    # datasets logs its own parse errors before raising; ours replace them. ``imports``: the
+    # source is read by datasets, which is imported first here: its first import sets its
+    # logger's level, which would undo ours (a .jsonl file never imports it: 1-2 s saved).
+    if imports:
+        import datasets  # noqa: F401
 
     loggers = [logging.getLogger(n) for n in ("datasets", "huggingface_hub.repocard")]
     levels = [lg.level for lg in loggers]
