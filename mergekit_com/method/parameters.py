@@ -79,7 +79,8 @@ PARAMETERS: Dict[str, Parameter] = {p.name: p for p in (
               "(1 = no shrinkage), or `auto`: estimated per expert and linear from its "
               "calibration data (Ledoit-Wolf)"),
     Parameter("ridge", float, False, 1e-5,
-              "ridge added to the summed Gram, relative to its mean diagonal"),
+              "ridge added to the summed Gram, relative to its mean diagonal, in [0, 1] "
+              "(larger values shrink every merged linear towards zero)"),
     Parameter("num_samples", int, False, 128, "first N records of each calibration file",
               walk_wide=True),
     Parameter("max_seq_len", int, False, 512, "tokens kept per record", walk_wide=True),
