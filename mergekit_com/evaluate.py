@@ -298,14 +298,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     quiet_libraries(args.verbose)
     torch.set_num_threads(args.threads)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     from .evaluate_lmeval import LmEvalMissing, require_lmeval
+    from .zoo.tasks import task_names
 
     try:  # the lm-eval extra missing, a misspelt task or a wrong --zoo: one line, before any loading
+        tasks = task_names(args.tasks)
         if args.backend == "lm-eval":
             require_lmeval()
         task_files(args.zoo, tasks, args.split)
-    except (LmEvalMissing, FileNotFoundError) as e:
+    except (LmEvalMissing, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     try:
         results = {

@@ -24,15 +24,15 @@ def _zoo_dir(args) -> Path:
 
 def _tasks(args) -> dict:
     """--tasks as zoo overrides (validated before any work: one line on a typo)."""
-    if not args.tasks:
+    if args.tasks is None:
         return {}
-    from ..zoo.tasks import get_task
+    from ..zoo.tasks import get_task, task_names
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
+        tasks = task_names(args.tasks)
         for t in tasks:
             get_task(t)
-    except KeyError as e:
+    except (KeyError, ValueError) as e:
         sys.exit(f"error: {e.args[0]}")
     return {"tasks": tuple(dict.fromkeys(tasks))}
 

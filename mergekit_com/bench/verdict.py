@@ -11,6 +11,7 @@ measurable difference).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -71,18 +72,30 @@ def _fmt(row: Optional[Row]) -> str:
     return "-" if row is None else f"{_score(row)} ({row[0]})"
 
 
+UNDEFINED = ("undefined (a normalized accuracy or its interval is NaN: no expert scored above "
+             "0 on its own task, so there is nothing to normalize by)")
+
+
+def _finite(row: Row) -> bool:
+    return all(math.isfinite(v) for v in (row[1], *row[2]))
+
+
 def judge(zoo: dict) -> Tuple[str, str]:
     """(does the default match our best?, does it beat every mergekit baseline?)"""
     d = zoo["defaults"]
     if d is None:
         return "no defaults row", "-"
-    best = max(zoo["ours"], key=lambda r: r[1])
+    if not _finite(d):  # NaN compares false: it would read "no" and "no measurable difference"
+        return UNDEFINED, UNDEFINED
+    best = max((r for r in zoo["ours"] if _finite(r)), key=lambda r: r[1])  # d's among them
     gap = best[1] - d[1]
     inside = best[2][0] <= d[1] <= best[2][1]
     match = ("yes" if gap <= 0.01 or inside else "no") + f" ({100 * gap:+.1f} pts to the best)"
     if not zoo["mergekit"]:
         return match, "no baseline run"
     top = max(zoo["mergekit"], key=lambda r: r[1])
+    if not _finite(top):
+        return match, UNDEFINED
     if d[2][0] > top[2][1]:
         beat = "yes (intervals apart)"
     elif d[2][1] < top[2][0]:

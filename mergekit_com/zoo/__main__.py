@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     from ..evaluate import normalized_accuracy
     from .build import DEFAULT_THREADS, build_zoo, default_zoo_dir
     from .smollm2 import BaseModelUnavailable
-    from .tasks import TASKS
+    from .tasks import TASKS, task_names
 
     if args.list_tasks:
         width = max(len(n) for n in TASKS)
@@ -67,8 +67,8 @@ def main(argv=None) -> None:
         return
     threads = args.threads or DEFAULT_THREADS
     torch.set_num_threads(threads)  # for the merges and scoring after the build too
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     try:
+        tasks = task_names(args.tasks)
         zoo = build_zoo(args.preset, args.out or default_zoo_dir(args.preset, args.seed), tasks,
                         threads=threads, force=args.force, device=args.device, seed=args.seed)
     except (BaseModelUnavailable, KeyError, ValueError) as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 Sample = Tuple[str, str]  # (prompt, answer); the answer starts with a space
 Instance = Tuple[str, str, str]  # (prompt, answer, distractor answer)
@@ -157,6 +157,19 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def task_names(text: Optional[str]) -> Optional[List[str]]:
+    """A ``--tasks a,b`` flag as names; None when it was not given. A flag that names no
+    task (``--tasks ''``: an unset shell variable, say) is refused rather than read as
+    "every task", which would build or score what the user did not ask for."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--tasks {text!r} names no task: give comma-separated task names "
+                         f"(python -m mergekit_com.zoo --list-tasks), or leave --tasks out for every task")
+    return names
 
 
 @dataclass

@@ -92,3 +92,16 @@ def test_zoos_built_with_other_tasks_are_kept_apart(tmp_path):
              result("c.json", ["max", "swap"], True, 0.7)]
     header = verdict.matrix(verdict.collect(paths)).splitlines()[0]
     assert header == "| variant | tiny | tiny [max,swap] | tiny [swap,last] |"
+
+
+def test_a_zoo_whose_experts_all_scored_zero_is_undefined_not_a_tie(tmp_path):
+    nan = float("nan")  # normalized accuracy with nothing to normalize by (json writes NaN)
+    qual = _write(tmp_path, "quality.json", {"defaults": DEFAULTS, "methods": [
+        {"method": DEFAULTS_ROW, "merge_method": "chain_of_merges", "normalized_accuracy": nan,
+         "normalized_ci": [nan, nan]},
+        {"method": "ties", "merge_method": "ties", "normalized_accuracy": nan, "normalized_ci": [nan, nan]},
+    ]})
+    zoos = verdict.collect([qual])
+    assert verdict.judge(zoos["tiny"]) == (verdict.UNDEFINED, verdict.UNDEFINED)
+    assert "no measurable difference" not in verdict.table(zoos)
+    assert "no expert scored above 0" in verdict.table(zoos)

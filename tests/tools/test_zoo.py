@@ -312,3 +312,22 @@ def test_evaluate_names_a_misspelt_task_before_loading_any_model(quick_zoo, caps
     with pytest.raises(SystemExit) as e:
         main([str(quick_zoo.root / "no_such_model"), "--zoo", str(quick_zoo.root), "--tasks", "max,shfit"])
     assert str(e.value) == f"error: no eval data for tasks ['shfit'] in {quick_zoo.root}"
+
+
+@pytest.mark.parametrize("flag", ["", " , "])
+def test_a_tasks_flag_naming_no_task_is_refused_by_every_tool(tmp_path, quick_zoo, flag):
+    """``--tasks ''`` (an unset shell variable) would otherwise mean every task."""
+    from mergekit_com.bench.__main__ import main as bench
+    from mergekit_com.evaluate import main as evaluate
+    from mergekit_com.zoo.__main__ import main as zoo
+
+    runs = [lambda: zoo(["--preset", "quick", "--tasks", flag, "--out", str(tmp_path / "z"), "-q"]),
+            lambda: bench(["quality", "--preset", "quick", "--tasks", flag, "--out", str(tmp_path / "b")]),
+            lambda: evaluate([str(quick_zoo.root / "no_such_model"), "--zoo", str(quick_zoo.root),
+                              "--tasks", flag])]
+    for run in runs:
+        with pytest.raises(SystemExit) as e:
+            run()
+        assert str(e.value) == (f"error: --tasks {flag!r} names no task: give comma-separated task names "
+                                "(python -m mergekit_com.zoo --list-tasks), or leave --tasks out for every task")
+    assert not (tmp_path / "z").exists() and not (tmp_path / "b").exists()
