@@ -1,7 +1,8 @@
 """The pinned merges give the outputs recorded before the layered redesign (issue 10).
 
 The float64 merge must match its record within 1e-9 on any CPU (any change to the
-method moves it far more); the float32 merge, recorded on one CPU, within what float32
+method moves it far more; 1e-7 for ``objective: match_expert``, whose unshrunk solves
+amplify the CPU's own float64 rounding); the float32 merge, recorded on one CPU, within what float32
 can reproduce on another (``pinned.float32_tolerance``)."""
 
 import pytest
@@ -26,7 +27,8 @@ def test_pinned_float64_merge_is_unchanged(case, inputs, records, tmp_path):
     assert got.keys() == want.keys()
     for name, expected in want.items():
         err = pinned.relative(got[name], expected)
-        assert err <= pinned.REFERENCE_TOLERANCE, f"{case}: {name} moved by {err:.2e} (relative, float64)"
+        tol = pinned.reference_tolerance(case)
+        assert err <= tol, f"{case}: {name} moved by {err:.2e} (relative, float64; holds {tol:.0e})"
 
 
 @pytest.mark.parametrize("case", sorted(pinned.CASES))

@@ -152,6 +152,17 @@ def float64_errors(root: str) -> Dict[str, Tuple[float, float]]:
 
 RECORDS = {"float32": "outputs.safetensors", "float64": "references.safetensors"}
 REFERENCE_TOLERANCE = 1e-9  # float64 merges: relative, per tensor
+# objective: match_expert fits the raw moments (no shrinkage): its solves amplify float64
+# rounding, which differs between CPUs and thread counts (on an AMD EPYC: 3.7e-9 at 1
+# thread, 1.9e-9 at 2, where every shrunk case stayed within 2.2e-14); still 10x tighter
+# than the float32 check
+RAW_MOMENTS_TOLERANCE = 1e-7
+
+
+def reference_tolerance(case: str) -> float:
+    """How far (relative) a float64 merge of ``case`` may be from its record on any CPU."""
+    raw = CASES[case]["params"].get("objective") == "match_expert"
+    return RAW_MOMENTS_TOLERANCE if raw else REFERENCE_TOLERANCE
 
 
 def float32_tolerance(recorded32: torch.Tensor, reference: torch.Tensor) -> float:
