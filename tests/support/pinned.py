@@ -153,9 +153,8 @@ def float64_errors(root: str) -> Dict[str, Tuple[float, float]]:
 RECORDS = {"float32": "outputs.safetensors", "float64": "references.safetensors"}
 REFERENCE_TOLERANCE = 1e-9  # float64 merges: relative, per tensor
 # objective: match_expert fits the raw moments (no shrinkage): its solves amplify float64
-# rounding, which differs between CPUs and thread counts (on an AMD EPYC: 3.7e-9 at 1
-# thread, 1.9e-9 at 2, where every shrunk case stayed within 2.2e-14); still 10x tighter
-# than the float32 check
+# rounding, which differs between CPUs (on an AMD EPYC, 1 thread: up to 3.7e-9, where
+# every shrunk case stayed within 2.2e-14); still 10x tighter than the float32 check
 RAW_MOMENTS_TOLERANCE = 1e-7
 
 
