@@ -85,17 +85,17 @@ def judge(zoo: dict) -> Tuple[str, str]:
     d = zoo["defaults"]
     if d is None:
         return "no defaults row", "-"
-    if not _finite(d):  # NaN compares false: it would read "no" and "no measurable difference"
+    # NaN compares false: it would read "no" and "no measurable difference". Every row of a
+    # zoo is normalized by the same experts, so one NaN row means all are
+    if not _finite(d):
         return UNDEFINED, UNDEFINED
-    best = max((r for r in zoo["ours"] if _finite(r)), key=lambda r: r[1])  # d's among them
+    best = max(zoo["ours"], key=lambda r: r[1])
     gap = best[1] - d[1]
     inside = best[2][0] <= d[1] <= best[2][1]
     match = ("yes" if gap <= 0.01 or inside else "no") + f" ({100 * gap:+.1f} pts to the best)"
     if not zoo["mergekit"]:
         return match, "no baseline run"
     top = max(zoo["mergekit"], key=lambda r: r[1])
-    if not _finite(top):
-        return match, UNDEFINED
     if d[2][0] > top[2][1]:
         beat = "yes (intervals apart)"
     elif d[2][1] < top[2][0]:

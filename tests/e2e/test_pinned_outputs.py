@@ -2,8 +2,8 @@
 
 The float64 merge must match its record within 1e-9 on any CPU (any change to the
 method moves it far more; 1e-7 for ``objective: match_expert``, whose unshrunk solves
-amplify the CPU's own float64 rounding); the float32 merge, recorded on one CPU, within what float32
-can reproduce on another (``pinned.float32_tolerance``)."""
+amplify the CPU's own float64 rounding); the float32 merge, recorded on one CPU, within
+what float32 can reproduce on another (``pinned.float32_tolerance``)."""
 
 import pytest
 
