@@ -1,9 +1,10 @@
-"""python -m mergekit_com.bench [quality | candidates | budget | scale | cost] --preset tiny [--seed N]
+"""python -m mergekit_com.bench [quality | candidates | budget | scale | cost | kernels] --preset tiny [--seed N]
 
 quality: every method, knobs tuned on val, scored on eval (with 95% bootstrap CIs);
 candidates: fixed configurations of ours (the defaults investigation), on val and eval;
 budget: the default merge against calibration tokens per expert; scale: cost vs depth;
-cost: CoM against its compute floor; verdict: do the defaults win (from those JSONs)?
+cost: CoM against its compute floor; kernels: the walk's blocked products against plain ones;
+verdict: do the defaults win (from those JSONs)?
 See docs/benchmark.md and docs/scaling.md.
 """
 
@@ -13,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -150,10 +152,22 @@ def _cost(args) -> None:
     print(f"\n\nbenchmark took {result['seconds'] / 60:.1f} min; wrote {out / 'cost.json'}")
 
 
+def _kernels(args) -> None:
+    from . import kernels
+
+    start = time.perf_counter()
+    result = kernels.run(tuple(int(t) for t in args.thread_counts.split(",")))
+    out = _save(result, args, "kernels.json")
+    print(f"\n## The walk's blocked products against one product ({result['machine']}, fastest of "
+          f"{result['repeats']} each)\n")
+    print(kernels.table(result))
+    print(f"\nbenchmark took {time.perf_counter() - start:.0f} s; wrote {out / 'kernels.json'}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mergekit_com.bench", description=__doc__)
     ap.add_argument("what", nargs="?", default="quality",
-                    choices=["quality", "candidates", "budget", "scale", "cost", "verdict"])
+                    choices=["quality", "candidates", "budget", "scale", "cost", "kernels", "verdict"])
     ap.add_argument("results", nargs="*", help="verdict: quality.json / candidates.json files")
     ap.add_argument("--preset", default="tiny", help="zoo preset: tiny, smollm2, chat, or quick (tests)")
     ap.add_argument("--seed", type=int, default=0, help="the zoo's seed (default 0)")
@@ -179,7 +193,7 @@ def main(argv=None) -> None:
     ap.add_argument("--families", default="pico,smollm2,zoo:tiny",
                     help="cost: pico, smollm2 and zoo:<preset> (a zoo built under --zoo-cache)")
     ap.add_argument("--zoo-cache", default="zoo_cache", help="cost: where the zoos are built")
-    ap.add_argument("--thread-counts", default="1,2", help="cost: thread counts to compare")
+    ap.add_argument("--thread-counts", default="1,2", help="cost, kernels: thread counts to compare")
     args = ap.parse_args(argv)
 
     if args.what == "verdict":  # reads JSON only: no torch set-up
@@ -207,8 +221,8 @@ def main(argv=None) -> None:
     from .quality import ZooMismatch
 
     try:
-        {"scale": _scale, "cost": _cost, "candidates": _candidates, "budget": _budget,
-         "quality": _quality}[args.what](args)
+        {"scale": _scale, "cost": _cost, "kernels": _kernels, "candidates": _candidates,
+         "budget": _budget, "quality": _quality}[args.what](args)
     except ZooMismatch as e:
         sys.exit(f"error: {e}")
 

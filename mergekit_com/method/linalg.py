@@ -109,17 +109,35 @@ def _symmetric_inner(upper: torch.Tensor, other: torch.Tensor, inner) -> torch.T
     return total
 
 
+SPREAD_BLOCK_ROWS = 32  # rows per row block of product_sq_norms (at most 8 blocks) ...
+SPREAD_BLOCKED_FROM = 1 << 15  # ... for matrices of this many entries or more: below, one
+# product was as fast or faster (0.01-0.04 ms per call on the tiny zoo's shapes)
+
+
+def product_sq_norms(y: torch.Tensor) -> torch.Tensor:
+    """``||Y_i Y_i^T||_F^2`` (float64) of each ``[m, k]`` matrix of a ``[count, m, k]``
+    stack, from the row blocks of each product on and above its diagonal (an
+    off-diagonal block counts twice): with b blocks, ``(b + 1) / 2b`` of the product's
+    work. Blocks of ``SPREAD_BLOCK_ROWS`` rows or more, at most 8: 1.3-1.8x faster than
+    the whole batched product on the shapes of ``sequence_spread`` (``docs/scaling.md``)."""
+    count, m, k = y.shape
+    blocks = 1 if m * k < SPREAD_BLOCKED_FROM else max(1, min(8, m // SPREAD_BLOCK_ROWS))
+    step = -(-m // blocks)
+    total = torch.zeros(count, dtype=torch.float64, device=y.device)
+    for i in range(0, m, step):
+        rows = torch.bmm(y[:, i:i + step], y[:, i:].transpose(1, 2))  # [count, step, m - i]
+        total += torch.linalg.vector_norm(rows[:, :, :step], dim=(1, 2), dtype=torch.float64).square()
+        if i + step < m:
+            total += 2 * torch.linalg.vector_norm(rows[:, :, step:], dim=(1, 2),
+                                                  dtype=torch.float64).square()
+    return total
+
+
 def gram_sq_norm(x: torch.Tensor) -> torch.Tensor:
-    """``||X^T X||_F^2`` (float64) from the upper block triangle of the smaller of
-    ``X^T X`` and ``X X^T`` (their squared norms are equal)."""
-    small = x if x.shape[0] >= x.shape[1] else x.T
-    if gram_blocks(small.shape[1]) <= 2:
-        # two blocks save a quarter of the product, less than the blocks' own overhead
-        # (1.2-2.5x slower at 2 threads on 256-row sequences, docs/scaling.md)
-        return torch.linalg.vector_norm(small.T @ small, dtype=torch.float64).square()
-    upper = upper_gram(small)
-    return _symmetric_inner(upper, upper,
-                            lambda a, _: torch.linalg.vector_norm(a, dtype=torch.float64).square())
+    """``||X^T X||_F^2`` (float64) from the smaller of ``X^T X`` and ``X X^T`` (their
+    squared norms are equal), by ``product_sq_norms``."""
+    smaller_side = x.T if x.shape[0] >= x.shape[1] else x  # Y with Y Y^T the smaller product
+    return product_sq_norms(smaller_side.unsqueeze(0))[0]
 
 
 @dataclass(frozen=True)
@@ -153,20 +171,16 @@ def sequence_spread(x: torch.Tensor, sequences: Union[Sequences, Sequence[int]])
     ones have no rows), whose diagonal part is ``sum_k (sum_i x_ik^2)^2``. The products
     are formed in the rows' dtype, like the Gram's, and summed in float64.
 
-    Short sequences (or narrow inputs) are padded into one batched product: their
-    products are single blocks, and one call per sequence cost 2-7x more on the zoos'
-    shapes. Longer ones go one by one through ``gram_sq_norm`` (one product each, upper
-    blocks from 384 rows and features on), which beat the batched product there."""
+    Short sequences (or narrow inputs) are padded into one batched product: one call
+    per sequence cost 2-7x more on the zoos' shapes. Sequences of one length (records cut
+    at ``max_seq_len``) are a view of the rows, so one batched product needs no padding.
+    Other long ones go one by one. Every product is blocked (``product_sq_norms``)."""
     if not isinstance(sequences, Sequences):
         sequences = Sequences(tuple(int(n) for n in sequences))
     lengths = sequences.nonempty
     if min(max(lengths), x.shape[1]) < 2 * GRAM_BLOCK:
         return _spread_batched(x, sequences)
-    parallel = x.device.type != "cpu" or torch.get_num_threads() > 1
-    if parallel and len(lengths) > 1 and min(lengths) == max(lengths):
-        # Sequences of one length (records cut at max_seq_len) are a view of the rows: one
-        # batched product needs no padding, and on 2 CPU threads beat the per-sequence
-        # products, which gain little from a second thread (on 1 thread it is slower).
+    if len(lengths) > 1 and min(lengths) == max(lengths):
         seqs = x.view(len(lengths), lengths[0], x.shape[1])
         return _spread_of_stacked(seqs, seqs.new_full((len(lengths),), lengths[0], dtype=torch.float64))
     total = 0.0
@@ -189,14 +203,11 @@ def _spread_of_stacked(seqs: torch.Tensor, counts: torch.Tensor, scratch: bool =
     """``sequence_spread`` of ``[sequences, rows, width]`` sequences (zero rows pad the
     shorter ones) of ``counts`` rows each (float64); ``scratch``: ``seqs`` may be overwritten."""
     count, longest, width = seqs.shape
-    if longest > width:  # the smaller side: X_s^T X_s, whose diagonal is the column sums
-        prod = torch.bmm(seqs.transpose(1, 2), seqs)
-        columns = prod.diagonal(dim1=1, dim2=2)
-    else:  # X_s X_s^T; the column sums of squares as a product too (a strided sum is slow)
-        prod = torch.bmm(seqs, seqs.transpose(1, 2))
-        squares = seqs.square_() if scratch else seqs.square()
-        columns = torch.bmm(seqs.new_ones(count, 1, longest), squares).squeeze(1)
-    full = torch.linalg.vector_norm(prod.flatten(1), dim=1, dtype=torch.float64).square()
+    # the smaller side: X_s X_s^T, or X_s^T X_s for sequences longer than they are wide
+    full = product_sq_norms(seqs if longest <= width else seqs.transpose(1, 2))
+    # diag(X_s^T X_s): the column sums of squares, as a product (a strided sum is slow)
+    squares = seqs.square_() if scratch else seqs.square()
+    columns = torch.bmm(seqs.new_ones(count, 1, longest), squares).squeeze(1)
     diag = columns.to(torch.float64).square().sum(1)
     return float(((full - diag) / counts).sum())
 

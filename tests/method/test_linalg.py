@@ -107,12 +107,22 @@ def test_gram_norm_from_either_side_of_the_product():
         torch.testing.assert_close(linalg.gram_sq_norm(x), (x.T @ x).square().sum())
 
 
+@pytest.mark.parametrize("rows", [1, 31, 64, 100, 257, 1000])  # 1, 1, 2, 3, 8, 8 blocks
+def test_product_norms_from_the_upper_row_blocks(rows):
+    y = torch.randn(2, rows, 600, dtype=torch.float64)
+    expected = torch.stack([(m @ m.T).square().sum() for m in y])
+    torch.testing.assert_close(linalg.product_sq_norms(y), expected, rtol=1e-12, atol=0)
+    # a transposed view (the X_s^T X_s side of a stack) gives its own products' norms
+    torch.testing.assert_close(linalg.product_sq_norms(y.transpose(1, 2)),
+                               torch.stack([(m.T @ m).square().sum() for m in y]), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("width, lengths", [
     (40, [7, 3, 5]),  # short: one batched product, X_s X_s^T side
     (6, [30, 9, 17]),  # narrow: batched, X_s^T X_s side
-    (300, [260, 256]),  # long and wide: one sequence at a time, one product each
-    (520, [400, 390]),  # longer and wider: one sequence at a time, upper blocks
-    (300, [260, 260, 260]),  # one length: on more than one thread, one batched product
+    (300, [260, 256]),  # long and wide: one sequence at a time
+    (520, [400, 390]),  # longer and wider: one sequence at a time, its longer side blocked
+    (300, [260, 260, 260]),  # one length: one batched product, no padding
     (260, [300, 300]),  # ... from either side
 ])
 @pytest.mark.parametrize("threads", [1, 2])

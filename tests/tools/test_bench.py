@@ -293,3 +293,21 @@ def test_our_scale_grid_starts_at_the_plain_average_of_the_experts():
     assert scales("full", 5) == (0.2, 0.5, 1.0)  # the tiny zoo's five experts
     assert scales("full", 7) == (0.143, 0.5, 1.0) and scales("full", 2) == (0.5, 1.0)
     assert scales("smollm2", 4) == (0.25, 1.0)
+
+
+def test_kernels_compare_each_blocked_product_with_the_one_it_replaces(monkeypatch):
+    import torch
+
+    from mergekit_com.bench import kernels
+    from mergekit_com.method import linalg
+
+    shapes = {"gram": [(300, 520)], "spread": [(3, 64, 600)]}  # several blocks each
+    result = kernels.run(threads=(1,), repeats=2, shapes=shapes)
+    assert [(r["kernel"], r["shape"], r["threads"]) for r in result["rows"]] == [
+        ("gram", [300, 520], 1), ("spread", [3, 64, 600], 1)]
+    assert all(r["ours_ms"] > 0 and r["speedup"] == r["plain_ms"] / r["ours_ms"] for r in result["rows"])
+    assert "| spread | 3 x 64 x 600 | 1 |" in kernels.table(result)
+    # a blocked product that got a block wrong is refused before any timing
+    monkeypatch.setattr(linalg, "product_sq_norms", lambda y: torch.zeros(y.shape[0], dtype=torch.float64))
+    with pytest.raises(AssertionError):
+        kernels.run(threads=(1,), repeats=1, shapes={"spread": [(3, 64, 600)]})
