@@ -118,8 +118,9 @@ def product_sq_norms(y: torch.Tensor) -> torch.Tensor:
     """``||Y_i Y_i^T||_F^2`` (float64) of each ``[m, k]`` matrix of a ``[count, m, k]``
     stack, from the row blocks of each product on and above its diagonal (an
     off-diagonal block counts twice): with b blocks, ``(b + 1) / 2b`` of the product's
-    work. Blocks of ``SPREAD_BLOCK_ROWS`` rows or more, at most 8: 1.3-1.8x faster than
-    the whole batched product on the shapes of ``sequence_spread`` (``docs/scaling.md``)."""
+    work. Blocks of ``SPREAD_BLOCK_ROWS`` rows or more, at most 8: 1.36-1.47x faster than
+    the whole batched product for 8 sequences of 256 tokens at pico's and SmolLM2's widths,
+    on 1 and 2 threads (``python -m mergekit_com.bench kernels``, ``docs/scaling.md``)."""
     count, m, k = y.shape
     blocks = 1 if m * k < SPREAD_BLOCKED_FROM else max(1, min(8, m // SPREAD_BLOCK_ROWS))
     step = -(-m // blocks)
