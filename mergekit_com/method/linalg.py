@@ -64,8 +64,8 @@ def upper_gram(x: torch.Tensor) -> torch.Tensor:
     """``X^T X`` where only the blocks on and above the diagonal are computed.
 
     The lower blocks are left zero: with b blocks, ``(b + 1) / 2b`` of a full
-    product's work (measured on a 2-core CPU: 1.2-1.6x faster than one GEMM at
-    widths 512-1536; ``docs/scaling.md``). ``symmetric`` completes it.
+    product's work (1.3-1.6x faster than one GEMM at widths 512-1536 on 1 and 2 CPU
+    threads: ``python -m mergekit_com.bench kernels``). ``symmetric`` completes it.
     """
     width = x.shape[1]
     if gram_blocks(width) == 1:
