@@ -30,7 +30,10 @@ For each model family, in one run and at each thread count:
   ``down_proj``), whichever is smaller: the solve needs only ``(X^T Z) W^T``.
 
 Every merge runs in its own child process (``measure.run_yaml``); the floor's
-forward and Grams run in this process on the same batches.
+forward and Grams run in this process on the same batches. Every process runs with
+the glibc malloc thresholds our merges set (``method/allocator.py``): without them, the
+floor depended on what this process had run before (the tiny zoo's forward at 2 threads
+took 0.067 s run first, 0.043 s after pico's floor, by when glibc had raised them).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..method.allocator import tune_malloc
 from .measure import Measurement, run_yaml
 
 LOG = logging.getLogger(__name__)
@@ -269,6 +273,7 @@ def measure(paths: Dict[str, object], spec: Family, cfgs: Dict[str, dict], threa
 def run(out: Path, families: Sequence[str] = ("pico", "smollm2"),
         threads: Sequence[int] = (1, 2), zoo_cache: Path = Path("zoo_cache")) -> dict:
     out = Path(out)
+    tune_malloc()  # as in every merge measured (module docstring)
     rows = []
     start = time.perf_counter()
     for name in families:

@@ -30,7 +30,7 @@ from mergekit_com.io.calibration import load_calibration, make_batches
 from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.report import MergeReport, summarize
 from mergekit_com.io.checkpoints import LayerCheckpoints
-from mergekit_com.method import distributed
+from mergekit_com.method import allocator, distributed
 from mergekit_com.method.fallback import fallback_merge
 from mergekit_com.method.parameters import (
     PARAMETERS,
@@ -243,17 +243,19 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
 def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
     """Walk, write every tensor, and leave ``com_report.json`` in the output folder."""
     device = torch.device(task.options.device or "cpu")
+    malloc_tuned = allocator.tune_malloc()  # once per process: set already under mergekit-yaml
     distributed.setup(device)
     threads = distributed.cpu_threads(task.options.num_threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _walk(task, writer, tokenizer_info, device, threads)
+        _walk(task, writer, tokenizer_info, device, threads, malloc_tuned)
     finally:  # a process that merges in-process keeps its own setting
         torch.set_num_threads(previous)
 
 
-def _walk(task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device, threads: int) -> None:
+def _walk(task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device, threads: int,
+          malloc_tuned: bool) -> None:
     LOG.info("walking on %s with %d CPU thread(s), rank %d of %d", device, threads,
              distributed.rank(), distributed.world_size())
     settings = walk_settings(task)
@@ -280,7 +282,7 @@ def _walk(task: ChainOfMergesTask, writer, tokenizer_info, device: torch.device,
     finally:
         walk_bar.close()
     report.runtime = {"device": str(device), "cpu_threads": threads,
-                      "ranks": distributed.world_size()}
+                      "ranks": distributed.world_size(), "malloc_tuned": malloc_tuned}
     if distributed.is_writer():
         report.write(task.writer_task.out_path)
 

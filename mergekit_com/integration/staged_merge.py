@@ -36,7 +36,7 @@ from mergekit_com.io.datasets_source import is_dataset, source_stamp
 from mergekit_com.io.fingerprint import model_fingerprint, sha256_json
 from mergekit_com.io.publish import PublishBlocked
 from mergekit_com.io.workdir import FORMAT, WorkDir
-from mergekit_com.method import distributed
+from mergekit_com.method import allocator, distributed
 from mergekit_com.version import __version__
 
 LOG = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def long_lived_objects_frozen() -> Iterator[None]:
 
 def run_chain_merge(run_merge, merge_config, out_path: str, options, config_source=None) -> None:
     """``run_merge``: mergekit's own, called on the staging directory."""
+    allocator.tune_malloc()  # before the checks: they load the models' configs and tokenizers
     noise = logging.getLogger("transformers.configuration_utils")
     hide = _HideMergekitDeprecation()
     noise.addFilter(hide)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import platform
 
 import pytest
 import torch
@@ -48,7 +49,8 @@ def test_layout_and_calibration_sources(zoo2, merged):
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     assert report["settings"]["chain"] == "module" and report["settings"]["ridge"] == 1e-6
     # where it ran: the walk sets and reports its thread count (1 here, as the tests run)
-    assert report["runtime"] == {"device": "cpu", "cpu_threads": torch.get_num_threads(), "ranks": 1}
+    assert report["runtime"] == {"device": "cpu", "cpu_threads": torch.get_num_threads(), "ranks": 1,
+                                 "malloc_tuned": platform.libc_ver()[0] == "glibc"}
     tok = AutoTokenizer.from_pretrained(zoo2["expert0"])
     for i, entry in enumerate(report["experts"]):
         path = zoo2[f"expert{i}_data"]
