@@ -12,9 +12,10 @@ mergekit 0.1.5 has no plugin discovery and no hook around planning or
 Each wrapper is idempotent, marks itself with ``_mergekit_com``, and imports
 what it routes to only when called (this module is imported by the start-up
 hook while mergekit is still importing). The one private mergekit name used
-is in ``mergekit_internals.py``. One more change lasts a single call and lives
-where it is used (this module imports what imports it): ``card.py`` swaps
-``mergekit.card.is_hf`` while our card is generated.
+is in ``mergekit_internals.py``, with the two changes that last a single call
+(this module imports what imports them): ``mergekit.card.is_hf`` while our card
+is generated (``card.py``), and ``ModelReference.config``, which reads each
+configuration once during a chain merge (``staged_merge.py``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Optional
 
 from mergekit_com.errors import ChainConfigError
-from mergekit_com.integration import card, preflight
+from mergekit_com.integration import card, mergekit_internals, preflight
 from mergekit_com.integration.config_views import calibration_sources
 from mergekit_com.integration.output_errors import output_errors, stop_signals
 from mergekit_com.integration.validation import (
@@ -128,7 +128,7 @@ def run_chain_merge(run_merge, merge_config, out_path: str, options, config_sour
     hide = _HideMergekitDeprecation()
     noise.addFilter(hide)
     try:
-        with stop_signals(), long_lived_objects_frozen():
+        with stop_signals(), long_lived_objects_frozen(), mergekit_internals.configs_read_once():
             _run_chain_merge(run_merge, merge_config, out_path, options, config_source)
     finally:
         noise.removeFilter(hide)

@@ -477,9 +477,9 @@ def make_batches(
 
 def _padded(chunk: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     width = len(chunk[0])  # the longest: sequences come longest first
+    lengths = torch.tensor([len(seq) for seq in chunk])
+    valid = torch.arange(width) < lengths[:, None]
     ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for row, seq in enumerate(chunk):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+    # row-major, as the sequences come: one copy for the batch, not one per sequence
+    ids[valid] = torch.tensor([t for seq in chunk for t in seq], dtype=torch.long)
+    return ids, valid.long()

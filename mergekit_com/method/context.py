@@ -64,7 +64,7 @@ class WalkContext:
         """Covariate shift of the hidden states entering ``layer``, per expert."""
         with PHASES.phase("report"):
             for t, e in enumerate(self.experts):
-                for merged, own, valid in self.streams.shift_pairs(e):
-                    self.report.add_shift(layer, t, merged[valid], own[valid])
+                for merged, own in self.streams.shift_pairs(e):
+                    self.report.add_shift(layer, t, merged, own)
             if distributed.active():
                 self.report.sum_shift_over_ranks(layer, self.device)
