@@ -21,3 +21,28 @@ def test_a_process_that_froze_objects_itself_is_left_as_it_is():
         assert gc.get_freeze_count() == before
     finally:
         gc.unfreeze()
+
+
+def test_each_configuration_is_read_once_inside_a_merge_and_handed_out_as_copies(tmp_path, monkeypatch):
+    import transformers
+    from mergekit.common import ModelReference
+
+    from mergekit_com.integration.mergekit_internals import configs_read_once
+
+    transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2).save_pretrained(tmp_path)
+    reads = []
+    real = transformers.AutoConfig.from_pretrained
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: reads.append(a) or real(*a, **k))
+    model = ModelReference.parse(str(tmp_path))
+    original = ModelReference.config
+    with configs_read_once():
+        first = model.config()
+        first.num_hidden_layers = 7  # mergekit's callers change what they get
+        second = model.config()
+        model.config(trust_remote_code=True)  # another setting: read on its own
+    assert len(reads) == 2
+    assert second.num_hidden_layers == 2 and second is not first
+    assert ModelReference.config is original
+    model.config()
+    assert len(reads) == 3  # outside a merge, mergekit's own: read each time

@@ -55,6 +55,14 @@ def test_truncation_and_padding_mask(tmp_path, tok):
     assert torch.equal(ids[1, :3], torch.tensor(cal.sequences[1]))
 
 
+def test_batches_hold_each_sequence_then_padding():
+    seqs = [[5, 6], [7, 8, 9, 10], [11], [12, 13, 14]]
+    (ids, mask), = make_batches(seqs, batch_size=4, pad_id=3)
+    assert ids.tolist() == [[7, 8, 9, 10], [12, 13, 14, 3], [5, 6, 3, 3], [11, 3, 3, 3]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
 def test_batches_group_sequences_of_similar_length():
     seqs = [[1] * n for n in (3, 9, 4, 8, 3, 9)]
     batches = make_batches(seqs, batch_size=2, pad_id=0)
