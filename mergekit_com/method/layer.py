@@ -80,8 +80,7 @@ def solve_group(ctx: WalkContext, layer_key: str, group: Sequence[str],
                                 ctx.device)
         with PHASES.phase("report"):
             for t, e in enumerate(ctx.experts):
-                ctx.report.add_residual(layer_key, key, t, stats.gram_in(e, torch.float32),
-                                        targets[t], as_written,
+                ctx.report.add_residual(layer_key, key, t, stats.grams[e], targets[t], as_written,
                                         None if target_norms is None else target_norms[t])
     return written
 

@@ -570,25 +570,6 @@ class SharedInputStats:
     last_blend: Optional[float] = None  # the share the last solve used (for the report)
     dtype: torch.dtype = torch.float64  # the activations' (held_out_blend's products run in it)
     _solvers: Dict[tuple, RidgeSolver] = field(default_factory=dict)
-    _cast: Dict[tuple, torch.Tensor] = field(default_factory=dict)
-
-    def gram_in(self, expert: Hashable, dtype: torch.dtype) -> torch.Tensor:
-        """The expert's mean Gram in ``dtype``: converted once for every linear of the group."""
-        key = (expert, dtype)
-        if key not in self._cast:
-            self._cast[key] = self.grams[expert].to(dtype)
-        return self._cast[key]
-
-    def weighted_gram(self, experts: List[Hashable], weights: Sequence[float],
-                      dtype: torch.dtype) -> torch.Tensor:
-        """``sum_t w_t G_t`` in ``dtype`` (from the Grams in it), once for the group."""
-        key = (tuple(experts), tuple(weights), dtype)
-        if key not in self._cast:
-            total = self.gram_in(experts[0], dtype) * weights[0]
-            for e, w in zip(experts[1:], weights[1:]):
-                total.add_(self.gram_in(e, dtype), alpha=w)
-            self._cast[key] = total
-        return self._cast[key]
 
     def cross_diagonal(self, expert: Hashable) -> torch.Tensor:
         """``diag(C_t)``, whichever form the targets' moment was kept in."""
@@ -644,14 +625,18 @@ def fold_products(stats: SharedInputStats, experts: List[Hashable], weights: Lis
     dtype = stats.dtype
     out = FoldProducts([], [], [], [w.to(dtype).T.contiguous() for w in expert_weights])  # [in, out]
     for fold in stats.folds:
-        out.grams.append([fold.gram_in(e, dtype) @ wt for e, wt in zip(experts, out.weight_ts)])
+        grams = [fold.grams[e].to(dtype) for e in experts]
+        out.grams.append([g @ wt for g, wt in zip(grams, out.weight_ts)])
         if fold.outputs:
             out.diffs.append([fold.outputs[e][name].sub(gw).to(dtype)
                               for e, gw in zip(experts, out.grams[-1])])
         else:
             out.diffs.append([(fold.crosses[e] - fold.grams[e]).to(dtype) @ wt
                               for e, wt in zip(experts, out.weight_ts)])
-        out.held.append(fold.weighted_gram(experts, weights, dtype))
+        held = grams[0] * weights[0]  # (in float64, ``grams`` are the statistics themselves)
+        for g, w in zip(grams[1:], weights[1:]):
+            held.add_(g, alpha=w)
+        out.held.append(held)
     return out
 
 
