@@ -210,23 +210,27 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
                                             unit="expert", disable=task.options.quiet)):
         params = first.input_parameters[model]
         spec = RecordSpec.from_parameters(params)
-        # The pre-flight check tokenized it with the model's own tokenizer and template:
-        # that is this data unless the merge sets a tokenizer_source or chat_template.
-        checked = None if tokenizer is not None or template else preflight.take_checked_calibration(
-            model, params["calibration"], num_samples, max_seq_len, spec)
+        # The pre-flight check tokenized it with the model's own tokenizer, its chats
+        # rendered as the walk renders them: that is this data unless the merge sets a
+        # tokenizer_source.
+        checked = None if tokenizer is not None else preflight.take_checked_calibration(
+            model, params["calibration"], num_samples, max_seq_len, spec, template)
         if checked is not None:
             cal, pad = checked
         else:
             # With tokenizer_source the embeddings are permuted to the output
-            # vocabulary, so every expert's data must be tokenized with it.
+            # vocabulary, so every expert's data must be tokenized with it; its chats are
+            # rendered with the config's template, or the expert's own, or the output's.
             tok = tokenizer or model_tokenizer(model, task.options)
-            if template:
-                tok.chat_template = template  # `messages` rendered as the output will be
+            own = preflight.own_chat_template(model) if tokenizer is not None else None
+            owner = ("its model's tokenizer" if tokenizer is None else
+                     "neither its model's tokenizer nor the output tokenizer (tokenizer_source)")
             with PHASES.phase("load"):
                 # checked (and short files reported) when the merge was planned
                 cal = load_calibration(params["calibration"], tok, num_samples, max_seq_len,
-                                       model=model, warn_short=False, spec=spec)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+                                       model=model, warn_short=False, spec=spec,
+                                       chat_template=template or own, owner=owner)
+            pad = preflight.pad_id(tok, None)
         LOG.info("%s: %d records, %d tokens from %s", model, cal.num_records, cal.num_tokens,
                  cal.path)
         weight = summarize(s.tensor_task.input_parameters[model]["weight"] for s in task.save_tasks)

@@ -103,6 +103,27 @@ def model_tokenizer(model: ModelReference, options):
         except (OSError, ValueError, TypeError) as e:
             error = e
     raise CalibrationError(
-        f"no tokenizer for model {model} (looked in {', '.join(p.path for p in places)}): "
-        f"{error}; add tokenizer files or set tokenizer_source"
+        f"model {model}: its tokenizer could not be loaded from "
+        f"{', '.join(p.path for p in places)} ({_tokenizer_problem(places[0].path, error)})"
     )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "special_tokens_map.json", "vocab.txt")
+
+
+def _tokenizer_problem(path: str, error: BaseException) -> str:
+    """Why a local folder's tokenizer did not load, naming the file where one is at fault
+    (transformers' own message names none and runs over several lines)."""
+    if os.path.isdir(path):
+        present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+        if not present:
+            return f"it has none of the tokenizer files {', '.join(TOKENIZER_FILES[:4])}"
+        for name in present:
+            if name.endswith(".json"):
+                try:
+                    with open(os.path.join(path, name), encoding="utf-8") as fp:
+                        json.load(fp)
+                except (ValueError, OSError) as e:
+                    return f"{name} is not valid JSON: {first_line(e)}"
+    return first_line(error)

@@ -19,7 +19,7 @@ from mergekit.plan import MergePlanner
 from mergekit.tokenizer import BuildTokenizer
 
 from mergekit_com.errors import ChainConfigError
-from mergekit_com.integration import preflight, support
+from mergekit_com.integration import mergekit_internals, preflight, support
 from mergekit_com.integration.chain_task import ChainOfMergesTask
 from mergekit_com.integration.config_views import listed_models, ordered_models
 from mergekit_com.integration.staged_merge import ACTIVE
@@ -71,6 +71,8 @@ def plan_chain(planner: MergePlanner, out_path: str,
         max_seq_len,
         options,
         shared_tokenizer=tokenizer is not None,
+        chat_template=mergekit_internals.resolve_chat_template(
+            config.chat_template, config.referenced_models(), options.trust_remote_code),
     )
     preflight.scan_weights(ordered_models(config), options)
 

@@ -33,7 +33,7 @@ from mergekit_com.integration.models import (
     model_tokenizer,
     weight_files,
 )
-from mergekit_com.io.calibration import CalibrationSet, load_calibration
+from mergekit_com.io.calibration import CalibrationError, CalibrationSet, load_calibration, load_labeled
 from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.inputs import not_regular, tree_entries, within
 from mergekit_com.method.linalg import all_finite
@@ -267,48 +267,102 @@ def check_out_path(shown: str, ours: List[str], config,
                 )
 
 
-# Each expert's calibration as check_calibration tokenized it (and its tokenizer's pad id),
-# kept for the walk of the same merge (take_checked_calibration), which would otherwise
-# load and tokenize it again. The key says what was read and how.
+# Each expert's calibration as check_calibration tokenized it (and the pad id to batch it
+# with), kept for the walk of the same merge (take_checked_calibration), which would
+# otherwise load and tokenize it again. The key says what was read and how.
 _CHECKED: Dict[tuple, Tuple[CalibrationSet, int]] = {}
+# Under tokenizer_source, each expert's own chat template, for the walk to render its
+# `messages` with (tokenized with the output tokenizer); None where it has none.
+_OWN_TEMPLATES: Dict[ModelReference, Optional[str]] = {}
 
 
-def _calibration_key(model, source, num_samples: int, max_seq_len: int, spec: RecordSpec) -> tuple:
-    return (model, str(source), num_samples, max_seq_len, spec)
+def _calibration_key(model, source, num_samples: int, max_seq_len: int, spec: RecordSpec,
+                     chat_template: Optional[str]) -> tuple:
+    return (model, str(source), num_samples, max_seq_len, spec, chat_template)
 
 
-def take_checked_calibration(model, source, num_samples: int, max_seq_len: int, spec: RecordSpec
-                             ) -> Optional[Tuple[CalibrationSet, int]]:
+def take_checked_calibration(model, source, num_samples: int, max_seq_len: int, spec: RecordSpec,
+                             chat_template: Optional[str]) -> Optional[Tuple[CalibrationSet, int]]:
     """What ``check_calibration`` loaded for ``model`` with these settings (and the pad id
-    of the model's own tokenizer), once; None if it did not. Only for data tokenized as
-    the check does: with the model's own tokenizer and its own chat template."""
-    return _CHECKED.pop(_calibration_key(model, source, num_samples, max_seq_len, spec), None)
+    to batch it with), once; None if it did not. Only for data tokenized as the check
+    does: with the model's own tokenizer (no tokenizer_source), its ``messages`` rendered
+    with ``chat_template`` (the config's), or else the tokenizer's own."""
+    key = _calibration_key(model, source, num_samples, max_seq_len, spec, chat_template)
+    return _CHECKED.pop(key, None)
+
+
+def own_chat_template(model) -> Optional[str]:
+    """Under tokenizer_source: the chat template of ``model``'s own tokenizer, as the
+    check found it (None: it has none, or its tokenizer did not load)."""
+    return _OWN_TEMPLATES.get(model)
+
+
+def pad_id(tokenizer, rows: Optional[int]) -> int:
+    """The id padding positions hold: the tokenizer's pad token where the model has an
+    embedding row for it, else 0. Padding is masked out of attention and statistics, so
+    any row will do; a pad token added to the tokenizer but not to the model's
+    embeddings would otherwise index past them."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None and (rows is None or 0 <= pad < rows) else 0
+
+
+def _embedding_rows(model, options) -> Optional[int]:
+    config = model.config(trust_remote_code=options.trust_remote_code)
+    rows = getattr(config, "vocab_size", None)
+    return rows if isinstance(rows, int) and rows > 0 else None
+
+
+def _check_token_ids(model, source, cal: CalibrationSet, tok, rows: Optional[int]) -> None:
+    """Every token id of the expert's calibration has a row in its embeddings."""
+    if rows is None:
+        return
+    top = max((max(seq) for seq in cal.sequences), default=-1)
+    if top >= rows:
+        token = tok.convert_ids_to_tokens(top)
+        raise ChainConfigError(
+            f"model {model}: its tokenizer turns calibration {source} into token id {top} "
+            f"({token!r}), but the model has {rows} embedding rows (vocab_size in its "
+            "config.json): the tokenizer has tokens the model lacks. Resize the model's "
+            "embeddings to its tokenizer (model.resize_token_embeddings(len(tokenizer)), then "
+            "save it), or set tokenizer_source: union"
+        )
 
 
 def check_calibration(experts, parameters, num_samples: int, max_seq_len: int, options,
-                      shared_tokenizer: bool) -> None:
-    """Every expert's calibration data loads and tokenizes (own tokenizer).
+                      shared_tokenizer: bool, chat_template: Optional[str] = None) -> None:
+    """Every expert's calibration data loads and tokenizes (own tokenizer), its
+    ``messages`` rendered with ``chat_template`` (the config's, resolved) or else the
+    tokenizer's own, and every token has an embedding row.
 
-    ``parameters``: each expert's resolved per-model parameters.
+    ``parameters``: each expert's resolved per-model parameters. Under tokenizer_source
+    (``shared_tokenizer``) the walk tokenizes with the output tokenizer, so an expert
+    whose own tokenizer does not load has only its records read here.
     """
     _CHECKED.clear()  # only the latest plan's: a process may plan several merges
+    _OWN_TEMPLATES.clear()
     loaded = dict(_TOKENIZERS)
     _TOKENIZERS.clear()  # none kept beyond this plan's check
     for model in experts:
         source = parameters[model]["calibration"]  # present: see check_planned_values
+        spec = RecordSpec.from_parameters(parameters[model])
         try:
             tok = loaded[model] if model in loaded else model_tokenizer(model, options)
-        except Exception as e:
-            hint = "" if shared_tokenizer else " or set tokenizer_source"
-            raise ChainConfigError(
-                f"model {model}: its tokenizer could not be loaded ({first_line(e)}); add the "
-                f"tokenizer files to the model{hint}"
-            ) from None
-        spec = RecordSpec.from_parameters(parameters[model])
-        cal = load_calibration(source, tok, num_samples, max_seq_len, model=model, spec=spec)
+        except CalibrationError as e:
+            if not shared_tokenizer:
+                raise ChainConfigError(f"{e}; add or fix the model's tokenizer files, or set "
+                                       "tokenizer_source") from None
+            load_labeled(source, num_samples, f"{source} (for model {model})", spec=spec,
+                         max_seq_len=max_seq_len)
+            continue
+        if shared_tokenizer:
+            _OWN_TEMPLATES[model] = getattr(tok, "chat_template", None) or None
+        cal = load_calibration(source, tok, num_samples, max_seq_len, model=model, spec=spec,
+                               chat_template=chat_template)
         if not shared_tokenizer:  # with tokenizer_source the walk tokenizes for the output's
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            _CHECKED[_calibration_key(model, source, num_samples, max_seq_len, spec)] = (cal, pad)
+            rows = _embedding_rows(model, options)
+            _check_token_ids(model, source, cal, tok, rows)
+            key = _calibration_key(model, source, num_samples, max_seq_len, spec, chat_template)
+            _CHECKED[key] = (cal, pad_id(tok, rows))
 
 
 SCAN_UNMAP_BYTES = 32 << 20

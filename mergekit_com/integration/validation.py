@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import typing
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -67,6 +68,16 @@ def _has_type(ty, value) -> bool:
     return True
 
 
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _type_name(ty) -> str:
+    """A parameter's type as a config's author reads it (``Optional[str]``: a string)."""
+    if typing.get_origin(ty) is typing.Union:
+        return " or ".join(_type_name(t) for t in typing.get_args(ty) if t is not type(None))
+    return _TYPE_NAMES.get(ty, f"a {getattr(ty, '__name__', 'value')}")
+
+
 def check_parameter_names(config) -> None:
     """Unknown names and values of the wrong type, before mergekit plans anything."""
     valid = sorted(PARAMETERS)
@@ -88,8 +99,7 @@ def check_parameter_names(config) -> None:
             for value in scalars(setting):
                 if not _has_type(parameter.type, value):
                     raise ChainConfigError(
-                        f"{where}: parameter '{name}' = {value!r} is not a valid "
-                        f"{getattr(parameter.type, '__name__', 'string')}"
+                        f"{where}: parameter '{name}' = {value!r} is not {_type_name(parameter.type)}"
                     )
 
 

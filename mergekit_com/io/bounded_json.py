@@ -2,9 +2,10 @@
 
 Only the first ``budget`` characters of a record's text can ever reach the
 model (``max_seq_len`` tokens), so a record larger than a few times that is
-parsed from a stream of small chunks: the ``text`` and ``messages`` fields
-are kept, cut to the budget; every other field is checked as JSON and
-dropped. Memory stays proportional to the budget, not to the record. Records
+parsed from a stream of small chunks: the fields the records are read from
+(``text`` and ``messages``, or those a ``calibration_column`` or
+``calibration_template`` names) are kept, cut to the budget; every other field
+is checked as JSON and dropped. Memory stays proportional to the budget, not to the record. Records
 of ordinary size never come here: ``json.loads`` reads them (its error
 messages name the column).
 """
@@ -14,14 +15,19 @@ from __future__ import annotations
 import codecs
 import re
 from json.decoder import scanstring
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Sequence
 
 CHUNK = 1 << 16
-KEPT_KEYS = ("text", "messages", "role", "content")  # what calibration records use
+NAN, INF = float("nan"), float("inf")
+RECORD_KEYS = ("text", "messages")  # the fields of a record kept by default
+MESSAGE_KEYS = ("role", "content")  # a chat message's: kept even past the budget
 MAX_KEY, MAX_NUMBER, MAX_DEPTH = 256, 400, 200
 _STRING_STOP = re.compile(r'["\\\x00-\x1f]')
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _WS = re.compile(r"[ \t\n\r]*")
+
+
+BLANK = object()  # parse_record's answer for a line with nothing on it
 
 
 class JsonSyntaxError(ValueError):
@@ -88,8 +94,8 @@ class _Stream:
 
 
 class _Parser:
-    def __init__(self, stream: _Stream, budget: int):
-        self.s, self.left = stream, budget
+    def __init__(self, stream: _Stream, budget: int, keys: Sequence[str] = RECORD_KEYS):
+        self.s, self.left, self.keys = stream, budget, keys
 
     def value(self, keep: bool, depth: int = 0) -> Any:
         s = self.s
@@ -103,7 +109,9 @@ class _Parser:
             return self.array(keep, depth)
         if c == '"':
             return self.string(self.left if keep else 0)
-        for literal, value in (("true", True), ("false", False), ("null", None)):
+        # as json.loads: NaN and the infinities too
+        for literal, value in (("true", True), ("false", False), ("null", None), ("NaN", NAN),
+                               ("Infinity", INF), ("-Infinity", -INF)):
             if c == literal[0]:
                 s.more(len(literal))
                 if s.buf.startswith(literal, s.pos):
@@ -177,6 +185,9 @@ class _Parser:
 
     def obj(self, keep: bool, depth: int) -> dict:
         s, out = self.s, {}
+        # the budget each kept field took: of a repeated key the last value wins, as with
+        # json.loads, and it gets the budget the earlier one had
+        spent: dict = {}
         if s.empty("}"):
             return out
         while True:
@@ -185,10 +196,14 @@ class _Parser:
                 s.fail("Expecting property name enclosed in double quotes")
             key = self.string(MAX_KEY if keep else 0, counted=False)
             s.expect(":", "':' delimiter")
-            wanted = keep and (key in KEPT_KEYS or (depth > 0 and self.left > 0))
+            wanted = keep and (key in self.keys if depth == 0
+                               else key in MESSAGE_KEYS or self.left > 0)
+            self.left += spent.pop(key, 0)
+            before = self.left
             value = self.value(wanted, depth + 1)
             if wanted:
                 out[key] = value
+                spent[key] = before - self.left
             elif keep and depth == 0 and len(out) < 1000:
                 out[key] = None  # a dropped field of the record: its name, for messages
             if not s.another("}"):
@@ -208,28 +223,36 @@ def _chars(read_bytes: Callable[[], bytes], bom: bool) -> Callable[[], str]:
     return read
 
 
-def parse_record(read_bytes: Callable[[], bytes], budget: int, bom: bool = False) -> Any:
-    """One JSON value (a JSON Lines line) from a byte stream, cut to ``budget``."""
+def parse_record(read_bytes: Callable[[], bytes], budget: int, bom: bool = False,
+                 keys: Sequence[str] = RECORD_KEYS) -> Any:
+    """One JSON value (a JSON Lines line) from a byte stream, cut to ``budget``: of an
+    object, the fields ``keys`` (the others' names map to None). ``BLANK`` for a line of
+    whitespace only."""
     stream = _Stream(_chars(read_bytes, bom))
-    value = _Parser(stream, budget).value(keep=True)
+    stream.skip_ws()
+    if not stream.more():
+        return BLANK
+    value = _Parser(stream, budget, keys).value(keep=True)
     stream.skip_ws()
     if stream.more():
         stream.fail("Extra data")
     return value
 
 
-def iter_records(read_bytes: Callable[[], bytes], budget: int) -> Iterator[Any]:
-    """The records of a .json file: an array's elements, or values one after another."""
+def iter_records(read_bytes: Callable[[], bytes], budget: int,
+                 keys: Sequence[str] = RECORD_KEYS) -> Iterator[Any]:
+    """The records of a .json file: an array's elements, or values one after another
+    (as ``parse_record``)."""
     stream = _Stream(_chars(read_bytes, True))
     stream.skip_ws()
     if stream.peek() != "[":
         while stream.more():
-            yield _Parser(stream, budget).value(keep=True)
+            yield _Parser(stream, budget, keys).value(keep=True)
             stream.skip_ws()
         return
     if not stream.empty("]"):
         while True:
-            yield _Parser(stream, budget).value(keep=True)
+            yield _Parser(stream, budget, keys).value(keep=True)
             if not stream.another("]"):
                 break
     stream.skip_ws()

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -98,14 +98,18 @@ _JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool
 _LINE = 'each line must hold one JSON object such as {"text": "..."}'
 
 
-def _jsonl_records(path: str, shown: str, budget: Optional[int] = None) -> Iterator[Labeled]:
-    """JSON Lines read line by line, so that every error can name its line."""
+def _jsonl_records(path: str, shown: str, budget: Optional[int] = None,
+                   keys: Sequence[str] = bounded_json.RECORD_KEYS) -> Iterator[Labeled]:
+    """JSON Lines read line by line, so that every error can name its line. A line too
+    long to read whole keeps only the fields ``keys`` (those the records are read from)."""
     cap = _line_cap(budget)
     with open_regular(path) as fp:
         for number, raw in enumerate(iter(lambda: fp.readline(cap), b""), start=1):
             where = f"calibration file {shown}: line {number}"
             if cap > 0 and len(raw) >= cap and not raw.endswith(b"\n"):
-                yield f"line {number}", _long_line(fp, raw, budget, where, number == 1)
+                row = _long_line(fp, raw, budget, where, number == 1, keys)
+                if row is not None:  # None: blank, as a short blank line is
+                    yield f"line {number}", row
                 continue
             line = _decode(raw, where, number == 1).rstrip("\r\n")
             if not line.strip():
@@ -121,11 +125,12 @@ def _jsonl_records(path: str, shown: str, budget: Optional[int] = None) -> Itera
             yield f"line {number}", _record(row, where, _LINE)
 
 
-def _long_line(fp, first: bytes, budget: int, where: str, bom: bool) -> Dict[str, Any]:
+def _long_line(fp, first: bytes, budget: int, where: str, bom: bool,
+               keys: Sequence[str]) -> Optional[Dict[str, Any]]:
     """A line too long to read whole: parsed in chunks, its text cut to ``budget``."""
     read = bounded_json.LineReader(fp, first)
     try:
-        row = bounded_json.parse_record(read, budget, bom=bom)
+        row = bounded_json.parse_record(read, budget, bom=bom, keys=keys)
     except bounded_json.JsonSyntaxError as e:
         raise CalibrationError(f"{where} is not valid JSON ({e}); {_LINE}") from None
     except UnicodeDecodeError:
@@ -133,10 +138,11 @@ def _long_line(fp, first: bytes, budget: int, where: str, bom: bool) -> Dict[str
     except RecursionError:
         raise CalibrationError(f"{where} is nested too deeply") from None
     read.finish()
-    return _record(row, where, _LINE)
+    return None if row is bounded_json.BLANK else _record(row, where, _LINE)
 
 
-def _json_records(path: str, shown: str, budget: Optional[int] = None) -> Iterator[Labeled]:
+def _json_records(path: str, shown: str, budget: Optional[int] = None,
+                  keys: Sequence[str] = bounded_json.RECORD_KEYS) -> Iterator[Labeled]:
     """A .json file: an array of records, one record, or JSON Lines (as datasets reads them).
 
     Read with ``json``, not pyarrow: pyarrow's JSON reader crashed the process
@@ -144,7 +150,7 @@ def _json_records(path: str, shown: str, budget: Optional[int] = None) -> Iterat
     """
     where = f"calibration file {shown}"
     if budget is not None and os.path.getsize(path) > _line_cap(budget):
-        yield from _long_json_records(path, where, budget)
+        yield from _long_json_records(path, where, budget, keys)
         return
     with open_regular(path) as fp:
         text = _decode(fp.read(), where, True)
@@ -152,7 +158,7 @@ def _json_records(path: str, shown: str, budget: Optional[int] = None) -> Iterat
         value = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several values: JSON Lines
-            yield from _jsonl_records(path, shown)
+            yield from _jsonl_records(path, shown, keys=keys)
             return
         raise CalibrationError(
             f"{where} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); give "
@@ -168,10 +174,10 @@ def _json_records(path: str, shown: str, budget: Optional[int] = None) -> Iterat
 _ARRAY = 'give a JSON array of objects such as [{"text": "..."}]'
 
 
-def _long_json_records(path: str, where: str, budget: int) -> Iterator[Labeled]:
-    """A large .json file, record by record, each cut to ``budget``."""
+def _long_json_records(path: str, where: str, budget: int, keys: Sequence[str]) -> Iterator[Labeled]:
+    """A large .json file, record by record, each cut to ``budget`` (fields ``keys`` only)."""
     with open_regular(path) as fp:
-        records = bounded_json.iter_records(lambda: fp.read(bounded_json.CHUNK), budget)
+        records = bounded_json.iter_records(lambda: fp.read(bounded_json.CHUNK), budget, keys)
         number = 0
         try:
             for number, row in enumerate(records, start=1):
@@ -186,10 +192,11 @@ def _long_json_records(path: str, where: str, budget: int) -> Iterator[Labeled]:
             raise CalibrationError(f"{where}: record {number + 1} is nested too deeply") from None
 
 
-def _txt_records(path: str, shown: str, budget: Optional[int] = None) -> Iterator[Labeled]:
+def _txt_records(path: str, shown: str, budget: Optional[int] = None,
+                 keys: Sequence[str] = ()) -> Iterator[Labeled]:
     """A .txt file: one record per line (as datasets' text builder reads it), cut to ``budget``."""
     cap = -1 if budget is None else budget
-    with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as fp:
+    with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig") as fp:
         for number, line in enumerate(iter(lambda: fp.readline(cap), ""), start=1):
             if cap > 0 and len(line) >= cap and not line.endswith("\n"):
                 rest = fp.readline(bounded_json.CHUNK)  # a line longer than the budget:
@@ -198,26 +205,12 @@ def _txt_records(path: str, shown: str, budget: Optional[int] = None) -> Iterato
             yield f"record {number}", {"text": line.rstrip("\n")}
 
 
-def _dataset_records(path: str, shown: str, split: str = "train") -> Iterator[Labeled]:
-    """.txt/.parquet files and saved datasets, read with ``datasets``."""
+def _dataset_records(path: str, shown: str, spec: RecordSpec = RecordSpec()) -> Iterator[Labeled]:
+    """.parquet files and saved datasets, read with ``datasets``."""
     import datasets
 
     if os.path.isdir(path):
-        try:
-            ds = datasets.load_from_disk(path)
-        except Exception:
-            raise CalibrationError(
-                f"calibration directory {shown} is neither a dataset saved with "
-                "datasets.save_to_disk nor a dataset repository (README.md and data files); "
-                "give one of those or a .jsonl/.json/.txt/.parquet file"
-            ) from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise CalibrationError(
-                    f"calibration directory {shown} has no split '{split}'; set "
-                    f"calibration_split to one of: {', '.join(ds)}")
-            ds = ds[split]
-        rows: Iterable = ds
+        rows: Iterable = _saved_dataset(path, shown, spec)
     else:
         ext = os.path.splitext(path)[1].lower()
         if ext == ".parquet":
@@ -231,6 +224,46 @@ def _dataset_records(path: str, shown: str, split: str = "train") -> Iterator[La
         yield f"record {number}", row
 
 
+def _saved_dataset(path: str, shown: str, spec: RecordSpec) -> Iterable:
+    """The rows of a folder written by ``save_to_disk``: a ``Dataset`` (one split: whichever
+    it was saved from, unless ``calibration_split`` names another) or a ``DatasetDict`` (its
+    ``calibration_split``). Neither has configurations."""
+    import datasets
+
+    where = f"calibration directory {shown}"
+    saved = [f for f in ("state.json", "dataset_dict.json") if os.path.isfile(os.path.join(path, f))]
+    try:
+        if saved == ["state.json"]:
+            with open(os.path.join(path, "state.json"), encoding="utf-8") as fp:
+                if not json.load(fp).get("_data_files", True):
+                    return []  # saved with no rows: datasets fails to load it (IndexError)
+        ds = datasets.load_from_disk(path)
+    except Exception as e:
+        if not saved:
+            raise CalibrationError(
+                f"{where} is neither a dataset saved with datasets.save_to_disk nor a dataset "
+                "repository (README.md and data files); give one of those or a "
+                ".jsonl/.json/.txt/.parquet file"
+            ) from None
+        raise CalibrationError(f"{where} is a saved dataset that could not be read "
+                               f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})"
+                               ) from None
+    if spec.config is not None:
+        raise CalibrationError(f"{where} is a saved dataset, which has no configurations; remove "
+                               "calibration_config")
+    if isinstance(ds, datasets.DatasetDict):
+        if spec.split not in ds:
+            raise CalibrationError(
+                f"{where} has no split '{spec.split}'; set calibration_split to one of: "
+                f"{', '.join(ds)}")
+        return ds[spec.split]
+    if spec.split not in ("train", ds.split):  # the default takes whatever split it is
+        raise CalibrationError(
+            f"{where} holds one saved split ({ds.split or 'no split name'}), not a DatasetDict "
+            f"with a split '{spec.split}'; remove calibration_split or save the DatasetDict")
+    return ds
+
+
 def _explain_read_error(shown: str, error: Exception) -> CalibrationError:
     if isinstance(error, UnicodeDecodeError):
         return CalibrationError(f"calibration file {shown} is not valid UTF-8 text")
@@ -239,18 +272,19 @@ def _explain_read_error(shown: str, error: Exception) -> CalibrationError:
 
 
 def _check_record(where: str, row: Dict[str, Any]) -> bool:
-    """Whether the record carries text; raises for records of the wrong shape."""
+    """Whether the record carries text; raises for records of the wrong shape. A blank or
+    null ``text`` gives way to ``messages`` where the record has them (``has_text``)."""
     text, messages = row.get("text"), row.get("messages")
-    if text is None and messages is None:
+    if "text" not in row and "messages" not in row:
         fields = ", ".join(sorted(map(str, row))[:5]) or "none"
         raise CalibrationError(
             f"{where} has neither a `text` nor a `messages` field (fields found: {fields}); "
             "set calibration_column or calibration_template"
         )
-    if text is not None:
-        if not isinstance(text, str):
-            raise CalibrationError(f"{where}: `text` must be a string, not {type(text).__name__}")
-        return bool(text.strip())
+    if text is not None and not isinstance(text, str):
+        raise CalibrationError(f"{where}: `text` must be a string, not {type(text).__name__}")
+    if has_text(row) or messages is None:
+        return has_text(row)
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in messages
@@ -260,6 +294,12 @@ def _check_record(where: str, row: Dict[str, Any]) -> bool:
             "with string values"
         )
     return bool(messages)
+
+
+def has_text(row: Dict[str, Any]) -> bool:
+    """Whether a record is read from its ``text`` (else from its ``messages``)."""
+    text = row.get("text")
+    return isinstance(text, str) and bool(text.strip())
 
 
 def check_source(path: str, shown: Optional[str] = None) -> str:
@@ -294,7 +334,7 @@ def _open_file(path: str, shown: str, spec: RecordSpec,
     """The records of a local file or saved dataset, after checks that need no reading."""
     path = check_source(path, shown)
     if os.path.isdir(path):
-        return _dataset_records(path, shown, spec.split)
+        return _dataset_records(path, shown, spec)
     for name, value in (("calibration_split", spec.split != "train"),
                         ("calibration_config", spec.config is not None)):
         if value:
@@ -303,7 +343,7 @@ def _open_file(path: str, shown: str, spec: RecordSpec,
                 f"{name} (it applies to datasets)")
     reader = {".jsonl": _jsonl_records, ".json": _json_records,
               ".txt": _txt_records}.get(os.path.splitext(path)[1].lower())
-    return reader(path, shown, budget) if reader else _dataset_records(path, shown)
+    return reader(path, shown, budget, spec.fields(shown)) if reader else _dataset_records(path, shown)
 
 
 def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
@@ -384,22 +424,31 @@ def _quiet_datasets(imports: bool = True):
 
 def tokenize_records(
     records: List[Labeled], tokenizer, max_seq_len: int, shown: str,
-    noun: str = "calibration file",
+    noun: str = "calibration file", chat_template: Optional[str] = None,
+    owner: str = "its model's tokenizer",
 ) -> List[List[int]]:
-    owner = "its model's tokenizer"
+    """Each record's token ids (at most ``max_seq_len``). ``messages`` are rendered with
+    ``chat_template``, or else ``tokenizer``'s own (``owner`` names where it was looked
+    for, in the message when there is none)."""
     budget = record_budget(max_seq_len)
     seqs = []
     for where, row in records:
         try:
-            if row.get("text"):
-                ids = tokenizer(row["text"][:budget], truncation=False)["input_ids"]
+            if has_text(row):
+                text = row["text"][:budget]
+                _check_unicode(text, noun, shown, where)
+                ids = tokenizer(text, truncation=False)["input_ids"]
             else:
-                if not getattr(tokenizer, "chat_template", None):
+                template = chat_template or getattr(tokenizer, "chat_template", None)
+                if not template:
                     raise CalibrationError(
-                        f"{noun} {shown} has `messages` records but {owner} has "
-                        "no chat template; use `text` records instead"
+                        f"{noun} {shown} has `messages` records but {owner} has no chat "
+                        "template; set chat_template: in the merge config (chatml, for "
+                        "example) or use `text` records"
                     )
-                text = tokenizer.apply_chat_template(_cut(row["messages"], budget), tokenize=False)
+                text = tokenizer.apply_chat_template(_cut(row["messages"], budget),
+                                                     chat_template=template, tokenize=False)
+                _check_unicode(text, noun, shown, where)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         except CalibrationError:
             raise
@@ -420,6 +469,19 @@ def tokenize_records(
     return seqs
 
 
+def _check_unicode(text: str, noun: str, shown: str, where: str) -> None:
+    """Text a tokenizer can take: JSON's ``\\ud800``-style escapes can leave a lone
+    surrogate, which is not a character, and tokenizers reject it with a type error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CalibrationError(
+            f"{noun} {shown}: {where} holds {text[e.start]!r} at character {e.start}, half of "
+            "a UTF-16 surrogate pair (an escape such as \\ud800 without its other half), "
+            "which is not text; remove it or write the character whole"
+        ) from None
+
+
 def _cut(messages: List[Dict[str, str]], budget: int) -> List[Dict[str, str]]:
     """The messages whose content falls within the first ``budget`` characters."""
     out = []
@@ -434,12 +496,13 @@ def _cut(messages: List[Dict[str, str]], budget: int) -> List[Dict[str, str]]:
 def load_calibration(
     path: str, tokenizer, num_samples: int, max_seq_len: int, model: Any = None,
     warn_short: bool = True, spec: RecordSpec = RecordSpec(),
+    chat_template: Optional[str] = None, owner: str = "its model's tokenizer",
 ) -> CalibrationSet:
     shown = path if model is None else f"{path} (for model {model})"
     records, origin = load_labeled(path, num_samples, shown, warn_short, spec,
                                    max_seq_len=max_seq_len)
     noun = "calibration dataset" if "dataset" in origin else "calibration file"
-    seqs = tokenize_records(records, tokenizer, max_seq_len, shown, noun)
+    seqs = tokenize_records(records, tokenizer, max_seq_len, shown, noun, chat_template, owner)
     if "dataset" in origin:
         return CalibrationSet(path=path, sequences=seqs, num_records=len(records), sha256=None,
                               origin=origin)

@@ -65,6 +65,13 @@ class RecordSpec:
         if self.template is not None:
             template_fields(self.template, shown)
 
+    def fields(self, shown: str) -> Tuple[str, ...]:
+        """The fields of a row this spec reads: ``text``/``messages``, or the column, or
+        the template's fields."""
+        if self.template is not None:
+            return tuple(template_fields(self.template, shown))
+        return (self.column,) if self.column is not None else ("text", "messages")
+
     def check_fields(self, columns: Optional[List[str]], shown: str) -> None:
         """Column and template fields against a dataset's columns, before reading rows."""
         if not columns:

@@ -85,16 +85,8 @@ def with_template(expert_dir, out_dir, template):
 
 
 def test_chat_template_renders_message_calibration_and_the_output(zoo2, tmp_path):
-    from importlib.resources import files
-
-    from mergekit._data import chat_templates
-
-    chatml = files(chat_templates).joinpath("chatml.jinja").read_text()
-    chats = [{"messages": [{"role": "user", "content": t[:10]},
-                           {"role": "assistant", "content": t[10:]}]}
-             for t in pico.sample_texts(7)]
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    chatml = _chatml()
+    data = _chat_data(tmp_path)
 
     def run(name, models, **top):
         cfg = com_config([{"model": m, "calibration": str(data)} for m in models])
@@ -152,3 +144,90 @@ def test_the_checks_load_each_tokenizer_once(zoo2, tmp_path, monkeypatch):
     merge(cfg, str(tmp_path / "out"), copy_tokenizer=False)
     assert sorted(loads) == sorted(os.path.normpath(zoo2[f"expert{i}"]) for i in range(2))
     assert not preflight._TOKENIZERS  # none kept after the plan
+
+
+def _chat_data(tmp_path):
+    chats = [{"messages": [{"role": "user", "content": t[:10]},
+                           {"role": "assistant", "content": t[10:]}]}
+             for t in pico.sample_texts(7)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return str(data)
+
+
+def _chatml():
+    from importlib.resources import files
+
+    from mergekit._data import chat_templates
+
+    return files(chat_templates).joinpath("chatml.jinja").read_text()
+
+
+def test_the_configs_chat_template_serves_an_expert_without_one(zoo2, tmp_path):
+    """`chat_template:` renders every expert's chats, so an expert whose tokenizer has no
+    template of its own merges, as if its own were that one."""
+    data = _chat_data(tmp_path)
+    bare = tmp_path / "bare"
+    shutil.copytree(zoo2["expert1"], bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in os.listdir(bare):
+        if name.startswith("chat_template"):
+            os.remove(bare / name)
+    assert AutoTokenizer.from_pretrained(bare).chat_template is None
+    cfg = com_config([{"model": zoo2["expert0"], "calibration": data},
+                      {"model": str(bare), "calibration": data}])
+    got = merge(dict(cfg, chat_template="chatml"), str(tmp_path / "named"))
+    own = merge(com_config([{"model": with_template(zoo2[f"expert{i}"], tmp_path / f"own{i}", _chatml()),
+                             "calibration": data} for i in range(2)]), str(tmp_path / "own"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(got[q], own[q])
+
+
+def test_under_tokenizer_source_each_expert_renders_chats_with_its_own_template(zoo2, tmp_path):
+    """The output tokenizer gives the token ids; each expert's chats are still rendered
+    with its own template (docs/calibration.md), so with the vocabulary unchanged a
+    tokenizer_source merges as the experts' own tokenizers do."""
+    data = _chat_data(tmp_path)
+    second = with_template(zoo2["expert1"], tmp_path / "chatml1", _chatml())
+    cfg = com_config([{"model": zoo2["expert0"], "calibration": data},
+                      {"model": second, "calibration": data}], base=zoo2["expert0"])
+    own = merge(cfg, str(tmp_path / "own"))
+    shared = merge(dict(cfg, tokenizer_source="base"), str(tmp_path / "base"))
+    for name, value in own.items():
+        assert_close(shared[name], value, name)
+
+
+def test_under_tokenizer_source_an_expert_needs_no_tokenizer_of_its_own(zoo2, tmp_path):
+    """As mergekit's other methods: with tokenizer_source the walk tokenizes every
+    expert's data with the output tokenizer, so one without tokenizer files merges."""
+    bare = tmp_path / "bare"
+    shutil.copytree(zoo2["expert1"], bare)
+    for name in os.listdir(bare):
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(bare / name)
+    cfg = pair(zoo2, str(bare), tokenizer_source="base")
+    got = merge(cfg, str(tmp_path / "bare_out"))
+    want = merge(pair(zoo2, zoo2["expert1"], tokenizer_source="base"), str(tmp_path / "want"))
+    for name, value in want.items():
+        assert_close(got[name], value, name)
+
+
+def test_a_pad_token_past_the_embeddings_pads_with_a_row_that_exists(zoo2, tmp_path):
+    """Padding is masked out, so a pad token added to the tokenizers but not to the
+    models' embeddings changes nothing: the batches pad with id 0 instead."""
+    experts = []
+    for i in range(2):
+        path = tmp_path / f"padded{i}"
+        shutil.copytree(zoo2[f"expert{i}"], path)
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.add_special_tokens({"pad_token": "<newpad>"})
+        assert tok.pad_token_id >= pico.VOCAB
+        tok.save_pretrained(path)
+        experts.append({"model": str(path), "calibration": zoo2[f"expert{i}_data"]})
+    got = merge(com_config(experts), str(tmp_path / "out"))
+    want = merge(com_config([{"model": zoo2[f"expert{i}"], "calibration": zoo2[f"expert{i}_data"]}
+                             for i in range(2)]), str(tmp_path / "want"))
+    for name, value in want.items():
+        assert_close(got[name], value, name)

@@ -26,7 +26,8 @@ def bad_configs(zoo):
         "num_samples": (com_config(ok, num_samples=0), r"'num_samples' = 0.*positive"),
         "max_seq_len": (com_config(ok, max_seq_len=-3), r"'max_seq_len' = -3.*positive"),
         "type": (com_config(ok, alpha="high"), r"'alpha' = 'high' .*must be a number in \[0, 1\] or auto"),
-        "bool_number": (com_config(ok, num_samples=True), r"'num_samples' = True is not a valid int"),
+        "bool_number": (com_config(ok, num_samples=True), r"'num_samples' = True is not an integer"),
+        "optional_string": (com_config(ok, calibration_column=5), r"'calibration_column' = 5 is not a string$"),
         "nan": (com_config(ok, alpha=float("nan")), r"'alpha' = nan .*must be a finite number"),
         "weight": (com_config(negative), r"'weight' = -1.0.*>= 0"),
         "no_calibration": (com_config(no_cal), r"expert1 has no `calibration`"),
@@ -39,7 +40,7 @@ def bad_configs(zoo):
 
 @pytest.mark.parametrize("case", [
     "misspelled", "alpha", "chain", "objective", "fallback", "num_samples", "max_seq_len",
-    "type", "bool_number", "nan", "weight", "no_calibration", "missing_file", "ta_without_base", "per_model_chain",
+    "type", "bool_number", "optional_string", "nan", "weight", "no_calibration", "missing_file", "ta_without_base", "per_model_chain",
 ])
 def test_bad_config_fails_before_any_work(zoo2, tmp_path, case):
     cfg, pattern = bad_configs(zoo2)[case]

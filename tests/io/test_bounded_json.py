@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.calibration import (
     CalibrationError,
     load_labeled,
@@ -36,6 +37,43 @@ def test_a_large_json_array_is_streamed_with_the_same_records(tmp_path):
     assert p.stat().st_size > 8 * budget  # too large to read whole with this max_seq_len
     got = [row for _, row in load_labeled(str(p), 2000, max_seq_len=4)[0]]
     assert got == rows
+
+
+@pytest.mark.parametrize("spec", [RecordSpec(column="question"),
+                                  RecordSpec(template="Q: {question} A: {answer}"),
+                                  RecordSpec(column="chat")])
+@pytest.mark.parametrize("shape", ["json", "jsonl"])
+def test_records_read_in_bounds_keep_the_fields_a_column_or_template_reads(tmp_path, spec, shape):
+    """A .json file or a .jsonl line too large to read whole gives the same records as a
+    small one: the fields a column or template names are kept, not only text/messages."""
+    rows = [{"question": f"what is {i}?", "answer": f"{i}", "id": i,
+             "chat": [{"role": "user", "content": f"hi {i}"}], "pad": "p" * 2000} for i in range(400)]
+    small, large = tmp_path / f"small.{shape}", tmp_path / f"large.{shape}"
+    for path, n in ((small, 3), (large, 400)):
+        if shape == "json":
+            path.write_text(json.dumps(rows[:n]))
+        else:
+            path.write_text("".join(json.dumps({**r, "pad": r["pad"] * (60 if path is large else 0)})
+                                    + "\n" for r in rows[:n]))
+    cap = 8 * record_budget(8)
+    assert large.stat().st_size > cap > small.stat().st_size  # the bounded reader's path
+    want = [r for _, r in load_labeled(str(small), 3, spec=spec)[0]]
+    got = [r for _, r in load_labeled(str(large), 3, spec=spec, max_seq_len=8)[0]]
+    assert got == want and " 0" in str(want[0])
+
+
+@pytest.mark.parametrize("line", [
+    '{"text": "first", "text": "second"}',  # a repeated key: the last one, as json.loads
+    '{"text": "abc", "score": NaN, "hi": -Infinity}',  # json.loads' non-standard numbers
+    "   \t ",  # a blank line is skipped
+])
+def test_a_long_line_reads_as_the_same_line_short(tmp_path, line):
+    pad = " " * (9 * record_budget(8))  # whitespace: the same JSON, too long to read whole
+    short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    short.write_text(line + "\n" + '{"text": "next"}\n')
+    long.write_text(line + pad + "\n" + '{"text": "next"}\n')
+    got, want = (load_labeled(str(p), 10, **kw)[0] for p, kw in ((long, {"max_seq_len": 8}), (short, {})))
+    assert [(w, r.get("text"), set(r)) for w, r in got] == [(w, r.get("text"), set(r)) for w, r in want]
 
 
 @pytest.mark.parametrize("text, problem", [

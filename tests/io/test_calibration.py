@@ -120,3 +120,53 @@ def test_an_empty_parquet_file_is_one_line_without_the_librarys_logs(tmp_path, t
     assert "none.parquet" in str(e.value) and "BatchSize" not in str(e.value)
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == "", captured
+
+
+def test_a_null_or_blank_text_is_a_blank_record_or_gives_way_to_messages(tmp_path):
+    p = tmp_path / "d.jsonl"
+    chat = [{"role": "user", "content": "hi"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"text": None}, {"text": "", "messages": chat}, {"text": None, "messages": chat},
+        {"text": "abc"}]))
+    got = load_records(str(p), 10)
+    assert got == [{"text": "", "messages": chat}, {"text": None, "messages": chat}, {"text": "abc"}]
+    p.write_text(json.dumps({"text": None}) + "\n")
+    with pytest.raises(CalibrationError, match="holds no text: all 1 records are blank"):
+        load_records(str(p), 10)
+
+
+def test_a_byte_order_mark_starts_no_txt_record(tmp_path):
+    p = tmp_path / "d.txt"
+    p.write_bytes("\ufefffirst\nsecond\n".encode("utf-8"))
+    assert [r["text"] for r in load_records(str(p), 10)] == ["first", "second"]
+
+
+def test_a_lone_surrogate_is_named_not_a_tokenizer_type_error(tmp_path, tok):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "a\\ud800b"}\n')
+    with pytest.raises(CalibrationError, match=r"line 2 holds '\\ud800' at character 1, half of "
+                                               r"a UTF-16 surrogate pair"):
+        load_calibration(str(p), tok, num_samples=4, max_seq_len=16)
+
+
+def test_saved_datasets_honour_split_and_config_or_say_why_not(tmp_path):
+    from mergekit_com.io.datasets_source import RecordSpec
+
+    rows = {"text": ["a", "b"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "validation": datasets.Dataset.from_dict({"text": ["v"]})}
+                         ).save_to_disk(str(tmp_path / "dict"))
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "none"))
+    assert [r["text"] for r in load_records(str(tmp_path / "one"), 10)] == ["a", "b"]
+    assert [r["text"] for r in load_records(str(tmp_path / "dict"), 10,
+                                            spec=RecordSpec(split="validation"))] == ["v"]
+    with pytest.raises(CalibrationError, match="holds one saved split .* remove calibration_split"):
+        load_records(str(tmp_path / "one"), 10, spec=RecordSpec(split="validation"))
+    with pytest.raises(CalibrationError, match="has no configurations; remove calibration_config"):
+        load_records(str(tmp_path / "dict"), 10, spec=RecordSpec(config="fr"))
+    with pytest.raises(CalibrationError, match="none .*holds no text: it has no records"):
+        load_records(str(tmp_path / "none"), 10)
+    (tmp_path / "one" / "state.json").write_text("{not json")
+    with pytest.raises(CalibrationError, match="one is a saved dataset that could not be read"):
+        load_records(str(tmp_path / "one"), 10)

@@ -129,6 +129,8 @@ CASES = {c.id: c for c in [
     Case("11c", expert="expert_deep"),
     Case("11d", expert="expert_noarch"),
     Case("m3", expert="e0.jsonl"),
+    Case("t1", expert="expert_tool", calibration="tool.jsonl", first_calibration=None),
+    Case("t2", expert="expert_notokfiles"),
     Case("o5", out="e0.jsonl/merged"),
 ]}
 
@@ -205,6 +207,21 @@ class World:
         tok.backend_tokenizer.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")
         tok.backend_tokenizer.post_processor = None
         tok.save_pretrained(p)
+
+    def _make_expert_tool(self, p):  # its tokenizer has a token its embeddings lack
+        self._copy_expert1(p)
+        tok = pico.make_tokenizer()
+        tok.add_tokens(["<tool>"])
+        tok.save_pretrained(p)
+
+    def _make_tool_jsonl(self, p):
+        pico.write_jsonl(p, ["call <tool> now", "and again"])
+
+    def _make_expert_notokfiles(self, p):
+        self._copy_expert1(p)
+        for name in os.listdir(p):
+            if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                os.remove(os.path.join(p, name))
 
     def _make_expert_mistral(self, p):
         config = pico.llama_config(layers=2, arch="mistral")
