@@ -37,11 +37,36 @@ def _zoo_key(result: dict) -> str:
     return result["preset"] + (f" (seed {seed})" if seed else "") + tasks
 
 
+def is_quality_result(result) -> bool:
+    """Whether a JSON file is what ``bench quality`` or ``bench candidates`` writes (the
+    other benchmarks share their output folder: ``bench_out/*.json`` names theirs too)."""
+    return isinstance(result, dict) and "preset" in result and (
+        "candidates" in result or "methods" in result)
+
+
+def read_results(paths: Sequence[Path]) -> Tuple[List[dict], List[Path]]:
+    """The quality/candidates results among ``paths``, and the files that are not."""
+    results, skipped = [], []
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"bench verdict: {path} could not be read as JSON ({e})") from None
+        if is_quality_result(result):
+            results.append(result)
+        else:
+            skipped.append(Path(path))
+    return results, skipped
+
+
 def collect(paths: Sequence[Path]) -> Dict[str, dict]:
     """zoo -> {"ours": [Row], "defaults": Row | None, "mergekit": [Row]}."""
+    return collect_results(read_results(paths)[0])
+
+
+def collect_results(results: Sequence[dict]) -> Dict[str, dict]:
     zoos: Dict[str, dict] = {}
-    for path in paths:
-        result = json.loads(Path(path).read_text())
+    for result in results:
         zoo = zoos.setdefault(_zoo_key(result), {"ours": [], "defaults": None, "mergekit": []})
         for row in result.get("candidates", []):
             ev = row["eval"]
@@ -134,7 +159,13 @@ def matrix(zoos: Dict[str, dict]) -> str:
 
 
 def main(paths: List[str]) -> None:
-    zoos = collect([Path(p) for p in paths])
+    results, skipped = read_results([Path(p) for p in paths])
+    for path in skipped:
+        print(f"(skipped {path}: not a bench quality or candidates result)")
+    if not results:
+        raise SystemExit("bench verdict: none of the files given is a bench quality or candidates "
+                         "result (bench_out/quality.json, bench_out/candidates.json, ...)")
+    zoos = collect_results(results)
     print(table(zoos))
     print("\nEvery variant of ours, normalized accuracy % on eval [95% CI]:\n")
     print(matrix(zoos))

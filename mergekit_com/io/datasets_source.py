@@ -1,7 +1,7 @@
 """Calibration data from Hugging Face datasets: a Hub id or a downloaded dataset repository.
 
 ``calibration: org/name`` (a Hub dataset id) and a folder holding a dataset
-repository as ``huggingface-cli download --repo-type dataset`` leaves it (a
+repository as ``hf download --repo-type dataset`` leaves it (a
 ``README.md`` and data files) are both opened by ``datasets`` itself:
 ``load_dataset_builder`` then ``as_streaming_dataset``, which is what
 ``load_dataset(..., streaming=True)`` does, keeping the builder, whose hash is
@@ -270,7 +270,7 @@ def _repository_origin(path: str) -> Tuple[str, Optional[str]]:
     # huggingface_hub's cache: .../datasets--org--name/snapshots/<commit>
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("datasets--"):
         return parts[-3][len("datasets--"):].replace("--", "/", 1), parts[-1]
-    # `huggingface-cli download --local-dir`: the commit is the first line of each
+    # `hf download --local-dir`: the commit is the first line of each
     # file's metadata under .cache/huggingface/download/
     meta = os.path.join(path, ".cache", "huggingface", "download", "README.md.metadata")
     revision = None

@@ -105,3 +105,20 @@ def test_a_zoo_whose_experts_all_scored_zero_is_undefined_not_a_tie(tmp_path):
     assert verdict.judge(zoos["tiny"]) == (verdict.UNDEFINED, verdict.UNDEFINED)
     assert "no measurable difference" not in verdict.table(zoos)
     assert "no expert scored above 0" in verdict.table(zoos)
+
+
+def test_the_other_benchmarks_json_in_the_same_folder_is_skipped(tmp_path, capsys):
+    """`bench verdict bench_out/*.json` as docs/benchmark.md writes it: bench kernels, cost
+    and scale save there too; their files are named and skipped, not a KeyError."""
+    import pytest
+
+    _write(tmp_path, "quality.json", {"defaults": DEFAULTS, "methods": [
+        _method(DEFAULTS_ROW, "chain_of_merges", 0.9), _method("ties", "ties", 0.85)]})
+    (tmp_path / "kernels.json").write_text(json.dumps({"rows": []}))
+    (tmp_path / "cost.json").write_text(json.dumps([{"model": "pico"}]))
+    verdict.main(sorted(str(p) for p in tmp_path.glob("*.json")))
+    out = capsys.readouterr().out
+    assert "skipped" in out and "kernels.json" in out and "cost.json" in out
+    assert "| tiny |" in out
+    with pytest.raises(SystemExit, match="none of the files given is a bench quality"):
+        verdict.main([str(tmp_path / "kernels.json")])
