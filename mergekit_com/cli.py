@@ -96,6 +96,25 @@ def _config_error(config_file: Optional[str], error: Exception) -> str:
     return f"{where} is not a valid mergekit config: {loc}: {first['msg']}{more}"
 
 
+def _bad_shard_size(args: List[str]) -> Optional[str]:
+    """The value of ``--out-shard-size`` if mergekit cannot read it (its option callback
+    raises a plain ValueError, which click shows as a traceback)."""
+    from mergekit.common import parse_kmb
+
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return None
+        if arg.startswith("--out-shard-size"):
+            value = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+            if value is None:
+                return None  # click says the value is missing
+            try:
+                parse_kmb(value)
+            except (ValueError, IndexError):
+                return value
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import mergekit_com  # noqa: F401  (registers chain_of_merges)
     import pydantic
@@ -110,6 +129,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"mergekit-com: error: {one_line(message)}", file=sys.stderr)
         sys.exit(code)
 
+    bad_size = _bad_shard_size(args)
+    if bad_size is not None:
+        fail(f"--out-shard-size {bad_size!r} is not a size: give a whole number of parameters, "
+             "optionally with K, M or B (for example 500M)")
     seen: dict = {}
     try:
         _command(seen).main(args=args, prog_name="mergekit-com", standalone_mode=False)

@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,10 +42,27 @@ def require_lmeval() -> None:
 
 def _quiet_unless_logging():
     """lm-eval's progress bars go to stderr whenever its logger would show warnings;
-    ``quiet.quiet_libraries`` turns that logger down, and with it the bars."""
+    ``quiet.quiet_libraries`` turns that logger down, and with it the bars. The git it
+    runs for its environment record writes to the process's stderr itself ("fatal: not a
+    git repository" outside one), so that is hidden too."""
     if logging.getLogger("lm_eval").isEnabledFor(logging.WARNING):
         return contextlib.nullcontext()
-    return contextlib.redirect_stderr(io.StringIO())
+    return _stderr_hidden()
+
+
+@contextlib.contextmanager
+def _stderr_hidden():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _task_manager(include_path: str):

@@ -187,11 +187,15 @@ def walk_settings(task: ChainOfMergesTask) -> WalkSettings:
 
 
 def parameter_summary(task: ChainOfMergesTask) -> Dict[str, object]:
-    """Every merge-wide parameter as resolved across all tensors (for the report and card)."""
-    return {
+    """Every merge-wide parameter as resolved across all tensors (for the report and card);
+    ``max_seq_len`` as used, cut to the model's positions where it had fewer."""
+    summary = {
         name: summarize(s.tensor_task.parameters[name] for s in task.save_tasks)
         for name, p in PARAMETERS.items() if not p.per_model
     }
+    if task.max_seq_len:
+        summary["max_seq_len"] = task.max_seq_len
+    return summary
 
 
 def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,

@@ -22,6 +22,30 @@ def listed_models(config) -> List[ModelReference]:
     return list(dict.fromkeys(out))
 
 
+def listed_experts(config) -> List[ModelReference]:
+    """The listed models that are experts: all of them, except a ``base_model`` that is a
+    slice source only because mergekit needs the base in every slice, and whose source
+    entries give it no ``calibration`` of their own (it stays the base, as under
+    ``models:`` when it is not listed)."""
+    base = config.base_model
+    sources = [src for s in _all_slices(config) for src in s.sources]
+    listed = listed_models(config)
+    if base is None or any(m.model == base for m in _all_model_entries(config)):
+        return listed
+    own_data = any(src.model == base and "calibration" in (src.parameters or {}) for src in sources)
+    return listed if own_data else [m for m in listed if m != base]
+
+
+def _all_slices(config) -> List:
+    return list(config.slices or []) + [s for mod in (config.modules or {}).values()
+                                        for s in mod.slices or []]
+
+
+def _all_model_entries(config) -> List:
+    return list(config.models or []) + [m for mod in (config.modules or {}).values()
+                                        for m in mod.models or []]
+
+
 def model_lists(config) -> Iterable[Tuple[str, List[ModelReference]]]:
     """Each list of models a user wrote, with where it is (a model may appear once in each)."""
     yield "models:", [m.model for m in config.models or []]

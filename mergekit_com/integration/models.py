@@ -14,8 +14,12 @@ from mergekit_com.errors import ChainConfigError
 from mergekit_com.io.calibration import CalibrationError
 
 
-def first_line(error: BaseException) -> str:
-    return ((str(error).strip().splitlines() or [type(error).__name__])[0])[:200]
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An error's first line, cut at a word before ``limit`` characters."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 def local_dir(model: ModelReference, options) -> str:
@@ -39,6 +43,13 @@ def local_dir(model: ModelReference, options) -> str:
     try:
         return merged.local_path(cache_dir=options.transformers_cache)
     except Exception as e:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ChainConfigError(
+                f"model {model} is not a local folder, and with HF_HUB_OFFLINE set the Hugging "
+                "Face hub is not asked for it (nor is it in the local cache); check the path, "
+                "or download it first") from None
         raise ChainConfigError(
             f"model {model}: not a local directory and not available from the Hugging Face "
             f"hub ({first_line(e)}); check the path"

@@ -21,9 +21,10 @@ from mergekit.tokenizer import BuildTokenizer
 from mergekit_com.errors import ChainConfigError
 from mergekit_com.integration import mergekit_internals, preflight, support
 from mergekit_com.integration.chain_task import ChainOfMergesTask
-from mergekit_com.integration.config_views import listed_models, ordered_models
+from mergekit_com.integration.config_views import listed_experts, ordered_models
 from mergekit_com.integration.staged_merge import ACTIVE
 from mergekit_com.integration.validation import (
+    check_distinct_experts,
     check_options,
     check_parameter_names,
     check_planned_values,
@@ -44,7 +45,7 @@ def plan_chain(planner: MergePlanner, out_path: str,
     check_options(options)
     if work is None:  # planned without staged_merge.run_chain_merge, which checks them first
         preflight.check_models(config, options)
-    listed = listed_models(config)
+    listed = listed_experts(config)
     base = config.base_model
     out_cfg = planner.out_model_config
     support.check_model_kind(out_cfg, planner.arch_info)
@@ -62,6 +63,7 @@ def plan_chain(planner: MergePlanner, out_path: str,
     check_same_experts(save_tasks, experts, listed, base)
     check_planned_values(save_tasks, experts, base)
     first = save_tasks[0].tensor_task
+    check_distinct_experts(experts, {m: first.input_parameters.get(m, {}) for m in experts})
     max_seq_len = fit_max_seq_len(first.parameters["max_seq_len"], out_cfg,
                                   explicit=sets_parameter(config, "max_seq_len"))
     preflight.check_calibration(

@@ -184,8 +184,27 @@ def check_models(config, options) -> Dict[ModelReference, str]:
                 f"models {first} and {m} differ in shape: {detail}; "
                 f"{config.merge_method} merges models of one size fine-tuned from one base"
             )
+    check_layer_ranges(config, configs)
     check_token_sources(config, paths, options)
     return paths
+
+
+def check_layer_ranges(config, configs) -> None:
+    """Every slice source's ``layer_range`` lies within its model's layers (mergekit
+    would fail on the first missing tensor, once the merge has begun)."""
+    scopes = [("slices", config.slices or [])] + [
+        (f"modules.{name}.slices", mod.slices or []) for name, mod in (config.modules or {}).items()]
+    for where, slices in scopes:
+        for si, piece in enumerate(slices):
+            for ri, source in enumerate(piece.sources):
+                start, end = source.layer_range
+                depth = getattr(configs.get(source.model), "num_hidden_layers", None)
+                if start < 0 or end <= start or (isinstance(depth, int) and end > depth):
+                    raise ChainConfigError(
+                        f"{where}[{si}].sources[{ri}]: layer_range [{start}, {end}] of model "
+                        f"{source.model} is not within its {depth} layers (num_hidden_layers in "
+                        "its config.json); a range [start, end] takes layers start to end - 1"
+                    )
 
 
 def check_token_sources(config, paths: Dict[ModelReference, str], options) -> None:

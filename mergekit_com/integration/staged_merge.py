@@ -27,6 +27,7 @@ from mergekit_com.integration.output_errors import output_errors, stop_signals
 from mergekit_com.integration.validation import (
     check_config_keys,
     check_config_values,
+    check_base_in_slices,
     check_listed_once,
     check_options,
     check_parameter_names,
@@ -148,6 +149,7 @@ def _run_chain_merge(run_merge, merge_config, out_path: str, options, config_sou
     check_config_values(merge_config)
     check_parameter_names(merge_config)
     check_listed_once(merge_config)
+    check_base_in_slices(merge_config)
     check_options(options)
     model_dirs = preflight.check_models(merge_config, options)
     work = WorkDir(out_path)

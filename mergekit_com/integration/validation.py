@@ -58,6 +58,52 @@ def check_listed_once(config) -> None:
             seen.add(model)
 
 
+def check_base_in_slices(config) -> None:
+    """mergekit needs a ``base_model`` among every slice's sources (it raises a
+    traceback otherwise); say so in one line, with how CoM reads it there."""
+    base = config.base_model
+    scopes = [("slices", config.slices or [])] + [
+        (f"modules.{name}.slices", mod.slices or []) for name, mod in (config.modules or {}).items()]
+    for where, slices in scopes:
+        for si, piece in enumerate(slices):
+            if base is not None and all(src.model != base for src in piece.sources):
+                raise ChainConfigError(
+                    f"{where}[{si}]: base_model {base} is not among its sources, which mergekit "
+                    "needs with slices; list it there with the same layer_range (without a "
+                    "`calibration` of its own it stays the base, not an expert)"
+                )
+
+
+def _place(model) -> tuple:
+    """What a model reference reads: a local folder by its real path (``./m``, ``m/`` and
+    ``x/../m`` are one model), a Hub id as written; with its revision and adapter."""
+    def where(path) -> Optional[tuple]:
+        if path is None:
+            return None
+        local = os.path.realpath(path.path) if os.path.exists(path.path) else path.path
+        return (local, path.revision)
+
+    return (where(model.model), where(model.lora))
+
+
+def check_distinct_experts(experts, parameters) -> None:
+    """Two experts that are one model (two spellings of a folder, or a link to it)
+    calibrated on the same data are one expert counted twice: mergekit sees two models.
+    The same model on different data is kept (each copy brings its own statistics)."""
+    seen = {}
+    for model in experts:
+        params = parameters[model]
+        key = (_place(model), str(params.get("calibration")),
+               tuple(str(params.get(k)) for k in SPEC_PARAMETERS))
+        if key in seen:
+            raise ChainConfigError(
+                f"models {seen[key]} and {model} are one model with the same calibration data, "
+                "so it would count twice; list it once (to count it more, give it a larger "
+                "`weight`)"
+            )
+        seen[key] = model
+
+
 def _has_type(ty, value) -> bool:
     if isinstance(value, bool) and ty in (int, float):
         return False  # YAML `true` is no number, though pydantic would take it as 1

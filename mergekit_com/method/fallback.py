@@ -39,5 +39,7 @@ def fallback_merge(
             f"{name}: the expert weights sum to {total}; give at least one model a "
             "positive `weight`"
         )
-    merged = sum(weights[e] * t.to(dtype) for e, t in experts.items())
-    return merged / total
+    # relative weights, scaled to a largest of 1: tiny ones (1e-46) would underflow float32
+    top = max(weights[e] for e in experts)
+    merged = sum((weights[e] / top) * t.to(dtype) for e, t in experts.items())
+    return merged / (total / top)

@@ -130,6 +130,10 @@ _NON_NEGATIVE = ("ridge", "weight", "activation_budget")
 # ridge is relative to the Gram's mean diagonal: at 1 it already shrinks the merged
 # linears by about half; beyond, the merge is mostly the ridge (ridge: 1e5 zeroes them).
 MAX_RIDGE = 1.0
+# Bounds that keep a value from overflowing what it sizes or scales (an int of bytes; the
+# float32 embeddings and norms, whose task vectors lambda multiplies).
+MAX_ACTIVATION_BUDGET = 1e6  # GB
+MAX_LAMBDA = 1e3
 
 
 def check_value(name: str, value: Any, where: str) -> None:
@@ -156,6 +160,11 @@ def check_value(name: str, value: Any, where: str) -> None:
         raise bad(f"must be at most {MAX_RIDGE:g}: it is relative to each Gram's mean "
                   "diagonal, so larger values shrink every merged linear towards zero "
                   "(the default is 1e-05)")
+    if name == "activation_budget" and value > MAX_ACTIVATION_BUDGET:
+        raise bad(f"must be at most {MAX_ACTIVATION_BUDGET:g} (GB; 0 means half the free memory)")
+    if name == "lambda" and not -MAX_LAMBDA <= value <= MAX_LAMBDA:
+        raise bad(f"must be between {-MAX_LAMBDA:g} and {MAX_LAMBDA:g}: it scales the summed task "
+                  "vectors of fallback: task_arithmetic (values near 1 are usual)")
     if parameter.choices and value not in parameter.choices:
         raise bad(f"must be one of {', '.join(parameter.choices)}")
 

@@ -62,7 +62,10 @@ class BlendObjective:
 
     def solve(self, stats: linalg.SharedInputStats, experts: List[Hashable],
               targets: Sequence[torch.Tensor], settings: SolveSettings, name: str) -> Solved:
-        weights = list(settings.weights)
+        # Only the weights' ratios matter here: scaled to a largest of 1, valid weights far
+        # below 1 (1e-38) cannot underflow the float32 products they scale.
+        top = max(settings.weights, default=0.0)
+        weights = [w / top for w in settings.weights] if top > 0 else list(settings.weights)
         alphas = stats.alphas(experts, settings.alpha if self.uses_alpha else 1.0)
         share = self.share(settings)
         products = None

@@ -45,3 +45,20 @@ def test_an_in_process_merge_runs_on_its_threads_and_leaves_the_callers(zoo2, tm
     with open(tmp_path / "out" / "com_report.json") as f:
         assert json.load(f)["runtime"]["cpu_threads"] == before + 1
     assert torch.get_num_threads() == before
+
+
+def test_an_unreadable_shard_size_is_one_line_before_anything_runs(zoo2, tmp_path, capsys):
+    import pytest
+
+    from mergekit_com.cli import main
+
+    path = tmp_path / "com.yml"
+    path.write_text(yaml.safe_dump(com_config(experts(zoo2))))
+    for value in ("-1", "abc"):
+        with pytest.raises(SystemExit) as e:
+            main([str(path), str(tmp_path / "out"), "--out-shard-size", value, "--quiet"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"mergekit-com: error: --out-shard-size '{value}' is not a size: give a whole "
+                       "number of parameters, optionally with K, M or B (for example 500M)"]
+    assert not (tmp_path / "out").exists()

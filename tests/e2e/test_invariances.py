@@ -5,6 +5,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from tests.support import pico
 from tests.support.merging import com_config, experts, merge
 
 
@@ -20,8 +21,11 @@ def assert_same_model(merged, reference, rtol=1e-4):
 
 
 def test_copies_of_one_model_merge_to_that_model(zoo2, tmp_path):
-    # three copies of expert0, each calibrated on different data
-    models = [{"model": zoo2["expert0"], "calibration": zoo2[f"expert{i % 2}_data"]} for i in range(3)]
+    # three copies of expert0, each calibrated on different data (one copy on the same data
+    # twice would be refused: one expert counted twice)
+    third = pico.write_jsonl(str(tmp_path / "third.jsonl"), pico.sample_texts(7))
+    models = [{"model": zoo2["expert0"], "calibration": data}
+              for data in (zoo2["expert0_data"], zoo2["expert1_data"], third)]
     # mergekit dedupes identical references; distinct paths make distinct inputs
     for i, m in enumerate(models[1:], start=1):
         copy = tmp_path / f"copy{i}"
@@ -42,3 +46,10 @@ def test_order_of_models_does_not_matter(zoo2, tmp_path):
     forward = merge(com_config(experts(zoo2)), str(tmp_path / "fwd"))
     backward = merge(com_config(list(reversed(experts(zoo2)))), str(tmp_path / "bwd"))
     assert_same_model(backward, forward, rtol=1e-5)
+
+
+def test_weights_are_ratios_however_small(zoo2, tmp_path):
+    """Equal weights of 1e-46 (below float32's smallest number) merge as 1s."""
+    ones = merge(com_config(experts(zoo2)), str(tmp_path / "ones"))
+    tiny = merge(com_config([dict(m, weight=1e-46) for m in experts(zoo2)]), str(tmp_path / "tiny"))
+    assert_same_model(tiny, ones, rtol=1e-6)

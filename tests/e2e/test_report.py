@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.support import pico
 from tests.support.closed_form import captured_inputs, texts_of
 from tests.support.merging import com_config, experts, merge, read_tensors
 
@@ -109,7 +110,9 @@ def test_no_shift_at_layer0_when_experts_share_embeddings(zoo_linear_only, tmp_p
 
 
 def test_identical_experts_have_nothing_to_report(zoo2, tmp_path):
-    models = [{"model": zoo2["expert0"], "calibration": zoo2[f"expert{i % 2}_data"]} for i in range(3)]
+    third = pico.write_jsonl(str(tmp_path / "third.jsonl"), pico.sample_texts(7))  # data of its own
+    models = [{"model": zoo2["expert0"], "calibration": data}
+              for data in (zoo2["expert0_data"], zoo2["expert1_data"], third)]
     for i, m in enumerate(models[1:], start=1):  # distinct paths make distinct inputs
         os.symlink(zoo2["expert0"], tmp_path / f"copy{i}")
         m["model"] = str(tmp_path / f"copy{i}")
@@ -118,3 +121,13 @@ def test_identical_experts_have_nothing_to_report(zoo2, tmp_path):
     for layer in report_of(out)["layers"]:
         assert max(layer["covariate_shift"]) < 1e-5, layer["name"]
         assert max(layer["relative_residual"]) < 1e-5, layer["name"]
+
+
+def test_the_report_and_card_give_max_seq_len_as_used(zoo2, tmp_path):
+    """A max_seq_len beyond the model's positions is cut to them (with a warning): the
+    report's and the card's settings say what was used."""
+    out = str(tmp_path / "out")
+    merge(com_config(experts(zoo2), max_seq_len=100000), out)
+    positions = json.load(open(os.path.join(zoo2["expert0"], "config.json")))["max_position_embeddings"]
+    assert report_of(out)["settings"]["max_seq_len"] == positions < 100000
+    assert f"| `max_seq_len` | `{positions}` |" in open(os.path.join(out, "README.md")).read()

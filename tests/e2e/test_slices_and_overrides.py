@@ -85,3 +85,26 @@ def test_one_calibration_per_model(zoo2, tmp_path):
     with pytest.raises(ChainConfigError, match="give one calibration per model"):
         merge(sliced(zoo2, {"sources": sources(zoo2, (0, 1))}, {"sources": second}),
               str(tmp_path / "out"))
+
+
+def test_a_base_among_slice_sources_without_data_of_its_own_stays_the_base(zoo2, tmp_path):
+    """mergekit needs the base_model in every slice; there, without a `calibration` of its
+    own, it is the base (for fallback: task_arithmetic), as under models: when unlisted."""
+    whole = merge(com_config(experts(zoo2), base=zoo2["base"], fallback="task_arithmetic"),
+                  str(tmp_path / "models"))
+    base_source = {"model": zoo2["base"], "layer_range": [0, 2]}
+    cfg = dict(sliced(zoo2, {"sources": sources(zoo2, (0, 2)) + [base_source]},
+                      fallback="task_arithmetic"), base_model=zoo2["base"])
+    parts = merge(cfg, str(tmp_path / "slices"))
+    assert all(torch.equal(parts[k], whole[k]) for k in whole)
+    missing = dict(sliced(zoo2, {"sources": sources(zoo2, (0, 2))}), base_model=zoo2["base"])
+    with pytest.raises(ChainConfigError, match=r"slices\[0\]: base_model .* is not among its sources"):
+        merge(missing, str(tmp_path / "missing"))
+
+
+def test_a_layer_range_past_the_models_layers_stops_before_any_work(zoo2, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ChainConfigError, match=r"slices\[0\]\.sources\[0\]: layer_range \[0, 3\] of "
+                                               r"model .* is not within its 2 layers"):
+        merge(sliced(zoo2, {"sources": sources(zoo2, (0, 3))}), str(out))
+    assert not out.exists()

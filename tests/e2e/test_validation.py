@@ -17,6 +17,7 @@ def bad_configs(zoo):
     no_cal = [dict(ok[0]), {"model": zoo["expert1"]}]
     missing_file = [dict(ok[0]), {"model": zoo["expert1"], "calibration": "/nonexistent/x.jsonl"}]
     negative = [dict(ok[0]), dict(ok[1], weight=-1.0)]
+    respelled = ok + [dict(ok[0], model=ok[0]["model"] + "/")]  # the same folder, written again
     return {
         "misspelled": (com_config(ok, alpah=0.9), r"unknown parameter 'alpah'.*valid parameters: .*alpha"),
         "alpha": (com_config(ok, alpha=2), r"'alpha' = 2.* must be in \[0, 1\]"),
@@ -30,6 +31,8 @@ def bad_configs(zoo):
         "optional_string": (com_config(ok, calibration_column=5), r"'calibration_column' = 5 is not a string$"),
         "nan": (com_config(ok, alpha=float("nan")), r"'alpha' = nan .*must be a finite number"),
         "weight": (com_config(negative), r"'weight' = -1.0.*>= 0"),
+        "respelled": (com_config(respelled), r"models .*expert0 and .*expert0/ are one model with the "
+                                             r"same calibration data, so it would count twice"),
         "no_calibration": (com_config(no_cal), r"expert1 has no `calibration`"),
         "missing_file": (com_config(missing_file), r"/nonexistent/x.jsonl.*does not exist"),
         "ta_without_base": (com_config(ok, fallback="task_arithmetic"), r"needs a base_model"),
@@ -40,7 +43,7 @@ def bad_configs(zoo):
 
 @pytest.mark.parametrize("case", [
     "misspelled", "alpha", "chain", "objective", "fallback", "num_samples", "max_seq_len",
-    "type", "bool_number", "optional_string", "nan", "weight", "no_calibration", "missing_file", "ta_without_base", "per_model_chain",
+    "type", "bool_number", "optional_string", "nan", "weight", "respelled", "no_calibration", "missing_file", "ta_without_base", "per_model_chain",
 ])
 def test_bad_config_fails_before_any_work(zoo2, tmp_path, case):
     cfg, pattern = bad_configs(zoo2)[case]

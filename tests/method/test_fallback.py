@@ -31,3 +31,10 @@ def test_no_expert_gives_none_and_zero_weights_are_an_error():
 def test_float64_stays_float64_and_lower_precision_is_computed_in_float32():
     assert fallback_merge({"a": A.double()}, {"a": 1.0}, rule=Fallback.AVERAGE).dtype == torch.float64
     assert fallback_merge({"a": A.bfloat16()}, {"a": 1.0}, rule=Fallback.AVERAGE).dtype == torch.float32
+
+
+def test_an_average_takes_tiny_weights_as_ratios():
+    """Weights are relative: 1e-46 each (below float32's smallest number) averages as 1 each."""
+    got = fallback_merge({"a": A, "b": B}, {"a": 1e-46, "b": 3e-46}, rule=Fallback.AVERAGE)
+    torch.testing.assert_close(got, fallback_merge({"a": A, "b": B}, {"a": 1.0, "b": 3.0},
+                                                   rule=Fallback.AVERAGE))

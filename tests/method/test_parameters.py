@@ -37,6 +37,9 @@ def test_choices_are_the_enums_and_every_default_passes_its_own_check():
     ("weight", -1.0, "must be >= 0"),
     ("chain", "forward", "must be one of module, block, none"),
     ("activation_dtype", "int8", "must be one of auto, float32, bfloat16, float16"),
+    ("activation_budget", 1e300, "must be at most 1e+06 (GB; 0 means half the free memory)"),
+    ("lambda", 3e20, "must be between -1000 and 1000: it scales the summed task vectors of "
+                     "fallback: task_arithmetic (values near 1 are usual)"),
 ])
 def test_a_bad_value_names_itself_where_it_came_from_and_the_rule(name, value, rule):
     with pytest.raises(ChainConfigError) as e:

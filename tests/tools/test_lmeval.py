@@ -142,3 +142,18 @@ def test_bench_refuses_the_missing_extra_before_merging(no_lmeval, tmp_path):
         main(["quality", "--backend", "lm-eval", "--zoo", str(tmp_path / "no_zoo"), "--out", str(tmp_path)])
     assert "mergekit-com[eval]" in str(exit_.value.code)
     assert list(tmp_path.iterdir()) == []  # no zoo built, no merge
+
+
+@needs_lmeval
+def test_lmeval_scoring_prints_nothing_of_its_own_outside_a_git_repository(zoo, tmp_path, capfd,
+                                                                           monkeypatch, datasets_cache):
+    """lm-eval runs `git describe` for its environment record; outside a repository git
+    writes "fatal: not a git repository" straight to the process's stderr."""
+    from mergekit_com.quiet import quiet_libraries
+
+    quiet_libraries()
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    evaluate_model(zoo.multitask, zoo.root, limit=2, backend="lm-eval")
+    err = capfd.readouterr().err
+    assert "fatal" not in err and "git" not in err, err
