@@ -30,6 +30,16 @@ ERRORS_DOC = os.path.join(DOCS, "errors.md")
 ROW = re.compile(r"^\| (\w+) \| [^|]+ \| (stops|merges)[^|]* \| (.+) \|$", re.M)
 
 
+SLICED = """slices:
+  - sources:
+      - model: ./expert0
+        layer_range: [0, {end}]
+        parameters: {{calibration: e0.jsonl}}
+      - model: ./expert1
+        layer_range: [0, {end}]
+        parameters: {{calibration: e1.jsonl}}
+"""
+
 TWO_MODELS = """models:
   - model: ./expert0
     parameters: {calibration: e0.jsonl}
@@ -129,6 +139,13 @@ CASES = {c.id: c for c in [
     Case("11c", expert="expert_deep"),
     Case("11d", expert="expert_noarch"),
     Case("m3", expert="e0.jsonl"),
+    Case("v7", expert="expert0/", calibration="e0.jsonl"),
+    Case("v8", params={"lambda": 1e5}),
+    Case("v9", args=("--out-shard-size", "-1")),
+    Case("l1", raw_config="merge_method: chain_of_merges\n" + SLICED.format(end=3)),
+    Case("l2", raw_config="merge_method: chain_of_merges\nbase_model: ./expert0\nslices:\n"
+                          "  - sources:\n      - model: ./expert1\n        layer_range: [0, 2]\n"
+                          "        parameters: {calibration: e1.jsonl}\n"),
     Case("t1", expert="expert_tool", calibration="tool.jsonl", first_calibration=None),
     Case("t2", expert="expert_notokfiles"),
     Case("o5", out="e0.jsonl/merged"),
