@@ -20,7 +20,7 @@ from mergekit.card import generate_card, modelref_md
 from mergekit.common import ModelReference
 
 from mergekit_com.integration import mergekit_internals
-from mergekit_com.integration.config_views import ordered_models
+from mergekit_com.integration.config_views import in_config_order
 from mergekit_com.io.report import REPORT_NAME
 from mergekit_com.method.parameters import PAPER_URL
 
@@ -155,9 +155,7 @@ class _InConfigOrder:
         return getattr(self._config, name)
 
     def referenced_models(self):
-        ordered = ordered_models(self._config)
-        rest = sorted(set(self._config.referenced_models()) - set(ordered), key=str)
-        return ordered + rest
+        return in_config_order(self._config, self._config.referenced_models())
 
 
 def is_hub_reference(path: str) -> bool:

@@ -63,6 +63,13 @@ def ordered_models(config) -> List[ModelReference]:
     return list(dict.fromkeys(out + listed_models(config)))
 
 
+def in_config_order(config, found) -> List[ModelReference]:
+    """The models ``found`` (mergekit's ``referenced_models()``, a set's order) as the
+    config lists them: base first, then in order; any other after, sorted."""
+    ordered = [m for m in ordered_models(config) if m in found]
+    return ordered + sorted(set(found) - set(ordered), key=str)
+
+
 def parameter_scopes(config) -> Iterable[Tuple[str, Dict[str, Any], bool]]:
     """Every ``parameters:`` mapping a user can write: (where, mapping, is per-model)."""
     yield "parameters", config.parameters, False

@@ -46,6 +46,29 @@ def card_hub_check(is_hub: Callable[[str], bool]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def referenced_models_in_order() -> Iterator[None]:
+    """Inside the block, ``MergeConfiguration.referenced_models`` lists the base model
+    first, then the models in the order the config lists them. mergekit builds the list
+    from a set, so without a base the model it takes the output's config.json and its
+    tag-along files from (the first) changed with ``PYTHONHASHSEED``, and with it the
+    architecture the chain walks."""
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_com.integration.config_views import in_config_order
+
+    original = MergeConfiguration.referenced_models
+
+    def referenced_models(self):
+        return in_config_order(self, original(self))
+
+    MergeConfiguration.referenced_models = referenced_models
+    try:
+        yield
+    finally:
+        MergeConfiguration.referenced_models = original
+
+
+@contextlib.contextmanager
 def configs_read_once() -> Iterator[None]:
     """Inside the block, ``ModelReference.config`` reads each model's configuration once
     and hands out copies (callers change what they get). A merge asked for them about 25

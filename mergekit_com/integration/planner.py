@@ -82,6 +82,7 @@ def plan_chain(planner: MergePlanner, out_path: str,
     layers_name, decoder_layers = find_layer_list(model, layers[0][0])
     support.check_layers(model, decoder_layers, layers_name)
     support.check_coverage(model, layers, pre + post, support.architecture_name(out_cfg))
+    preflight.check_planned_tensors(save_tasks, support.architecture_name(out_cfg))
     chain = ChainOfMergesTask(
         save_tasks=tuple(save_tasks),
         writer_task=finalize.writer_task,

@@ -11,6 +11,7 @@ merge's own loading, but none of its compute, so it runs last.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -38,6 +39,7 @@ from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.inputs import not_regular, tree_entries, within
 from mergekit_com.method.linalg import all_finite
 
+LOG = logging.getLogger("mergekit.chain_of_merges.preflight")  # under mergekit's logger
 Shapes = Dict[str, Tuple[int, ...]]
 
 
@@ -85,6 +87,33 @@ def tensor_shapes(model: ModelReference, path: str) -> Shapes:
         else:
             shapes.update({k: tuple(v.shape) for k, v in safe_unpickle(full, shown).items()})
     return shapes
+
+
+# Each model's tensor names as check_models read them, for check_planned_tensors.
+_TENSOR_NAMES: Dict[ModelReference, set] = {}
+
+
+def check_planned_tensors(save_tasks, architecture: str) -> None:
+    """Every tensor mergekit's plan reads without being told it may be missing exists in
+    its model (under its name, an alias or a tied name). Where mergekit's architecture
+    description and a checkpoint disagree (a tied head it does not mark optional, a
+    q_norm the config turns off), mergekit would fail on it in the middle of the merge."""
+    for save in save_tasks:
+        gather = save.tensor_task.gather_tensors
+        while not hasattr(gather, "weight_info") and hasattr(gather, "gather_tensors"):
+            gather = gather.gather_tensors  # under tokenizer_source: the vocabulary's permutation
+        for model, info in getattr(gather, "weight_info", {}).items():
+            names = _TENSOR_NAMES.get(model)
+            if names is None or info.optional:
+                continue
+            known = [info.name, *(info.aliases or ()), *(getattr(info, "tied_names", None) or ())]
+            if not any(n in names for n in known):
+                raise ChainConfigError(
+                    f"model {model} has no tensor {info.name}, which mergekit's description of "
+                    f"{architecture} reads (and does not mark optional); mergekit cannot merge "
+                    "this checkpoint as saved. If the model ties that tensor to another, save it "
+                    "untied (with the tensor written out)"
+                )
 
 
 # Tokenizers the vocabulary check loaded from a model's own folder (no LoRA: the first
@@ -149,6 +178,8 @@ def check_models(config, options) -> Dict[ModelReference, str]:
             )
 
     shapes = {m: tensor_shapes(m, paths[m]) for m in models}
+    _TENSOR_NAMES.clear()
+    _TENSOR_NAMES.update({m: set(shapes[m]) for m in models})
 
     if tokenizer_source(config) is None:
         vocabs = {m: _vocabulary(m, options) for m in models}
@@ -184,9 +215,41 @@ def check_models(config, options) -> Dict[ModelReference, str]:
                 f"models {first} and {m} differ in shape: {detail}; "
                 f"{config.merge_method} merges models of one size fine-tuned from one base"
             )
+    warn_config_differences(models, configs)
     check_layer_ranges(config, configs)
     check_token_sources(config, paths, options)
     return paths
+
+
+# config.json fields that do not change what a layer computes (ids, bookkeeping, output
+# switches); the vocabulary, depth and shapes are checked on their own
+HARMLESS_CONFIG_KEYS = frozenset({
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
+    "task_specific_params", "auto_map", "attn_implementation", "_attn_implementation",
+    "_attn_implementation_autoset", "vocab_size", "num_hidden_layers", "tie_word_embeddings",
+    "problem_type", "finetuning_task", "tokenizer_class", "prefix", "chunk_size_feed_forward",
+})
+
+
+def warn_config_differences(models: List[ModelReference], configs) -> None:
+    """Experts whose config.json differ where a layer's computation depends on it
+    (rope_theta, rms_norm_eps, hidden_act, ...) are merged as if they all computed with the
+    first model's (the base's, else the first listed), which the output config takes."""
+    first = models[0]
+    mine = configs[first].to_dict()
+    for m in models[1:]:
+        theirs = configs[m].to_dict()
+        keys = sorted(k for k in set(mine) | set(theirs)
+                      if k not in HARMLESS_CONFIG_KEYS and mine.get(k) != theirs.get(k))
+        if keys:
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} vs {mine.get(k)!r}" for k in keys[:4])
+            more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+            LOG.warning(
+                "models %s and %s differ in config.json (%s%s); the merged model takes %s's, "
+                "as mergekit's output config does, so %s's layers are merged as if they "
+                "computed with it", m, first, shown, more, first, m)
 
 
 def check_layer_ranges(config, configs) -> None:

@@ -129,7 +129,8 @@ def run_chain_merge(run_merge, merge_config, out_path: str, options, config_sour
     hide = _HideMergekitDeprecation()
     noise.addFilter(hide)
     try:
-        with stop_signals(), long_lived_objects_frozen(), mergekit_internals.configs_read_once():
+        with stop_signals(), long_lived_objects_frozen(), mergekit_internals.configs_read_once(), \
+                mergekit_internals.referenced_models_in_order():
             _run_chain_merge(run_merge, merge_config, out_path, options, config_source)
     finally:
         noise.removeFilter(hide)

@@ -36,3 +36,28 @@ def test_same_inputs_give_identical_files(zoo2, tmp_path):
     assert "model.safetensors" in first
     assert file_bytes(outs[1]) == first
     assert file_bytes(outs[2]) == first
+
+
+def test_without_a_base_the_first_listed_model_gives_the_output_config(zoo2, tmp_path):
+    """mergekit takes the output's config.json and tag-along files from its first
+    referenced model, listed from a set: which one changed with the hash seed. Within a
+    chain merge it is the first listed."""
+    import json
+    import shutil
+
+    models = []
+    for i, temperature in enumerate((0.5, 1.5)):
+        path = tmp_path / f"e{i}"
+        shutil.copytree(zoo2[f"expert{i}"], path)
+        (path / "generation_config.json").write_text(json.dumps({"temperature": temperature,
+                                                                 "do_sample": True}))
+        models.append({"model": str(path), "calibration": zoo2[f"expert{i}_data"]})
+    config = tmp_path / "com.yml"
+    config.write_text(yaml.safe_dump(com_config(models)))
+    for seed in ("1", "2", "3", "4"):
+        out = tmp_path / f"out{seed}"
+        r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-com"),
+                            str(config), str(out), "--quiet"], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, PYTHONHASHSEED=seed))
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.5

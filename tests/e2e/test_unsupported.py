@@ -53,6 +53,10 @@ def _llama_classifier():
     return LlamaForSequenceClassification(pico.llama_config(layers=1, num_labels=2))
 
 
+def _cohere_without_qk_norm():  # as Command-R: mergekit's description still reads q_norm
+    return AutoModelForCausalLM.from_config(pico.llama_config(layers=1, arch="cohere", use_qk_norm=False))
+
+
 CASES = {
     "t5": (_t5, r"T5ForConditionalGeneration: it is an encoder-decoder model"),
     "llava": (_llava, r"LlavaForConditionalGeneration: it has a vision_config"),
@@ -61,6 +65,9 @@ CASES = {
     "attention_bias": (_llama_with_attention_bias,
                        r"definition for LlamaForCausalLM does not list "
                        r"model\.layers\.0\.self_attn\.q_proj\.bias"),
+    "cohere": (_cohere_without_qk_norm,
+               r"has no tensor model\.layers\.0\.self_attn\.q_norm\.weight, which mergekit's "
+               r"description of CohereForCausalLM reads \(and does not mark optional\)"),
     "classifier": (_llama_classifier,
                    r"LlamaForSequenceClassification: it is not a causal LM"),
 }

@@ -87,3 +87,24 @@ def test_max_seq_len_beyond_the_positions_cuts_records_but_keeps_the_batch_budge
     assert budgets == [2 * 1024, 2 * 1024]  # one per expert
     assert any("max_seq_len 1024 is more than the model's 256 positions" in r.getMessage()
                for r in caplog.records)
+
+
+def test_experts_whose_configs_differ_in_computation_are_named(zoo2, tmp_path, caplog):
+    """A config field a layer computes with (here rms_norm_eps) that differs between experts
+    is warned about, naming both and the model whose value the merge takes; bookkeeping
+    fields (transformers_version, use_cache, ...) are not."""
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(zoo2["expert1"], other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(rms_norm_eps=0.01, use_cache=not config.get("use_cache", True),
+                  transformers_version="0.0.1")
+    (other / "config.json").write_text(json.dumps(config))
+    caplog.set_level(logging.WARNING)
+    ok = experts(zoo2)
+    merge(com_config([ok[0], dict(ok[1], model=str(other))]), str(tmp_path / "out"))
+    warned = [r.getMessage() for r in caplog.records if "differ in config.json" in r.getMessage()]
+    assert len(warned) == 1 and "(rms_norm_eps: 0.01 vs 1e-06)" in warned[0], warned
+    assert f"takes {ok[0]['model']}'s" in warned[0]
