@@ -110,7 +110,14 @@ def check_coverage(
     ]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        # names the definition has that the model does not: transformers may have renamed
+        # the checkpoint's tensors as it built the model (GPT-NeoX's embed_out -> lm_head)
+        names = {n for n, _ in model.named_parameters()}
+        kinds = {n.rsplit(".", 1)[-1] for n in missing}  # weight, bias, ...
+        unused = sorted(n for n in planned if n not in names and n.rsplit(".", 1)[-1] in kinds)
+        renamed = (f" (it lists {', '.join(unused[:2])}, which transformers names otherwise in "
+                   "the model it builds)") if unused else ""
         raise ChainConfigError(
-            f"mergekit's architecture definition for {arch_label} does not list {shown}; "
+            f"mergekit's architecture definition for {arch_label} does not list {shown}{renamed}; "
             f"{METHOD_NAME} cannot run a layer it cannot load"
         )

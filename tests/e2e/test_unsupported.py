@@ -57,6 +57,14 @@ def _cohere_without_qk_norm():  # as Command-R: mergekit's description still rea
     return AutoModelForCausalLM.from_config(pico.llama_config(layers=1, arch="cohere", use_qk_norm=False))
 
 
+def _gpt_neox():  # transformers names the checkpoint's embed_out.weight lm_head.weight
+    from transformers import AutoConfig
+
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt_neox", vocab_size=pico.VOCAB, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=256))
+
+
 CASES = {
     "t5": (_t5, r"T5ForConditionalGeneration: it is an encoder-decoder model"),
     "llava": (_llava, r"LlavaForConditionalGeneration: it has a vision_config"),
@@ -68,6 +76,8 @@ CASES = {
     "cohere": (_cohere_without_qk_norm,
                r"has no tensor model\.layers\.0\.self_attn\.q_norm\.weight, which mergekit's "
                r"description of CohereForCausalLM reads \(and does not mark optional\)"),
+    "gpt_neox": (_gpt_neox, r"definition for GPTNeoXForCausalLM does not list lm_head\.weight \(it "
+                            r"lists embed_out\.weight, which transformers names otherwise"),
     "classifier": (_llama_classifier,
                    r"LlamaForSequenceClassification: it is not a causal LM"),
 }
