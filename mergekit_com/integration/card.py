@@ -20,7 +20,6 @@ from mergekit.card import generate_card, modelref_md
 from mergekit.common import ModelReference
 
 from mergekit_com.integration import mergekit_internals
-from mergekit_com.integration.config_views import in_config_order
 from mergekit_com.io.report import REPORT_NAME
 from mergekit_com.method.parameters import PAPER_URL
 
@@ -141,23 +140,6 @@ def extend_card(card_md: str, report: Optional[Dict[str, Any]]) -> str:
     return str(card)
 
 
-class _InConfigOrder:
-    """The config, with ``referenced_models()`` in config order instead of a set's.
-
-    mergekit lists a set (its order changes with the process's hash seed), so
-    the card would differ from run to run; CoM output is bit-identical.
-    """
-
-    def __init__(self, config):
-        self._config = config
-
-    def __getattr__(self, name):
-        return getattr(self._config, name)
-
-    def referenced_models(self):
-        return in_config_order(self._config, self._config.referenced_models())
-
-
 def is_hub_reference(path: str) -> bool:
     """Whether mergekit loads ``path`` from the Hub: no local path of that name, a valid id.
 
@@ -177,13 +159,15 @@ def card_markdown(config, config_yaml: str, name: str,
                   report: Optional[Dict[str, Any]] = None) -> str:
     """mergekit's card for this merge, extended with the CoM section."""
     with mergekit_internals.card_hub_check(is_hub_reference):  # links Hub models only
-        text = generate_card(config=_InConfigOrder(config), config_yaml=config_yaml, name=name)
+        text = generate_card(config=config, config_yaml=config_yaml, name=name)
         return extend_card(text, report)
 
 
 def write_card(config, config_yaml: str, out_dir: str) -> None:
     """``README.md`` and ``mergekit_config.yml``, as mergekit's ``run_merge`` writes them,
-    with the card extended (called after the merge, so the report is there to read)."""
+    with the card extended (called after the merge, so the report is there to read; inside
+    ``mergekit_internals.referenced_models_in_order``, so the models are listed in config
+    order, not a set's, and the card is the same from run to run)."""
     path = os.path.join(out_dir, REPORT_NAME)
     report = None
     if os.path.isfile(path):

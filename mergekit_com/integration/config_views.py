@@ -36,9 +36,15 @@ def listed_experts(config) -> List[ModelReference]:
     return listed if own_data else [m for m in listed if m != base]
 
 
+def slice_lists(config) -> Iterable[Tuple[str, List]]:
+    """Each ``slices:`` list a user wrote, with where it is."""
+    yield "slices", list(config.slices or [])
+    for name, mod in (config.modules or {}).items():
+        yield f"modules.{name}.slices", list(mod.slices or [])
+
+
 def _all_slices(config) -> List:
-    return list(config.slices or []) + [s for mod in (config.modules or {}).values()
-                                        for s in mod.slices or []]
+    return [s for _, slices in slice_lists(config) for s in slices]
 
 
 def _all_model_entries(config) -> List:

@@ -32,17 +32,24 @@ def resolve_chat_template(chat_template: Optional[str], referenced: Sequence,
 
 
 @contextlib.contextmanager
+def _swapped(owner, name: str, value) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block; the original is back after it."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
 def card_hub_check(is_hub: Callable[[str], bool]) -> Iterator[None]:
     """``mergekit.card.is_hf`` is ``is_hub`` inside the block: mergekit's own asks the Hub
     about local folders named like ``dir/model``, which fails offline after the merge."""
     import mergekit.card as mergekit_card
 
-    original = mergekit_card.is_hf
-    mergekit_card.is_hf = is_hub
-    try:
+    with _swapped(mergekit_card, "is_hf", is_hub):
         yield
-    finally:
-        mergekit_card.is_hf = original
 
 
 @contextlib.contextmanager
@@ -51,7 +58,7 @@ def referenced_models_in_order() -> Iterator[None]:
     first, then the models in the order the config lists them. mergekit builds the list
     from a set, so without a base the model it takes the output's config.json and its
     tag-along files from (the first) changed with ``PYTHONHASHSEED``, and with it the
-    architecture the chain walks."""
+    architecture the chain walks. The model card, written inside it, lists them so too."""
     from mergekit.config import MergeConfiguration
 
     from mergekit_com.integration.config_views import in_config_order
@@ -61,11 +68,8 @@ def referenced_models_in_order() -> Iterator[None]:
     def referenced_models(self):
         return in_config_order(self, original(self))
 
-    MergeConfiguration.referenced_models = referenced_models
-    try:
+    with _swapped(MergeConfiguration, "referenced_models", referenced_models):
         yield
-    finally:
-        MergeConfiguration.referenced_models = original
 
 
 @contextlib.contextmanager
@@ -85,8 +89,5 @@ def configs_read_once() -> Iterator[None]:
             read[key] = original(self, trust_remote_code)
         return copy.deepcopy(read[key])
 
-    ModelReference.config = config
-    try:
+    with _swapped(ModelReference, "config", config):
         yield
-    finally:
-        ModelReference.config = original

@@ -25,6 +25,7 @@ from mergekit_com.errors import ChainConfigError
 from mergekit_com.integration.config_views import (
     calibration_sources,
     ordered_models,
+    slice_lists,
     tokenizer_source,
 )
 from mergekit_com.integration.models import (
@@ -255,9 +256,7 @@ def warn_config_differences(models: List[ModelReference], configs) -> None:
 def check_layer_ranges(config, configs) -> None:
     """Every slice source's ``layer_range`` lies within its model's layers (mergekit
     would fail on the first missing tensor, once the merge has begun)."""
-    scopes = [("slices", config.slices or [])] + [
-        (f"modules.{name}.slices", mod.slices or []) for name, mod in (config.modules or {}).items()]
-    for where, slices in scopes:
+    for where, slices in slice_lists(config):
         for si, piece in enumerate(slices):
             for ri, source in enumerate(piece.sources):
                 start, end = source.layer_range

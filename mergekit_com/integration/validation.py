@@ -15,7 +15,7 @@ from mergekit.options import MergeOptions
 from pydantic import TypeAdapter, ValidationError
 
 from mergekit_com.errors import ChainConfigError
-from mergekit_com.integration.config_views import model_lists, parameter_scopes, scalars
+from mergekit_com.integration.config_views import model_lists, parameter_scopes, scalars, slice_lists
 from mergekit_com.io.datasets_source import SPEC_PARAMETERS, is_hub_id
 from mergekit_com.method.parameters import (
     METHOD_NAME,
@@ -62,9 +62,7 @@ def check_base_in_slices(config) -> None:
     """mergekit needs a ``base_model`` among every slice's sources (it raises a
     traceback otherwise); say so in one line, with how CoM reads it there."""
     base = config.base_model
-    scopes = [("slices", config.slices or [])] + [
-        (f"modules.{name}.slices", mod.slices or []) for name, mod in (config.modules or {}).items()]
-    for where, slices in scopes:
+    for where, slices in slice_lists(config):
         for si, piece in enumerate(slices):
             if base is not None and all(src.model != base for src in piece.sources):
                 raise ChainConfigError(

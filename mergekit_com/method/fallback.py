@@ -6,7 +6,7 @@ from typing import Hashable, Mapping, Optional
 
 import torch
 
-from mergekit_com.method.parameters import Fallback
+from mergekit_com.method.parameters import Fallback, relative_weights
 
 
 def fallback_merge(
@@ -39,7 +39,6 @@ def fallback_merge(
             f"{name}: the expert weights sum to {total}; give at least one model a "
             "positive `weight`"
         )
-    # relative weights, scaled to a largest of 1: tiny ones (1e-46) would underflow float32
-    top = max(weights[e] for e in experts)
-    merged = sum((weights[e] / top) * t.to(dtype) for e, t in experts.items())
-    return merged / (total / top)
+    shares = dict(zip(experts, relative_weights([weights[e] for e in experts])))
+    merged = sum(shares[e] * t.to(dtype) for e, t in experts.items())
+    return merged / sum(shares.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from mergekit_com.errors import ChainConfigError
 
@@ -134,6 +134,14 @@ MAX_RIDGE = 1.0
 # float32 embeddings and norms, whose task vectors lambda multiplies).
 MAX_ACTIVATION_BUDGET = 1e6  # GB
 MAX_LAMBDA = 1e3
+
+
+def relative_weights(weights: Sequence[float]) -> List[float]:
+    """Expert weights scaled to a largest of 1. Only their ratios matter to a solve or an
+    average, and valid weights far below 1 (1e-46) would underflow the float32 products
+    they scale."""
+    top = max(weights, default=0.0)
+    return [w / top for w in weights] if top > 0 else list(weights)
 
 
 def check_value(name: str, value: Any, where: str) -> None:

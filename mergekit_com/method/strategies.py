@@ -14,7 +14,7 @@ from typing import Hashable, List, NamedTuple, Optional, Sequence
 import torch
 
 from mergekit_com.method import linalg
-from mergekit_com.method.parameters import AUTO, Chain, Objective, SolveSettings
+from mergekit_com.method.parameters import AUTO, Chain, Objective, SolveSettings, relative_weights
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,7 @@ class BlendObjective:
 
     def solve(self, stats: linalg.SharedInputStats, experts: List[Hashable],
               targets: Sequence[torch.Tensor], settings: SolveSettings, name: str) -> Solved:
-        # Only the weights' ratios matter here: scaled to a largest of 1, valid weights far
-        # below 1 (1e-38) cannot underflow the float32 products they scale.
-        top = max(settings.weights, default=0.0)
-        weights = [w / top for w in settings.weights] if top > 0 else list(settings.weights)
+        weights = relative_weights(settings.weights)
         alphas = stats.alphas(experts, settings.alpha if self.uses_alpha else 1.0)
         share = self.share(settings)
         products = None
