@@ -30,6 +30,15 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in words)
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An error's first line (its type's name if it has no text), cut at a word before
+    ``limit`` characters: what a one-line message quotes of an error from a library."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
 class ChainConfigError(MergeInputError):
     """A configuration CoM cannot run; the message names what to change."""
 

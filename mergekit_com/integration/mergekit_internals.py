@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 
 def resolve_chat_template(chat_template: Optional[str], referenced: Sequence,
@@ -29,6 +29,17 @@ def resolve_chat_template(chat_template: Optional[str], referenced: Sequence,
                                    referenced_models=lambda: list(referenced))
     _set_chat_template(holder, config, trust_remote_code=trust_remote_code)
     return holder.chat_template
+
+
+def chat_template_names() -> List[str]:
+    """The names of mergekit's own chat templates (``chat_template: chatml``, ...)."""
+    import importlib.resources
+
+    # private: the folder mergekit.merge reads its named templates from
+    from mergekit._data import chat_templates
+
+    return sorted(p.name[:-len(".jinja")] for p in importlib.resources.files(chat_templates).iterdir()
+                  if p.name.endswith(".jinja"))
 
 
 @contextlib.contextmanager

@@ -10,16 +10,7 @@ from typing import List, Tuple
 
 from mergekit.common import ModelReference
 
-from mergekit_com.errors import ChainConfigError
-from mergekit_com.io.calibration import CalibrationError
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """An error's first line, cut at a word before ``limit`` characters."""
-    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if len(line) <= limit:
-        return line
-    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+from mergekit_com.errors import CalibrationError, ChainConfigError, first_line
 
 
 def local_dir(model: ModelReference, options) -> str:

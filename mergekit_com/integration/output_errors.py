@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 from mergekit_com.errors import MergeInputError, OutputError, Terminated
 from mergekit_com.io.workdir import WorkDir
 
-LOG = logging.getLogger("mergekit_com.integration.staged_merge")
+LOG = logging.getLogger("mergekit_com.integration.output_errors")
 
 # safetensors reports an I/O error as text: "... Os { code: 28, kind: StorageFull ... }"
 _FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b|code: (28|122)\b")

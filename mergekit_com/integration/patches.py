@@ -11,11 +11,12 @@ mergekit 0.1.5 has no plugin discovery and no hook around planning or
     method name gets a did-you-mean instead of mergekit's traceback;
 Each wrapper is idempotent, marks itself with ``_mergekit_com``, and imports
 what it routes to only when called (this module is imported by the start-up
-hook while mergekit is still importing). The one private mergekit name used
-is in ``mergekit_internals.py``, with the two changes that last a single call
-(this module imports what imports them): ``mergekit.card.is_hf`` while our card
-is generated (``card.py``), and ``ModelReference.config``, which reads each
-configuration once during a chain merge (``staged_merge.py``).
+hook while mergekit is still importing). The private mergekit names used are
+in ``mergekit_internals.py``, with the changes that last a single call (this
+module imports what imports them): ``mergekit.card.is_hf`` while our card is
+generated (``card.py``), ``ModelReference.config``, which reads each
+configuration once, and ``MergeConfiguration.referenced_models``, which lists
+them in config order, during a chain merge (``staged_merge.py``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 import tqdm
 from mergekit.common import ModelReference
 
-from mergekit_com.errors import ChainConfigError
+from mergekit_com.errors import CalibrationError, ChainConfigError, first_line
 from mergekit_com.integration.config_views import (
     calibration_sources,
     ordered_models,
@@ -29,13 +29,12 @@ from mergekit_com.integration.config_views import (
     tokenizer_source,
 )
 from mergekit_com.integration.models import (
-    first_line,
     load_config,
     local_dir,
     model_tokenizer,
     weight_files,
 )
-from mergekit_com.io.calibration import CalibrationError, CalibrationSet, load_calibration, load_labeled
+from mergekit_com.io.calibration import CalibrationSet, load_calibration, load_labeled
 from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.inputs import not_regular, tree_entries, within
 from mergekit_com.method.linalg import all_finite

@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Optional
 
-from mergekit_com.errors import ChainConfigError
+from mergekit_com.errors import CalibrationError, ChainConfigError
 from mergekit_com.integration import card, mergekit_internals, preflight
 from mergekit_com.integration.config_views import calibration_sources
 from mergekit_com.integration.output_errors import output_errors, stop_signals
@@ -32,7 +32,7 @@ from mergekit_com.integration.validation import (
     check_options,
     check_parameter_names,
 )
-from mergekit_com.io.calibration import CalibrationError, check_source
+from mergekit_com.io.calibration import check_source
 from mergekit_com.io.datasets_source import is_dataset, source_stamp
 from mergekit_com.io.fingerprint import model_fingerprint, sha256_json
 from mergekit_com.io.publish import PublishBlocked

@@ -15,7 +15,7 @@ from typing import Iterable, List, Tuple
 import torch
 from torch import nn
 
-from mergekit_com.errors import ChainConfigError
+from mergekit_com.errors import ChainConfigError, first_line
 from mergekit_com.method.parameters import METHOD_NAME
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -62,7 +62,7 @@ def meta_model(config, trust_remote_code: bool) -> nn.Module:
     except ValueError as e:
         raise ChainConfigError(
             f"{METHOD_NAME} does not support {name}: transformers has no causal-LM class "
-            f"for it ({str(e).splitlines()[0]})"
+            f"for it ({first_line(e)})"
         ) from None
     built = type(model).__name__
     if built != name and not name.endswith(_CAUSAL_SUFFIXES):

@@ -15,6 +15,7 @@ from mergekit.options import MergeOptions
 from pydantic import TypeAdapter, ValidationError
 
 from mergekit_com.errors import ChainConfigError
+from mergekit_com.integration import mergekit_internals
 from mergekit_com.integration.config_views import model_lists, parameter_scopes, scalars, slice_lists
 from mergekit_com.io.datasets_source import SPEC_PARAMETERS, is_hub_id
 from mergekit_com.method.parameters import (
@@ -336,13 +337,9 @@ def _check_chat_template(template: Optional[str]) -> None:
     or a Jinja template (at least 20 characters, with a ``{``), which must parse."""
     if not template or template == "auto":
         return
-    import importlib.resources
-
     import jinja2
-    from mergekit._data import chat_templates
 
-    names = sorted(p.name[:-len(".jinja")] for p in importlib.resources.files(chat_templates).iterdir()
-                   if p.name.endswith(".jinja"))
+    names = mergekit_internals.chat_template_names()
     if "{" not in template:
         if template not in names:
             raise ChainConfigError(

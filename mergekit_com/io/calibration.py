@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from mergekit_com.errors import CalibrationError
+from mergekit_com.errors import CalibrationError, first_line
 from mergekit_com.io import bounded_json
 from mergekit_com.io.datasets_source import RecordSpec, is_dataset, open_dataset
 from mergekit_com.io.fingerprint import file_sha256
@@ -246,8 +246,7 @@ def _saved_dataset(path: str, shown: str, spec: RecordSpec) -> Iterable:
                 ".jsonl/.json/.txt/.parquet file"
             ) from None
         raise CalibrationError(f"{where} is a saved dataset that could not be read "
-                               f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})"
-                               ) from None
+                               f"({first_line(e)})") from None
     if spec.config is not None:
         raise CalibrationError(f"{where} is a saved dataset, which has no configurations; remove "
                                "calibration_config")
@@ -267,8 +266,7 @@ def _saved_dataset(path: str, shown: str, spec: RecordSpec) -> Iterable:
 def _explain_read_error(shown: str, error: Exception) -> CalibrationError:
     if isinstance(error, UnicodeDecodeError):
         return CalibrationError(f"calibration file {shown} is not valid UTF-8 text")
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return CalibrationError(f"calibration file {shown} could not be read ({first[:200]})")
+    return CalibrationError(f"calibration file {shown} could not be read ({first_line(error)})")
 
 
 def _check_record(where: str, row: Dict[str, Any]) -> bool:
@@ -453,10 +451,9 @@ def tokenize_records(
         except CalibrationError:
             raise
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CalibrationError(
                 f"{noun} {shown}: {where} could not be tokenized with {owner} "
-                f"({first[:200]})"
+                f"({first_line(e)})"
             ) from None
         ids = list(ids)[:max_seq_len]
         if ids:

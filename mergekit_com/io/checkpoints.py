@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from mergekit_com.errors import first_line
 from mergekit_com.io import fsops
 
 LOG = logging.getLogger("mergekit.chain_of_merges.checkpoints")
@@ -120,7 +121,7 @@ class LayerCheckpoints:
                 records = [(name, f.get_tensor(name)) for name in json.loads(meta["order"])]
                 report = json.loads(meta.get("report", "null"))
         except Exception as e:  # truncated, not safetensors, metadata missing
-            raise BadCheckpoint(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+            raise BadCheckpoint(first_line(e)) from None
         if meta.get("sha256") != records_sha256(records, report):
             raise BadCheckpoint("its content does not match its hash")
         return records, report

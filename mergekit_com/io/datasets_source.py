@@ -23,7 +23,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from mergekit_com.errors import CalibrationError, one_line
+from mergekit_com.errors import CalibrationError, first_line, one_line
 from mergekit_com.io.fingerprint import data_sha256, sha256_json
 
 # Parameter names of the settings below, as written under a model's `parameters:`.
@@ -200,7 +200,7 @@ def open_dataset(source: str, spec: RecordSpec, shown: str) -> OpenedDataset:
         stream = builder.as_streaming_dataset(split=spec.split)
     except Exception as e:
         raise CalibrationError(f"calibration dataset {shown} could not be opened "
-                               f"({_first_line(e)})") from None
+                               f"({first_line(e)})") from None
     spec.check_fields(stream.column_names, shown)
     if path == local:
         name, revision = _repository_origin(local)
@@ -225,15 +225,15 @@ def _builder(path: str, spec: RecordSpec, shown: str):
                 f"calibration dataset {shown} {what}; set calibration_config to one of: "
                 f"{', '.join(configs)}") from None
         raise CalibrationError(f"calibration dataset {shown} could not be opened "
-                               f"({_first_line(e)})") from None
+                               f"({first_line(e)})") from None
     except ConnectionError as e:
         raise CalibrationError(
             f"calibration {shown} is not a local file or folder, and the Hugging Face Hub "
-            f"could not provide it ({_first_line(e)}); fix the name, or load it once online "
+            f"could not provide it ({first_line(e)}); fix the name, or load it once online "
             "so that the datasets cache holds it") from None
     except Exception as e:  # not found on the Hub, gated, no data files, ...
         raise CalibrationError(f"calibration dataset {shown} could not be opened "
-                               f"({_first_line(e)})") from None
+                               f"({first_line(e)})") from None
 
 
 def _config_names(path: str) -> List[str]:
@@ -255,13 +255,11 @@ def _rows(stream, shown: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
             return
         except Exception as e:  # a broken shard, a dropped connection
             raise CalibrationError(f"calibration dataset {shown} could not be read "
-                                   f"({_first_line(e)})") from None
+                                   f"({first_line(e)})") from None
         number += 1
         yield f"row {number}", row
 
 
-def _first_line(error: Exception) -> str:
-    return ((str(error).strip().splitlines() or [type(error).__name__])[0])[:200]
 
 
 def _repository_origin(path: str) -> Tuple[str, Optional[str]]:

@@ -14,7 +14,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from mergekit_com.errors import MergeInputError
+from mergekit_com.errors import MergeInputError, first_line
 from mergekit_com.io.publish import published_files
 
 
@@ -58,8 +58,7 @@ def push(folder: str, repo_id: str, private: bool) -> str:
                           allow_patterns=[glob.escape(n) for n in names],
                           commit_message="Upload a Chain of Merges merge (mergekit-com)")
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise HubUploadError(
-            f"the merged model is in {folder}, but uploading it to {repo_id} failed ({first}); "
+            f"the merged model is in {folder}, but uploading it to {repo_id} failed ({first_line(e)}); "
             f"upload it with `hf upload {repo_id} {folder}`") from None
     return str(repo)

@@ -6,8 +6,8 @@ For every decoder layer (and the head) and every expert t:
 * relative residual of the regression, per linear:
   ``||X_t (W_merged - W_t)^T||_F / ||X_t W_t^T||_F`` on the inputs ``X_t`` the
   solve used for expert t (so it depends on ``chain``), with the bias as an
-  extra column on a constant input. Computed exactly from the Gram
-  ``X_t^T X_t`` the solve already has. The per-layer value aggregates the
+  extra column on a constant input. Computed from the Gram ``X_t^T X_t`` the
+  solve already has (no pass over the tokens), in float32: a diagnostic's precision. The per-layer value aggregates the
   layer's linears: ``sqrt(sum of squared numerators / sum of squared
   denominators)``.
 * covariate shift: ``||H_merged - H_own||_F / ||H_own||_F`` over expert t's
@@ -100,7 +100,7 @@ class MergeReport:
         self._order: List[str] = []
         self._shift: Dict[str, List[_Ratio]] = {}
         self._residual: Dict[str, Dict[str, List[_Ratio]]] = defaultdict(dict)
-        self.runtime: Dict[str, Any] = {}  # where and how the walk ran, and its phases' seconds
+        self.runtime: Dict[str, Any] = {}  # where and how the walk ran: device, threads, ranks
         self._alpha: Dict[str, Dict[str, List[float]]] = defaultdict(dict)
         self._blend: Dict[str, Dict[str, float]] = defaultdict(dict)
 

@@ -3,7 +3,7 @@
   1. Read the K experts' tensors of the layer.
   2. Merge its other tensors (norms, ...) by the fallback rule.
   3. Find its linears in call order, grouped by shared input (q/k/v, o,
-     gate/up, down for Llama).
+     gate/up, down for Llama); one the forward never calls follows the fallback rule.
   4. For each group: accumulate every expert's statistics on the inputs the
      chain says (``X_t``; ``Z_t`` too for ``match_expert`` and ``blend``, and
      where the group has no more outputs than inputs, its linears' outputs
@@ -16,6 +16,7 @@ input while the group is solved (``model/passes.py``).
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +34,7 @@ from mergekit_com.model.stepping import (
     set_parameter,
 )
 
+LOG = logging.getLogger("mergekit.chain_of_merges.layer")  # under mergekit's logger
 Names = Tuple[str, Optional[str]]  # (weight name, bias name or None)
 
 
@@ -96,6 +98,19 @@ def _augmented(weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: b
     return w
 
 
+def _bias_runs(group: List[str], names_of: Dict[str, Names]) -> List[List[str]]:
+    """A shared-input group cut into runs of consecutive linears that all have a bias, or
+    all have none: a bias is solved as a column on a constant input, which a linear
+    without one must not be fitted with (each run's statistics are its own)."""
+    runs: List[List[str]] = []
+    for key in group:
+        if runs and (names_of[key][1] is None) == (names_of[runs[-1][0]][1] is None):
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    return runs
+
+
 class LayerMerge:
     def __init__(self, ctx: WalkContext, index: int, names: Sequence[str]):
         self.ctx, self.index, self.names = ctx, index, list(names)
@@ -128,7 +143,10 @@ class LayerMerge:
         own_layers = self._own_layers(gathered, runs_own or self._own_stream_kept())
         # 3; the probe enters every layer with the embeddings: only the code path matters
         probe_hidden, probe_calls = ctx.streams.probe
-        groups = linear_call_groups(merged_layer, probe_hidden, probe_calls[self.index], linears)
+        groups = [run for g in linear_call_groups(merged_layer, probe_hidden, probe_calls[self.index],
+                                                  linears)
+                  for run in _bias_runs(g, names_of)]
+        written += self._unmeasured(merged_layer, groups, linears, names_of, gathered)
         stops = {g[0]: g[0] for g in groups}
         by_outputs = {g[0] for g in groups if self._targets_by_outputs(merged_layer, g)}
         captured = [k for g in groups if g[0] in by_outputs for k in g]
@@ -165,6 +183,23 @@ class LayerMerge:
         self._advance(ctx.shell.instantiate(self.index, current), own_layers, None, None)
 
     # ------------------------------------------------------------ steps
+    def _unmeasured(self, merged_layer: nn.Module, groups: List[List[str]], linears: List[str],
+                    names_of: Dict[str, Names], gathered: Gathered) -> Written:
+        """Linears the layer's forward never called on the probe have no inputs to measure:
+        they follow the fallback rule, with a warning naming them."""
+        called = {k for g in groups for k in g}
+        missed = [k for k in linears if k not in called]
+        if missed:
+            LOG.warning("%s: the forward never calls %s on calibration tokens, so %s no inputs "
+                        "to fit; merged by the fallback rule instead", self.key, ", ".join(missed),
+                        "it has" if len(missed) == 1 else "they have")
+        written: Written = []
+        for name in (n for k in missed for n in names_of[k] if n):
+            value = self.ctx.io.write_fallback(name, gathered[name])
+            set_parameter(merged_layer, name[len(self.prefix):], self.ctx.installed(value))
+            written.append((name, value))
+        return written
+
     def _own_stream_kept(self) -> bool:
         streams = self.ctx.streams
         return streams.sample is not None or any(streams.own_count.values())
@@ -178,7 +213,7 @@ class LayerMerge:
 
     def _passes(self, merged: PausableLayer, own: Dict[Hashable, PausableLayer],
                 stop_modules: List[nn.Module]):
-        """Per expert and batch: the pass giving ``X_t`` and, for match_expert, ``Z_t``."""
+        """Per expert and batch: the pass giving ``X_t`` and, for match_expert and blend, ``Z_t``."""
         ctx, streams = self.ctx, self.ctx.streams
         chain = ctx.chain
         budget = streams.store.free_bytes if ctx.pass_budget is None else ctx.pass_budget

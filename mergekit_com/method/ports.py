@@ -65,8 +65,10 @@ class Report(Protocol):
         ...
 
     def add_residual(self, layer: str, linear: str, expert: int, gram: torch.Tensor,
-                     target: torch.Tensor, merged: torch.Tensor) -> None:
-        ...
+                     target: torch.Tensor, merged: torch.Tensor,
+                     target_norm: Optional[float] = None) -> None:
+        """How far the merged ``[out, in]`` weight is from expert ``expert``'s ``target`` on
+        its inputs (``gram``); ``target_norm``: ``tr(W G W^T)`` where the solve formed it."""
 
     def add_alpha(self, layer: str, linear: str, alphas: List[float]) -> None:
         """The keep ratios ``alpha: auto`` chose for one linear, one per expert."""

@@ -4,7 +4,7 @@ Two streams per expert t:
   * ``merged``: in the merged model so far: the chain's inputs (``chain:
     module`` / ``block``) and the activations the output model will have;
   * ``own``: in expert t's unmerged model: RegMean's inputs (``chain:
-    none``) and the targets of ``objective: match_expert``.
+    none``) and the targets of ``objective: match_expert`` and ``blend``.
 Each is kept for every batch only where the chain or objective reads it.
 The merge report's covariate shift compares the two: on every batch when
 both are kept (or with ``exact_shift``), else on a small ``sample`` batch of
@@ -32,14 +32,15 @@ SAMPLE_TOKENS = 256  # per expert, for the covariate shift when it is not measur
 
 
 def sample_of(batch: Batch, tokens: int = SAMPLE_TOKENS) -> Batch:
-    """The first rows of ``batch`` (at least one) holding at most ``tokens`` real tokens."""
+    """The first rows of ``batch`` (right-padded) holding at most ``tokens`` real tokens: as
+    many whole rows as fit, or else the first row's first ``tokens`` tokens."""
     ids, mask = batch
     counts = mask.sum(dim=1).tolist()
     rows, total = 1, counts[0]
     while rows < len(counts) and total + counts[rows] <= tokens:
         total += counts[rows]
         rows += 1
-    width = int(mask[:rows].sum(dim=1).max())
+    width = min(int(mask[:rows].sum(dim=1).max()), tokens)
     return ids[:rows, :width], mask[:rows, :width]
 
 
