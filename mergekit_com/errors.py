@@ -30,6 +30,13 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in words)
 
 
+def listed(items, limit: int = 5) -> str:
+    """``a, b, c and 4 more``: the first ``limit`` items of a list a message names."""
+    items = [str(i) for i in items]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """An error's first line (its type's name if it has no text), cut at a word before
     ``limit`` characters: what a one-line message quotes of an error from a library."""

@@ -21,7 +21,7 @@ import torch
 import tqdm
 from mergekit.common import ModelReference
 
-from mergekit_com.errors import CalibrationError, ChainConfigError, first_line
+from mergekit_com.errors import CalibrationError, ChainConfigError, first_line, listed
 from mergekit_com.integration.config_views import (
     calibration_sources,
     ordered_models,
@@ -244,12 +244,11 @@ def warn_config_differences(models: List[ModelReference], configs) -> None:
         keys = sorted(k for k in set(mine) | set(theirs)
                       if k not in HARMLESS_CONFIG_KEYS and mine.get(k) != theirs.get(k))
         if keys:
-            shown = ", ".join(f"{k}: {theirs.get(k)!r} vs {mine.get(k)!r}" for k in keys[:4])
-            more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+            shown = listed([f"{k}: {theirs.get(k)!r} vs {mine.get(k)!r}" for k in keys], 4)
             LOG.warning(
-                "models %s and %s differ in config.json (%s%s); the merged model takes %s's, "
+                "models %s and %s differ in config.json (%s); the merged model takes %s's, "
                 "as mergekit's output config does, so %s's layers are merged as if they "
-                "computed with it", m, first, shown, more, first, m)
+                "computed with it", m, first, shown, first, m)
 
 
 def check_layer_ranges(config, configs) -> None:

@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Optional
 
-from mergekit_com.errors import CalibrationError, ChainConfigError
+from mergekit_com.errors import CalibrationError, ChainConfigError, listed
 from mergekit_com.integration import card, mergekit_internals, preflight
 from mergekit_com.integration.config_views import calibration_sources
 from mergekit_com.integration.output_errors import output_errors, stop_signals
@@ -84,16 +84,12 @@ def _check_out_path_contents(work: WorkDir) -> None:
         raise ChainConfigError(
             f"out_path {work.shown} holds files that mergekit-com did not write (or that "
             f"changed since it did), which the merged model would replace or load with: "
-            f"{_names(blocking)}; move them away or choose another out_path"
+            f"{listed(blocking)}; move them away or choose another out_path"
         )
     others = work.other_files()
     if others:
         LOG.warning("out_path %s also holds %s; the merge leaves them as they are",
-                    work.shown, _names(others))
-
-
-def _names(names) -> str:
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                    work.shown, listed(others))
 
 
 class _HideMergekitDeprecation(logging.Filter):
@@ -202,7 +198,7 @@ def _merge_and_publish(run_merge, merge_config, work: WorkDir, options, config_s
             lambda: _staged(run_merge, merge_config, work, work.staged, options, config_source))
     except PublishBlocked as e:
         raise ChainConfigError(
-            f"out_path {work.shown} now holds {_names(e.names)}, which mergekit-com did not "
+            f"out_path {work.shown} now holds {listed(e.names)}, which mergekit-com did not "
             f"write; move them away and run the same command again to publish the finished "
             f"merge kept in {work.path}"
         ) from None

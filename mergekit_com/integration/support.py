@@ -15,7 +15,7 @@ from typing import Iterable, List, Tuple
 import torch
 from torch import nn
 
-from mergekit_com.errors import ChainConfigError, first_line
+from mergekit_com.errors import ChainConfigError, first_line, listed
 from mergekit_com.method.parameters import METHOD_NAME
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -109,7 +109,7 @@ def check_coverage(
         if n not in planned
     ]
     if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        shown = listed(missing, 4)
         # names the definition has that the model does not: transformers may have renamed
         # the checkpoint's tensors as it built the model (GPT-NeoX's embed_out -> lm_head)
         names = {n for n, _ in model.named_parameters()}

@@ -38,10 +38,8 @@ def check_merge_method(name: str) -> None:
     known = sorted(m.spec.name for m in registry.registered_methods())
     if name in known:
         return
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
     raise ChainConfigError(
-        f"merge_method '{name}' is not a mergekit merge method; {hint}known methods: "
+        f"merge_method '{name}' is not a mergekit merge method; {_did_you_mean(name, known)}known methods: "
         f"{', '.join(known)}"
     )
 
@@ -129,11 +127,9 @@ def check_parameter_names(config) -> None:
     for where, params, per_model in parameter_scopes(config):
         for name, setting in (params or {}).items():
             if name not in PARAMETERS:
-                close = difflib.get_close_matches(str(name), valid, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
                 raise ChainConfigError(
                     f"{where}: unknown parameter '{name}' for {METHOD_NAME}; "
-                    f"{hint}valid parameters: {', '.join(valid)}"
+                    f"{_did_you_mean(name, valid)}valid parameters: {', '.join(valid)}"
                 )
             parameter = PARAMETERS[name]
             if per_model and not parameter.per_model:

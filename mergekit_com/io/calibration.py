@@ -390,12 +390,6 @@ def load_labeled(path: str, num_samples: int, shown: Optional[str] = None,
     return out, origin
 
 
-def load_records(path: str, num_samples: int,
-                 spec: RecordSpec = RecordSpec()) -> List[Dict[str, Any]]:
-    """The first ``num_samples`` non-empty records of a calibration source."""
-    return [row for _, row in load_labeled(path, num_samples, spec=spec)[0]]
-
-
 def _read_by_datasets(path: str) -> bool:
     """Whether the ``datasets`` library reads this source (not our .jsonl/.json/.txt readers)."""
     return is_dataset(path) or os.path.splitext(path)[1].lower() not in (".jsonl", ".json", ".txt")

@@ -89,11 +89,9 @@ class WorkDir:
                     f"(changed: {', '.join(changes)}); restore that setup to resume, or delete "
                     "the directory to start over"
                 )
-            if not create:
-                pass
-            elif self.is_complete():
+            if create and self.is_complete():
                 LOG.warning("the merge in %s is complete; publishing it to %s", self.path, self.out_path)
-            else:
+            elif create:
                 done = self.checkpoints.completed_layers()
                 LOG.warning("resuming the merge in %s: %d layer(s) already merged", self.path, done)
             return self

@@ -13,10 +13,11 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from mergekit_com.method.parameters import AUTO
+
 LOG = logging.getLogger("mergekit.chain_of_merges.linalg")  # under mergekit's logger
 
-AUTO = "auto"  # alpha: the shrinkage intensity estimated from the data (shrinkage_alpha)
-Alpha = Union[float, str]
+Alpha = Union[float, str]  # a keep ratio, or AUTO: estimated from the data (shrinkage_alpha)
 
 
 def offdiag_sq(m: torch.Tensor) -> float:

@@ -67,9 +67,6 @@ class ActivationStore:
         self._dir: Optional[str] = None
         self.spilled = {"host": 0, "disk": 0}  # how many tensors ever went to each tier
 
-    def __len__(self) -> int:
-        return len(self._tiers)
-
     @property
     def free_bytes(self) -> int:
         """What is left of the device budget (other work on the device may use it)."""

@@ -7,6 +7,6 @@
 
 from .build import ZooManifest, build_zoo
 from .presets import PRESETS, ZooPreset, get_preset
-from .tasks import TASKS, list_tasks
+from .tasks import TASKS
 
-__all__ = ["PRESETS", "TASKS", "ZooManifest", "ZooPreset", "build_zoo", "get_preset", "list_tasks"]
+__all__ = ["PRESETS", "TASKS", "ZooManifest", "ZooPreset", "build_zoo", "get_preset"]

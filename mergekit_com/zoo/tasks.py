@@ -149,10 +149,6 @@ TASKS: Dict[str, Task] = {
 }
 
 
-def list_tasks() -> List[str]:
-    return list(TASKS)
-
-
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; available: {', '.join(TASKS)}")

@@ -9,10 +9,10 @@ import torch
 from mergekit_com.io.calibration import (
     CalibrationError,
     load_calibration,
-    load_records,
     make_batches,
 )
 from tests.support import pico
+from tests.support.records import load_records
 
 
 @pytest.fixture(scope="module")

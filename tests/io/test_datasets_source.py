@@ -7,10 +7,11 @@ import os
 import datasets
 import pytest
 
-from mergekit_com.io.calibration import CalibrationError, load_calibration, load_records
+from mergekit_com.io.calibration import CalibrationError, load_calibration
 from mergekit_com.io.datasets_source import RecordSpec, is_hub_id, source_stamp
 from tests.support import pico
 from tests.support.hub_datasets import cache_hub_dataset, qa_rows, write_repository
+from tests.support.records import load_records
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

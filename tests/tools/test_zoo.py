@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mergekit_com.evaluate import evaluate_model, normalized_accuracy  # noqa: E402
-from mergekit_com.zoo import build_zoo, get_preset, list_tasks  # noqa: E402
+from mergekit_com.zoo import TASKS, build_zoo, get_preset  # noqa: E402
 from mergekit_com.zoo.tasks import get_task, make_splits  # noqa: E402
 from mergekit_com.zoo.tokenizer import build_char_tokenizer  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_splits_are_deterministic_and_correct():
         assert answer == " " + prompt.split()[1][::-1]
     for prompt, _, distractor in a.train:  # the base's mistake for reverse: echoing
         assert distractor == " " + prompt.split()[1]
-    assert set(list_tasks()) >= {"max", "reverse", "sort", "upper", "parity", "add"}
+    assert set(TASKS) >= {"max", "reverse", "sort", "upper", "parity", "add"}
     assert get_task("max").sample(random.Random(0)) == ("max 59 63 =", " 63", " 59")
 
 
