@@ -23,16 +23,18 @@ def listed_models(config) -> List[ModelReference]:
 
 
 def listed_experts(config) -> List[ModelReference]:
-    """The listed models that are experts: all of them, except a ``base_model`` that is a
-    slice source only because mergekit needs the base in every slice, and whose source
-    entries give it no ``calibration`` of their own (it stays the base, as under
-    ``models:`` when it is not listed)."""
+    """The listed models that are experts: all of them, except a ``base_model`` whose
+    entries (under ``models:``, or as a slice source, where mergekit needs the base in
+    every slice) give it no ``calibration`` of its own: it stays the base, as when it is
+    not listed (``models:`` and the ``slices:`` mergekit makes of them agree). A
+    top-level ``calibration`` default does not make it an expert."""
     base = config.base_model
-    sources = [src for s in _all_slices(config) for src in s.sources]
     listed = listed_models(config)
-    if base is None or any(m.model == base for m in _all_model_entries(config)):
+    if base is None or base not in listed:
         return listed
-    own_data = any(src.model == base and "calibration" in (src.parameters or {}) for src in sources)
+    entries = [m for m in _all_model_entries(config) if m.model == base]
+    entries += [src for s in _all_slices(config) for src in s.sources if src.model == base]
+    own_data = any("calibration" in (e.parameters or {}) for e in entries)
     return listed if own_data else [m for m in listed if m != base]
 
 

@@ -98,11 +98,17 @@ def check_planned_tensors(save_tasks, architecture: str) -> None:
     its model (under its name, an alias or a tied name). Where mergekit's architecture
     description and a checkpoint disagree (a tied head it does not mark optional, a
     q_norm the config turns off), mergekit would fail on it in the middle of the merge."""
+    from mergekit.io.tasks import GatherTensors
+
     for save in save_tasks:
         gather = save.tensor_task.gather_tensors
-        while not hasattr(gather, "weight_info") and hasattr(gather, "gather_tensors"):
-            gather = gather.gather_tensors  # under tokenizer_source: the vocabulary's permutation
-        for model, info in getattr(gather, "weight_info", {}).items():
+        # under tokenizer_source, the vocabulary's permutation; under
+        # --unsafe-truncate-embeddings, its truncation: each wraps the gather
+        while not isinstance(gather, GatherTensors) and hasattr(gather, "gather_tensors"):
+            gather = gather.gather_tensors
+        if not isinstance(gather, GatherTensors):
+            continue
+        for model, info in gather.weight_info.items():
             names = _TENSOR_NAMES.get(model)
             if names is None or info.optional:
                 continue
@@ -189,10 +195,13 @@ def check_models(config, options) -> Dict[ModelReference, str]:
                 vocabs[m] is not None and vocabs[first] is not None and vocabs[m] != vocabs[first]
             )
             if differ:
+                truncate = (" (chain_of_merges does not truncate embeddings: "
+                            "--unsafe-truncate-embeddings has nothing to do when they agree)"
+                            if options.unsafe_truncate_embeddings else "")
                 raise ChainConfigError(
                     f"models {first} and {m} have different vocabularies; set "
                     "`tokenizer_source: union` (or base, or one model) so that mergekit "
-                    "aligns their embeddings"
+                    f"aligns their embeddings{truncate}"
                 )
 
     for m in models[1:]:

@@ -92,13 +92,29 @@ def test_lazy_unpickle_reads_bin_checkpoints(zoo2, tmp_path, reference):
 
 @pytest.mark.parametrize("option", [{"low_cpu_memory": True}, {"random_seed": 1},
                                     {"random_seed": 2}, {"device": "auto"}, {"device": "cpu"},
-                                    {"read_to_gpu": True}])
+                                    {"read_to_gpu": True}, {"unsafe_truncate_embeddings": True}])
 def test_options_that_leave_a_cpu_merge_unchanged(zoo2, tmp_path, reference, option):
     if option.get("device") == "auto" or option.get("read_to_gpu"):
         if torch.cuda.is_available():
             pytest.skip("resolves to a GPU here: covered by the gpu test")
     # CoM draws no random numbers: any seed gives the same bits
     assert same(merge(com_config(experts(zoo2)), str(tmp_path / "out"), **option), reference)
+
+
+def test_unsafe_truncate_embeddings_does_not_hide_a_vocabulary_difference(zoo2, tmp_path):
+    """Equal vocabularies merge with it (above); a model with one more embedding row is
+    refused in one line that names tokenizer_source and says nothing is truncated."""
+    from tests.support import pico
+
+    config = pico.llama_config(layers=2, vocab_size=pico.VOCAB + 1)
+    wider = pico.save_model(str(tmp_path / "wider"), config, pico.random_state(config, seed=0))
+    models = experts(zoo2)
+    models[1]["model"] = wider
+    out = tmp_path / "out"
+    with pytest.raises(ChainConfigError, match=r"different vocabularies; set `tokenizer_source: "
+                                               r"union`.*does not truncate embeddings"):
+        merge(com_config(models), str(out), unsafe_truncate_embeddings=True)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("option, message", [

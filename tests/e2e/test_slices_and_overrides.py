@@ -1,5 +1,7 @@
 """`slices:`/`layer_range` and per-slice / per-tensor parameters, resolved as mergekit does."""
 
+import json
+
 import pytest
 import torch
 
@@ -100,6 +102,32 @@ def test_a_base_among_slice_sources_without_data_of_its_own_stays_the_base(zoo2,
     missing = dict(sliced(zoo2, {"sources": sources(zoo2, (0, 2))}), base_model=zoo2["base"])
     with pytest.raises(ChainConfigError, match=r"slices\[0\]: base_model .* is not among its sources"):
         merge(missing, str(tmp_path / "missing"))
+
+
+def test_a_base_listed_under_models_without_data_of_its_own_stays_the_base(zoo2, tmp_path):
+    """As among slice sources (mergekit makes models: into one slice): listed as in a ties
+    config, with no `calibration` of its own (none, or only a top-level default), the
+    base_model stays the base and no expert; with its own, it is an expert."""
+    whole = merge(com_config(experts(zoo2), base=zoo2["base"], fallback="task_arithmetic"),
+                  str(tmp_path / "unlisted"))
+    listed = com_config(experts(zoo2) + [{"model": zoo2["base"]}], base=zoo2["base"],
+                        fallback="task_arithmetic")
+    assert_same(merge(listed, str(tmp_path / "listed")), whole)
+    default = dict(listed, parameters={**listed["parameters"], "calibration": zoo2["expert0_data"]})
+    default["models"] = [{"model": m["model"]} if m["model"] != zoo2["expert1"] else m
+                         for m in listed["models"]]  # expert0 takes the default, as does the base
+    assert_same(merge(default, str(tmp_path / "default")), whole)
+    own = com_config(experts(zoo2) + [{"model": zoo2["base"], "calibration": zoo2["expert0_data"]}],
+                     base=zoo2["base"], fallback="task_arithmetic")
+    merged = merge(own, str(tmp_path / "own"))
+    assert any(not torch.equal(merged[k], whole[k]) for k in whole)  # a third expert
+    report = json.loads((tmp_path / "own" / "com_report.json").read_text())
+    assert [e["model"] for e in report["experts"]][-1] == zoo2["base"]
+
+
+def assert_same(got, want):
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_layer_range_past_the_models_layers_stops_before_any_work(zoo2, tmp_path):
