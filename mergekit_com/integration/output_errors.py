@@ -20,6 +20,8 @@ LOG = logging.getLogger("mergekit_com.integration.output_errors")
 
 # safetensors reports an I/O error as text: "... Os { code: 28, kind: StorageFull ... }"
 _FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b|code: (28|122)\b")
+# ... and a file past the size limit (ulimit -f, FAT32's 4 GiB) as "File too large (os error 27)"
+_TOO_LARGE = re.compile(r"File too large|os error 27\b|code: 27\b")
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
@@ -30,11 +32,13 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         error = error.__cause__ or error.__context__
 
 
-def _disk_full(error: BaseException) -> Optional[BaseException]:
+def _os_error(error: BaseException, codes, text: re.Pattern) -> Optional[BaseException]:
+    """The error in ``error``'s chain with one of the errno ``codes`` (or, from a library
+    that reports it as text, matching ``text``)."""
     for e in _chain(error):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in codes:
             return e
-        if not isinstance(e, OSError) and _FULL.search(str(e)):
+        if not isinstance(e, OSError) and text.search(str(e)):
             return e
     return None
 
@@ -74,17 +78,31 @@ def output_errors(work: WorkDir):
     except BaseException as e:
         kept = _progress(state.work)
         resume = f"; the merge so far ({kept}) is kept in {work.path}" if kept else ""
-        if _disk_full(e) is not None:
+        if _os_error(e, (errno.ENOSPC, errno.EDQUOT), _FULL) is not None:
             raise OutputError(
                 f"no space left on the device of out_path {work.shown}; free some space and "
                 f"run the same command again{resume}"
             ) from None
+        if _os_error(e, (errno.EFBIG,), _TOO_LARGE) is not None:
+            raise OutputError(
+                f"a file of the merge is larger than out_path {work.shown}'s filesystem or the "
+                "file size limit (ulimit -f) allows; lower --out-shard-size or choose another "
+                f"filesystem, then run the same command again{resume}"
+            ) from None
         denied = _not_writable(e, work)
         if denied is not None:
+            name = os.path.abspath(str(denied.filename or ""))
+            if name == work.target or name.startswith(work.target + os.sep):
+                raise OutputError(
+                    f"out_path {work.shown} cannot be written: it is not writable "
+                    f"({denied.strerror}); make it writable or choose another out_path, then "
+                    f"run the same command again{resume}"
+                ) from None
             where = os.path.dirname(work.shown.rstrip(os.sep)) or "."
             raise OutputError(
                 f"out_path {work.shown} cannot be written: its directory {where} is not "
-                f"writable ({denied.strerror}); choose an out_path in a directory you can write to"
+                f"writable ({denied.strerror}); choose an out_path in a directory you can write "
+                f"to{resume}"
             ) from None
         if kept:
             LOG.warning("merge stopped; %s holds its progress (%s): run the same command again "

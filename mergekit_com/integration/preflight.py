@@ -21,7 +21,7 @@ import torch
 import tqdm
 from mergekit.common import ModelReference
 
-from mergekit_com.errors import CalibrationError, ChainConfigError, first_line, listed
+from mergekit_com.errors import CalibrationError, ChainConfigError, OutputError, first_line, listed
 from mergekit_com.integration.config_views import (
     calibration_sources,
     ordered_models,
@@ -329,8 +329,12 @@ def _inputs(config, model_dirs: Dict[ModelReference, str]) -> List[Tuple[str, st
 def check_out_path(shown: str, ours: List[str], config,
                    model_dirs: Dict[ModelReference, str]) -> None:
     """out_path (and the work directory next to it) is no input, inside none, contains none;
-    and no input file is a symlink into them."""
+    no input file is a symlink into them; and an existing out_path can be written (found
+    before the merge, not when its result is published)."""
     target = ours[0]
+    if os.path.isdir(target) and not os.access(target, os.W_OK | os.X_OK):
+        raise OutputError(f"out_path {shown} is not writable; make it writable or choose another "
+                          "out_path")
     for what, path in _inputs(config, model_dirs):
         if path == target:
             relation = "is"

@@ -133,6 +133,9 @@ def run_chain_merge(run_merge, merge_config, out_path: str, options, config_sour
 
 
 def _run_chain_merge(run_merge, merge_config, out_path: str, options, config_source) -> None:
+    if os.path.islink(out_path) and not os.path.exists(out_path):
+        raise ChainConfigError(f"out_path {out_path} is a symlink to {os.readlink(out_path)}, which "
+                               "does not exist; create that folder, or choose another out_path")
     if os.path.lexists(out_path) and not os.path.isdir(out_path):
         raise ChainConfigError(f"out_path {out_path} exists and is not a directory")
     above = os.path.dirname(out_path.rstrip(os.sep)) or "."
@@ -192,10 +195,16 @@ def _remove_empty_folders(path: str, top: str) -> None:
         path = os.path.dirname(path)
 
 
+# mergekit's options that change only the files written, not a tensor: a finished merge
+# written with others is written again from its layer checkpoints
+OUTPUT_OPTIONS = ("out_shard_size", "safe_serialization", "copy_tokenizer", "write_model_card")
+
+
 def _merge_and_publish(run_merge, merge_config, work: WorkDir, options, config_source) -> None:
     try:
         work.complete_and_publish(
-            lambda: _staged(run_merge, merge_config, work, work.staged, options, config_source))
+            lambda: _staged(run_merge, merge_config, work, work.staged, options, config_source),
+            written_with={k: getattr(options, k) for k in OUTPUT_OPTIONS})
     except PublishBlocked as e:
         raise ChainConfigError(
             f"out_path {work.shown} now holds {listed(e.names)}, which mergekit-com did not "

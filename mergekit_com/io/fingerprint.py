@@ -1,12 +1,15 @@
 """What a merge's result depends on, cheaply hashed: a resume with anything changed is refused.
 
 Model folders are fingerprinted by content, not by sizes and modification
-times (a model replaced by another of the same size, with its times set
+times alone (a model replaced by another of the same size, with its times set
 back, must not resume onto the old one's layers): every small file is
-hashed whole; a large weight file by its size, its safetensors header and 64
-blocks of 64 KiB spread evenly over it. Two fine-tunes differ in nearly every
-block, so this detects a replaced model while reading about 4 MiB per file
-instead of the whole model. Calibration data is hashed whole.
+hashed whole; a large weight file by its size, its safetensors header, 64
+blocks of 64 KiB spread evenly over it, and its modification time. Two
+fine-tunes differ in nearly every block, so the blocks detect a replaced model
+while reading about 4 MiB per file instead of the whole model; the time detects
+a few tensors rewritten in place (a re-export, a fix), which the blocks may miss.
+Only such a rewrite with its time set back goes unseen. Calibration data is
+hashed whole.
 Only regular files are read (``inputs.open_regular``).
 """
 
@@ -38,11 +41,13 @@ def file_sha256(path: str) -> str:
 
 
 def sampled_sha256(path: str) -> str:
-    """Size, safetensors header (if any) and evenly spread blocks of a large file."""
+    """Size, modification time, safetensors header (if any) and evenly spread blocks of a
+    large file."""
     h = hashlib.sha256()
     with open_regular(path) as fp:
-        size = os.fstat(fp.fileno()).st_size
-        h.update(struct.pack("<Q", size))
+        stat = os.fstat(fp.fileno())
+        size = stat.st_size
+        h.update(struct.pack("<Qq", size, stat.st_mtime_ns))
         head = fp.read(8)
         if path.endswith(".safetensors") and len(head) == 8:
             (length,) = struct.unpack("<Q", head)

@@ -42,7 +42,14 @@ class OutPathLock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                if not (os.path.isdir(self.path) or os.path.islink(self.path)):
+                    raise
+                raise OutputError(  # ELOOP (a symlink), EISDIR: not a lock this package made
+                    f"{self.path} is in the way of out_path {self.out_path}'s lock file ({e.strerror}); "
+                    "move it away, then run this again") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from mergekit_com.errors import MergeInputError
 from mergekit_com.io import fsops, publish
@@ -77,12 +77,14 @@ class WorkDir:
                     raise ValueError
                 with open(manifest, encoding="utf-8") as fp:
                     old = json.load(fp)
+                if not isinstance(old, dict) or not isinstance(old.get("fingerprint"), dict):
+                    raise ValueError  # someone else's manifest.json
             except (OSError, ValueError):
                 raise WorkDirError(
                     f"{self.path} exists but is not a mergekit-com work directory; move it "
                     "away or choose another out_path"
                 ) from None
-            changes = describe_changes(old.get("fingerprint", {}), stamp)
+            changes = describe_changes(old["fingerprint"], stamp)
             if changes:
                 raise WorkDirError(
                     f"the interrupted merge in {self.path} was made with a different setup "
@@ -119,24 +121,47 @@ class WorkDir:
             raise
         return self
 
-    def mark_complete(self) -> None:
-        """The staged model is whole: record what it is, durably."""
+    def mark_complete(self, written_with: Optional[Dict[str, Any]] = None) -> None:
+        """The staged model is whole: record what it is, and the output options it was
+        written with, durably."""
         publish.sync_tree(self.staged)
         files = {n: [os.path.getsize(os.path.join(self.staged, n)),
                      file_sha256(os.path.join(self.staged, n))]
                  for n in sorted(os.listdir(self.staged))}
-        fsops.write_atomic(os.path.join(self.path, COMPLETE), json.dumps(files).encode())
+        record = {"files": files, "written_with": written_with or {}}
+        fsops.write_atomic(os.path.join(self.path, COMPLETE), json.dumps(record).encode())
 
     def is_complete(self) -> bool:
         return os.path.exists(os.path.join(self.path, COMPLETE))
 
-    def staged_is_intact(self) -> bool:
-        """The staged model is still what ``mark_complete`` recorded."""
+    def _complete_record(self) -> Dict[str, Any]:
         try:
             with open(os.path.join(self.path, COMPLETE), encoding="utf-8") as fp:
-                files = json.load(fp)
-            names = sorted(os.listdir(self.staged))
+                record = json.load(fp)
         except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def rewritten_options(self, written_with: Optional[Dict[str, Any]]) -> List[str]:
+        """The output options (``--out-shard-size``, ...) the finished staged model was
+        written with that differ from ``written_with``."""
+        before = self._complete_record().get("written_with")
+        now = written_with or {}
+        if not isinstance(before, dict):
+            return sorted(now) or ["unknown"]
+        return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+
+    def is_published(self) -> bool:
+        """out_path lists (in its marker) the files of the finished staged model."""
+        files = self._complete_record().get("files")
+        return isinstance(files, dict) and publish.published_files(self.target) == sorted(files)
+
+    def staged_is_intact(self) -> bool:
+        """The staged model is still what ``mark_complete`` recorded."""
+        files = self._complete_record().get("files")
+        try:
+            names = sorted(os.listdir(self.staged))
+        except OSError:
             return False
         if not isinstance(files, dict) or sorted(files) != names:
             return False
@@ -159,11 +184,24 @@ class WorkDir:
         """An interrupted run's partial output is rewritten from the checkpoints."""
         fsops.remove_tree(self.output_root)
 
-    def complete_and_publish(self, build: Callable[[], None]) -> None:
+    def complete_and_publish(self, build: Callable[[], None],
+                             written_with: Optional[Dict[str, Any]] = None) -> None:
         """Finish the merge (``build`` writes the staged model, resuming from the
-        checkpoints), publish it, and remove the work directory. Every step may be
-        interrupted: the same call continues from where the last one stopped."""
+        checkpoints, with the output options ``written_with``), publish it, and remove the
+        work directory. Every step may be interrupted: the same call continues from where
+        the last one stopped."""
         try:
+            changed = self.rewritten_options(written_with) if self.is_complete() else []
+            if changed:
+                LOG.warning("the finished model in %s was written with other output options "
+                            "(changed: %s); writing it again from the layer checkpoints",
+                            self.path, ", ".join(changed))
+                self.discard_complete()
+            if self.is_complete() and not os.path.isdir(self.staged) and not self.is_published():
+                LOG.warning("the finished model in %s was published to %s, which no longer holds "
+                            "it; writing it again from the layer checkpoints", self.path,
+                            self.out_path)
+                self.discard_complete()
             if self.is_complete() and not os.path.isdir(self.staged):
                 pass  # published by an earlier run, which stopped before removing its work
             else:
@@ -174,7 +212,7 @@ class WorkDir:
                 if not self.is_complete():
                     self.discard_staged_output()
                     build()
-                    self.mark_complete()
+                    self.mark_complete(written_with)
                 self.publish()
         except publish.PublishBlocked:
             raise

@@ -244,6 +244,44 @@ def test_a_changed_staged_model_is_written_again(tmp_path):
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == expected_weights()
 
 
+@pytest.mark.parametrize("rerun_with", [{"out_shard_size": 1000}, {"out_shard_size": 50}])
+def test_a_finished_merge_is_written_again_only_with_other_output_options(tmp_path, caplog,
+                                                                         rerun_with):
+    """Finished but not published (a kill, a blocked out_path), then run again: with the
+    same output options it is published as it is; with others (--out-shard-size, ...) the
+    staged model is written again from the layer checkpoints, with a warning."""
+    out = str(tmp_path / "merged")
+    work = WorkDir(out).open(STAMP, resume_only=False)
+    build(work)
+    work.mark_complete({"out_shard_size": 1000})
+    builds = []
+    again = WorkDir(out)
+    again.complete_and_publish(lambda: (builds.append(1), build(again)), written_with=rerun_with)
+    changed = rerun_with["out_shard_size"] != 1000
+    assert builds == ([1] if changed else [])
+    assert ("written with other output options (changed: out_shard_size)" in caplog.text) == changed
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == expected_weights()
+
+
+def test_a_published_merge_gone_from_out_path_is_written_again(tmp_path, caplog):
+    """Published, then killed before its work directory was removed; out_path deleted
+    meanwhile: the next run writes the model again from the checkpoints and publishes it,
+    instead of reporting success with nothing in out_path."""
+    import shutil
+
+    out = str(tmp_path / "merged")
+    work = WorkDir(out).open(STAMP, resume_only=False)
+    build(work)
+    work.mark_complete()
+    work.publish()
+    assert not os.path.isdir(work.staged) and work.is_published()
+    shutil.rmtree(out)
+    again = WorkDir(out)
+    again.complete_and_publish(lambda: build(again))
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == expected_weights()
+    assert "which no longer holds it" in caplog.text and not os.path.exists(again.path)
+
+
 def total_steps(tmp_path, monkeypatch) -> int:
     total = 0
     for kind in KINDS:

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from mergekit_com.errors import OutputError
 from mergekit_com.io.lock import OutPathBusy, OutPathLock
 
 
@@ -40,6 +41,14 @@ def test_the_lock_file_is_never_followed_through_a_symlink(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
     os.symlink(victim, tmp_path / "out.com-work.lock")
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"out.com-work.lock is in the way of out_path out's lock "
+                                          r"file \(Too many levels of symbolic links\); move it away"):
         OutPathLock(str(tmp_path / "out.com-work.lock"), "out").acquire()
     assert victim.read_text() == "keep"
+
+
+def test_a_folder_where_the_lock_file_goes_is_named_in_one_line(tmp_path):
+    (tmp_path / "out.com-work.lock").mkdir()
+    with pytest.raises(OutputError, match=r"is in the way of out_path out's lock file \(Is a directory\)"):
+        OutPathLock(str(tmp_path / "out.com-work.lock"), "out").acquire()
+    assert (tmp_path / "out.com-work.lock").is_dir()

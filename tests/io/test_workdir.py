@@ -46,6 +46,19 @@ def test_a_changed_setup_is_refused_naming_what_changed(tmp_path):
     assert describe_changes(stamp, {**stamp, "config": "c2"}) == ["merge configuration"]
 
 
+@pytest.mark.parametrize("manifest", ["[1]", '{"notes": "mine"}', '{"fingerprint": 3}'])
+def test_a_folder_named_like_a_work_directory_but_not_one_is_left_alone(tmp_path, manifest):
+    """Someone else's out.com-work (its manifest.json not ours) is never taken for an
+    interrupted merge, whose message would invite deleting it."""
+    work = tmp_path / "merged.com-work"
+    work.mkdir()
+    (work / "manifest.json").write_text(manifest)
+    (work / "precious.txt").write_text("keep")
+    with pytest.raises(WorkDirError, match=r"exists but is not a mergekit-com work directory"):
+        WorkDir(str(tmp_path / "merged")).open({"format": 2}, resume_only=False)
+    assert (work / "precious.txt").read_text() == "keep"
+
+
 def test_resume_only_needs_a_work_directory(tmp_path):
     with pytest.raises(WorkDirError, match="nothing to resume"):
         WorkDir(str(tmp_path / "merged")).open({}, resume_only=True)

@@ -125,6 +125,7 @@ CASES = {c.id: c for c in [
     Case("w3", out="full/merged", mount="full"),
     Case("w4", out="small/merged", mount="small", params={"num_samples": 12}),
     Case("w5", out="mnt", mount="mnt", params={"num_samples": 12}),
+    Case("w6", out="fsize/merged", mount="fsize", params={"num_samples": 12}),
     Case("s1", code=143),
     Case("c1", raw_config="merge_method: chain_of_merges\nmodels: [\n"),
     Case("c2", raw_config="merge_method: chain_of_merges\nmodels:\n  - parameters: {}\n"),
@@ -365,6 +366,9 @@ MOUNTS = {
     "full": "mount -t tmpfs -o size=64k tmpfs full && (cat /dev/zero > full/filler 2>/dev/null || true)",
     "small": "mount -t tmpfs -o size=40k tmpfs small",
     "mnt": "mount -t tmpfs tmpfs mnt",
+    # not a mount: files past 64 KiB (in the shell's 1 KiB blocks) fail with EFBIG, as on
+    # FAT32 past 4 GiB (Python ignores the SIGXFSZ that comes first)
+    "fsize": "ulimit -f 64",
 }
 
 
