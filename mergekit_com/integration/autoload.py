@@ -3,16 +3,16 @@
 mergekit 0.1.5 has no plugin discovery. A one-line ``.pth`` file (installed
 as ``mergekit_com_autoload.pth``) calls ``install_from_pth`` at interpreter
 start-up; that only puts a tiny finder on ``sys.meta_path``. When, and only
-when, a program imports ``mergekit.merge_methods``, ``mergekit.plan`` or
-``mergekit.merge``, the finder lets the import finish and then registers the
-method / routes the planner / routes ``run_merge`` (staged output, resume):
-see ``patches.py``. Set ``MERGEKIT_COM_AUTOLOAD=0`` to switch it off (then
+when, a program imports ``mergekit.merge_methods``, ``mergekit.plan``,
+``mergekit.merge`` or ``mergekit-multi``'s module, the finder lets the import finish
+and then registers the method / routes the planner / routes ``run_merge`` (staged
+output, resume) / checks every stage first: see ``patches.py``. Set ``MERGEKIT_COM_AUTOLOAD=0`` to switch it off (then
 ``import mergekit_com`` registers explicitly).
 """
 
 import sys
 
-_WATCHED = ("mergekit.merge_methods", "mergekit.plan", "mergekit.merge")
+_WATCHED = ("mergekit.merge_methods", "mergekit.plan", "mergekit.merge", "mergekit.scripts.multimerge")
 
 
 def _after_import(name: str) -> None:
@@ -24,6 +24,8 @@ def _after_import(name: str) -> None:
         patches.route_planner()
     elif name == "mergekit.merge":
         patches.route_run_merge()
+    elif name == "mergekit.scripts.multimerge":
+        patches.check_stages_first()
 
 
 class _PostImportFinder:

@@ -13,15 +13,23 @@ from mergekit.common import ModelReference
 from mergekit_com.errors import CalibrationError, ChainConfigError, first_line
 
 
-def local_dir(model: ModelReference, options) -> str:
+def merged_reference(model: ModelReference, options) -> ModelReference:
+    """The model as mergekit reads it: a ``model+adapter`` merged into ``--lora-merge-cache``
+    (as mergekit itself would next), any other model as it is."""
+    if model.lora is not None and not options.lora_merge_cache:
+        raise ChainConfigError(
+            f"model {model} has a LoRA adapter, which mergekit merges into a folder first: "
+            "pass --lora-merge-cache DIR (outside out_path)")
     try:
-        merged = model.merged(  # applies a LoRA, as mergekit itself would next
-            cache_dir=options.lora_merge_cache,
-            trust_remote_code=options.trust_remote_code,
-            lora_merge_dtype=options.lora_merge_dtype,
-        )
+        return model.merged(cache_dir=options.lora_merge_cache,
+                            trust_remote_code=options.trust_remote_code,
+                            lora_merge_dtype=options.lora_merge_dtype)
     except Exception as e:
         raise ChainConfigError(f"model {model}: its LoRA could not be applied ({first_line(e)})") from None
+
+
+def local_dir(model: ModelReference, options) -> str:
+    merged = merged_reference(model, options)
     path = merged.model.path
     if path.startswith((".", "/", "~")) or path.count("/") > 1:  # as mergekit's card tells
         if os.path.exists(os.path.expanduser(path)):
@@ -90,11 +98,7 @@ def model_tokenizer(model: ModelReference, options):
     adapter's folder, then the base model's."""
     from transformers import AutoTokenizer
 
-    merged = model.merged(
-        cache_dir=options.lora_merge_cache,
-        trust_remote_code=options.trust_remote_code,
-        lora_merge_dtype=options.lora_merge_dtype,
-    )
+    merged = merged_reference(model, options)
     places = [merged.model] + ([model.lora, model.model] if model.lora else [])
     for place in places:
         try:

@@ -10,6 +10,9 @@ from typing import Iterable
 
 from mergekit.common import ModelReference
 
+from mergekit_com.errors import ChainConfigError
+from mergekit_com.integration.models import merged_reference
+
 LOG = logging.getLogger("mergekit.chain_of_merges.output")
 
 GENERATION_CONFIG = "generation_config.json"
@@ -27,12 +30,8 @@ def copy_generation_config(sources: Iterable[ModelReference], out_path: str, opt
         return
     for ref in dict.fromkeys(sources):
         try:
-            local = ref.merged(
-                cache_dir=options.lora_merge_cache,
-                trust_remote_code=options.trust_remote_code,
-                lora_merge_dtype=options.lora_merge_dtype,
-            ).local_path(cache_dir=options.transformers_cache)
-        except (OSError, RuntimeError, ValueError) as e:  # unreachable input: no file to give
+            local = merged_reference(ref, options).local_path(cache_dir=options.transformers_cache)
+        except (OSError, RuntimeError, ValueError, ChainConfigError) as e:  # no file to give
             LOG.debug("no local path for %s: %s", ref, e)
             continue
         path = os.path.join(local, GENERATION_CONFIG)
@@ -50,11 +49,7 @@ def copy_remote_code(source: ModelReference, out_path: str, options) -> None:
     """
     if not getattr(source.config(trust_remote_code=options.trust_remote_code), "auto_map", None):
         return
-    local = source.merged(
-        cache_dir=options.lora_merge_cache,
-        trust_remote_code=options.trust_remote_code,
-        lora_merge_dtype=options.lora_merge_dtype,
-    ).local_path(cache_dir=options.transformers_cache)
+    local = merged_reference(source, options).local_path(cache_dir=options.transformers_cache)
     for path in glob.glob(os.path.join(local, "*.py")):
         target = os.path.join(out_path, os.path.basename(path))
         if not os.path.exists(target):

@@ -9,6 +9,8 @@ mergekit 0.1.5 has no plugin discovery and no hook around planning or
     ``mergekit.scripts.run_yaml`` took at import): chain_of_merges configs
     get checks, staged output and resume (``staged_merge.py``); an unknown
     method name gets a did-you-mean instead of mergekit's traceback;
+  * ``check_stages_first`` wraps ``mergekit-multi``'s ``make_tasks``: every
+    chain_of_merges stage's configuration is checked before any stage runs;
 Each wrapper is idempotent, marks itself with ``_mergekit_com``, and imports
 what it routes to only when called (this module is imported by the start-up
 hook while mergekit is still importing). The private mergekit names used are
@@ -80,3 +82,23 @@ def route_run_merge() -> None:
     module = sys.modules.get("mergekit.scripts.run_yaml")
     if module is not None and getattr(module, "run_merge", None) is original:
         module.run_merge = run_merge
+
+
+def check_stages_first() -> None:
+    """``mergekit-multi``: every chain_of_merges stage's configuration is checked before
+    the first stage runs (a typo in the last one would otherwise stop it after the others)."""
+    import mergekit.scripts.multimerge as multimerge
+
+    original = multimerge.make_tasks
+    if getattr(original, "_mergekit_com", False):
+        return
+
+    @functools.wraps(original)
+    def make_tasks(merge_configs, *args, **kwargs):
+        from mergekit_com.integration.validation import check_stages
+
+        check_stages(merge_configs)
+        return original(merge_configs, *args, **kwargs)
+
+    make_tasks._mergekit_com = True
+    multimerge.make_tasks = make_tasks

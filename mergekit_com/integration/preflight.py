@@ -326,6 +326,19 @@ def _inputs(config, model_dirs: Dict[ModelReference, str]) -> List[Tuple[str, st
     return found
 
 
+def check_lora_cache(options, out_path: str) -> None:
+    """``--lora-merge-cache``, where mergekit writes each ``model+adapter`` merged, lies
+    outside out_path and its work directory: it is written before any other check."""
+    if not options.lora_merge_cache:
+        return
+    cache = os.path.realpath(os.path.expanduser(options.lora_merge_cache))
+    for ours in (os.path.realpath(out_path), os.path.realpath(out_path.rstrip(os.sep)) + ".com-work"):
+        if within(cache, ours):
+            raise ChainConfigError(
+                f"--lora-merge-cache {options.lora_merge_cache} is inside out_path {out_path}, "
+                "where the merge is published; choose a cache folder outside it")
+
+
 def check_out_path(shown: str, ours: List[str], config,
                    model_dirs: Dict[ModelReference, str]) -> None:
     """out_path (and the work directory next to it) is no input, inside none, contains none;

@@ -151,6 +151,7 @@ def _run_chain_merge(run_merge, merge_config, out_path: str, options, config_sou
     check_listed_once(merge_config)
     check_base_in_slices(merge_config)
     check_options(options)
+    preflight.check_lora_cache(options, out_path)
     model_dirs = preflight.check_models(merge_config, options)
     work = WorkDir(out_path)
     preflight.check_out_path(work.shown, [work.target, work.path], merge_config, model_dirs)

@@ -352,3 +352,19 @@ def _check_chat_template(template: Optional[str]) -> None:
         raise ChainConfigError(
             f"chat_template {template!r} is too short for mergekit to take as a template (20 "
             "characters at least); give the whole template, a named one, or auto")
+
+
+def check_stages(configs) -> None:
+    """``mergekit-multi``'s stages (name -> configuration; None: the final, unnamed one):
+    each chain_of_merges stage's own configuration, before any stage runs, naming the stage."""
+    for name, config in configs.items():
+        if config.merge_method != METHOD_NAME:
+            continue
+        try:
+            check_config_values(config)
+            check_parameter_names(config)
+            check_listed_once(config)
+            check_base_in_slices(config)
+        except ChainConfigError as e:
+            stage = f"stage {name}" if name else "the final stage (--out-path)"
+            raise ChainConfigError(f"{stage}: {e}") from None

@@ -429,7 +429,9 @@ def tokenize_records(
             if has_text(row):
                 text = row["text"][:budget]
                 _check_unicode(text, noun, shown, where)
-                ids = tokenizer(text, truncation=False)["input_ids"]
+                # verbose=False: records longer than the model's positions are cut below,
+                # so transformers' warning that they are too long would only mislead
+                ids = tokenizer(text, truncation=False, verbose=False)["input_ids"]
             else:
                 template = chat_template or getattr(tokenizer, "chat_template", None)
                 if not template:
@@ -441,7 +443,7 @@ def tokenize_records(
                 text = tokenizer.apply_chat_template(_cut(row["messages"], budget),
                                                      chat_template=template, tokenize=False)
                 _check_unicode(text, noun, shown, where)
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         except CalibrationError:
             raise
         except Exception as e:

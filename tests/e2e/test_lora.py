@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from mergekit_com.errors import ChainConfigError
 from tests.support.every_linear import assert_every_linear_is_closed_form
 from tests.support.merging import com_config, merge
 
@@ -54,6 +55,19 @@ def test_lora_expert_is_merged_with_its_adapter(zoo2, lora, tmp_path):
     assert_every_linear_is_closed_form(
         out, [lora["reference"], zoo2["expert1"]], [zoo2["expert0_data"], zoo2["expert1_data"]],
         alpha=lambda _n: 0.9, ridge=1e-6)
+
+
+def test_a_lora_merge_cache_is_asked_for_and_kept_out_of_out_path(zoo2, lora, tmp_path):
+    models = [{"model": f"{zoo2['expert0']}+{lora['adapter']}", "calibration": zoo2["expert0_data"]},
+              {"model": zoo2["expert1"], "calibration": zoo2["expert1_data"]}]
+    out = tmp_path / "out"
+    with pytest.raises(ChainConfigError, match=r"has a LoRA adapter, which mergekit merges into a "
+                                               r"folder first: pass --lora-merge-cache DIR"):
+        merge(com_config(models), str(out))
+    with pytest.raises(ChainConfigError, match=r"--lora-merge-cache .*cache is inside out_path .*out, "
+                                               r"where the merge is published"):
+        merge(com_config(models), str(out), lora_merge_cache=str(out / "cache"))
+    assert not out.exists()  # nothing written, the cache included
 
 
 def test_cached_snapshot_paths(zoo2, lora, tmp_path):

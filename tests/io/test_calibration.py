@@ -170,3 +170,34 @@ def test_saved_datasets_honour_split_and_config_or_say_why_not(tmp_path):
     (tmp_path / "one" / "state.json").write_text("{not json")
     with pytest.raises(CalibrationError, match="one is a saved dataset that could not be read"):
         load_records(str(tmp_path / "one"), 10)
+
+
+def test_records_past_the_tokenizers_length_are_cut_without_its_warning(tmp_path):
+    """transformers warns that a sequence longer than ``model_max_length`` will fail in the
+    model; calibration records are cut at max_seq_len, so the warning would only mislead
+    (it showed through --quiet)."""
+    import logging
+
+    import transformers
+
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # as in a user's process
+    logger.addHandler(handler)
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"text": "abcdefghij" * 3}) + "\n")
+    try:
+        tok = pico.make_tokenizer()
+        tok.model_max_length = 8
+        cal = load_calibration(str(p), tok, num_samples=1, max_seq_len=8)
+        shown = pico.make_tokenizer()  # (a tokenizer warns once: another one for the control)
+        shown.model_max_length = 8
+        shown("abcdefghij" * 3)  # the warning this process gives, to show it is seen here
+    finally:
+        logger.removeHandler(handler)
+        transformers.logging.set_verbosity(level)
+    assert len(cal.sequences[0]) == 8
+    assert sum("Token indices sequence length" in m for m in seen) == 1
