@@ -87,7 +87,8 @@ def output_errors(work: WorkDir):
             raise OutputError(
                 f"a file of the merge is larger than out_path {work.shown}'s filesystem or the "
                 "file size limit (ulimit -f) allows; lower --out-shard-size or choose another "
-                f"filesystem, then run the same command again{resume}"
+                "filesystem (activations past their budget go to the temporary directory, "
+                f"TMPDIR), then run the same command again{resume}"
             ) from None
         denied = _not_writable(e, work)
         if denied is not None:

@@ -37,6 +37,7 @@ from mergekit_com.integration.models import (
 from mergekit_com.io.calibration import CalibrationSet, load_calibration, load_labeled
 from mergekit_com.io.datasets_source import RecordSpec
 from mergekit_com.io.inputs import not_regular, tree_entries, within
+from mergekit_com.io.workdir import WorkDir
 from mergekit_com.method.linalg import all_finite
 
 LOG = logging.getLogger("mergekit.chain_of_merges.preflight")  # under mergekit's logger
@@ -332,11 +333,13 @@ def check_lora_cache(options, out_path: str) -> None:
     if not options.lora_merge_cache:
         return
     cache = os.path.realpath(os.path.expanduser(options.lora_merge_cache))
-    for ours in (os.path.realpath(out_path), os.path.realpath(out_path.rstrip(os.sep)) + ".com-work"):
+    work = WorkDir(out_path)
+    # out_path, the work directory and the names it takes for a moment (.new, .old, .lock)
+    for ours in (work.target, *(work.path + s for s in ("", ".new", ".old", ".lock"))):
         if within(cache, ours):
             raise ChainConfigError(
-                f"--lora-merge-cache {options.lora_merge_cache} is inside out_path {out_path}, "
-                "where the merge is published; choose a cache folder outside it")
+                f"--lora-merge-cache {options.lora_merge_cache} is inside {ours}, where the "
+                f"merge into out_path {out_path} writes; choose a cache folder outside it")
 
 
 def check_out_path(shown: str, ours: List[str], config,
@@ -345,7 +348,8 @@ def check_out_path(shown: str, ours: List[str], config,
     no input file is a symlink into them; and an existing out_path can be written (found
     before the merge, not when its result is published)."""
     target = ours[0]
-    if os.path.isdir(target) and not os.access(target, os.W_OK | os.X_OK):
+    if os.path.isdir(target) and not os.access(target, os.W_OK | os.X_OK,
+                                               effective_ids=os.access in os.supports_effective_ids):
         raise OutputError(f"out_path {shown} is not writable; make it writable or choose another "
                           "out_path")
     for what, path in _inputs(config, model_dirs):

@@ -24,17 +24,10 @@ from mergekit_com.errors import CalibrationError, ChainConfigError, listed
 from mergekit_com.integration import card, mergekit_internals, preflight
 from mergekit_com.integration.config_views import calibration_sources
 from mergekit_com.integration.output_errors import output_errors, stop_signals
-from mergekit_com.integration.validation import (
-    check_config_keys,
-    check_config_values,
-    check_base_in_slices,
-    check_listed_once,
-    check_options,
-    check_parameter_names,
-)
+from mergekit_com.integration.validation import check_config, check_config_keys, check_options
 from mergekit_com.io.calibration import check_source
 from mergekit_com.io.datasets_source import is_dataset, source_stamp
-from mergekit_com.io.fingerprint import model_fingerprint, sha256_json
+from mergekit_com.io.fingerprint import large_file_times, model_fingerprint, sha256_json
 from mergekit_com.io.publish import PublishBlocked
 from mergekit_com.io.workdir import FORMAT, WorkDir
 from mergekit_com.method import allocator, distributed
@@ -73,6 +66,7 @@ def fingerprint(config, options, model_dirs: Dict[Any, str]) -> Dict[str, Any]:
         "config": sha256_json(config.model_dump(mode="json")),
         "options": sha256_json(relevant),
         "models": {str(m): model_fingerprint(p) for m, p in model_dirs.items()},
+        "times": {str(m): large_file_times(p) for m, p in model_dirs.items()},
         "calibration": {c: _validated_stamp(c) for c in calibration_sources(config)},
     }
 
@@ -146,10 +140,7 @@ def _run_chain_merge(run_merge, merge_config, out_path: str, options, config_sou
             f"out_path {out_path} cannot be made: {above} is a file, not a directory; "
             "choose another out_path")
     check_config_keys(config_source)
-    check_config_values(merge_config)
-    check_parameter_names(merge_config)
-    check_listed_once(merge_config)
-    check_base_in_slices(merge_config)
+    check_config(merge_config)
     check_options(options)
     preflight.check_lora_cache(options, out_path)
     model_dirs = preflight.check_models(merge_config, options)

@@ -16,7 +16,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from mergekit_com.errors import ChainConfigError
 from mergekit_com.integration import mergekit_internals
-from mergekit_com.integration.config_views import model_lists, parameter_scopes, scalars, slice_lists
+from mergekit_com.integration.config_views import (
+    listed_models,
+    model_lists,
+    parameter_scopes,
+    scalars,
+    slice_lists,
+)
 from mergekit_com.io.datasets_source import SPEC_PARAMETERS, is_hub_id
 from mergekit_com.method.parameters import (
     METHOD_NAME,
@@ -55,6 +61,29 @@ def check_listed_once(config) -> None:
                     "(to count it more, give it a larger `weight`)"
                 )
             seen.add(model)
+
+
+def check_base_spelled_once(config) -> None:
+    """A listed model that is the base_model's folder written another way (``./m``, ``m/``)
+    is two models to mergekit, and would be an expert while the base is not: say so."""
+    base = config.base_model
+    if base is None:
+        return
+    for model in listed_models(config):
+        if model != base and _place(model) == _place(base):
+            raise ChainConfigError(
+                f"model {model} and base_model {base} are one folder written two ways; write "
+                "it the same way in both places (listed without a `calibration` of its own, "
+                "the base stays the base)")
+
+
+def check_config(config) -> None:
+    """What a chain_of_merges configuration holds, checked before anything is read."""
+    check_config_values(config)
+    check_parameter_names(config)
+    check_listed_once(config)
+    check_base_spelled_once(config)
+    check_base_in_slices(config)
 
 
 def check_base_in_slices(config) -> None:
@@ -361,10 +390,7 @@ def check_stages(configs) -> None:
         if config.merge_method != METHOD_NAME:
             continue
         try:
-            check_config_values(config)
-            check_parameter_names(config)
-            check_listed_once(config)
-            check_base_in_slices(config)
+            check_config(config)
         except ChainConfigError as e:
             stage = f"stage {name}" if name else "the final stage (--out-path)"
             raise ChainConfigError(f"{stage}: {e}") from None

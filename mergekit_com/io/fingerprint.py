@@ -3,13 +3,15 @@
 Model folders are fingerprinted by content, not by sizes and modification
 times alone (a model replaced by another of the same size, with its times set
 back, must not resume onto the old one's layers): every small file is
-hashed whole; a large weight file by its size, its safetensors header, 64
-blocks of 64 KiB spread evenly over it, and its modification time. Two
-fine-tunes differ in nearly every block, so the blocks detect a replaced model
-while reading about 4 MiB per file instead of the whole model; the time detects
-a few tensors rewritten in place (a re-export, a fix), which the blocks may miss.
-Only such a rewrite with its time set back goes unseen. Calibration data is
-hashed whole.
+hashed whole; a large weight file by its size, its safetensors header and 64
+blocks of 64 KiB spread evenly over it. Two fine-tunes differ in nearly every
+block, so this detects a replaced model while reading about 4 MiB per file
+instead of the whole model. A few tensors rewritten in place (a fix, a
+re-export) may fall between the blocks: large files' modification times are
+recorded apart (``large_file_times``), and a resume names any that changed in a
+warning rather than refusing (a copy of the same model to node-local scratch, a
+fresh download or another rank's machine has other times, same content).
+Calibration data is hashed whole.
 Only regular files are read (``inputs.open_regular``).
 """
 
@@ -41,13 +43,11 @@ def file_sha256(path: str) -> str:
 
 
 def sampled_sha256(path: str) -> str:
-    """Size, modification time, safetensors header (if any) and evenly spread blocks of a
-    large file."""
+    """Size, safetensors header (if any) and evenly spread blocks of a large file."""
     h = hashlib.sha256()
     with open_regular(path) as fp:
-        stat = os.fstat(fp.fileno())
-        size = stat.st_size
-        h.update(struct.pack("<Qq", size, stat.st_mtime_ns))
+        size = os.fstat(fp.fileno()).st_size
+        h.update(struct.pack("<Q", size))
         head = fp.read(8)
         if path.endswith(".safetensors") and len(head) == 8:
             (length,) = struct.unpack("<Q", head)
@@ -70,6 +70,24 @@ def model_fingerprint(path: str) -> str:
         digest = file_sha256(full) if size <= SMALL_FILE else sampled_sha256(full)
         entries.append((name, size, digest))
     return sha256_json(entries)
+
+
+def large_file_times(path: str) -> Dict[str, int]:
+    """Modification times (ns) of a model folder's files that are fingerprinted by samples."""
+    times = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and os.path.getsize(full) > SMALL_FILE:
+            times[name] = os.stat(full).st_mtime_ns
+    return times
+
+
+def retimed_files(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """``model: file`` for each large weight file whose modification time changed while its
+    sampled content did not (the stamps' ``times``; none recorded: none named)."""
+    before, after = old.get("times") or {}, new.get("times") or {}
+    return [f"{model}: {name}" for model in sorted(after) for name in sorted(after[model])
+            if name in before.get(model, {}) and before[model][name] != after[model][name]]
 
 
 def data_sha256(path: str) -> Optional[str]:

@@ -21,10 +21,10 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Optional
 
-from mergekit_com.errors import MergeInputError
+from mergekit_com.errors import MergeInputError, listed
 from mergekit_com.io import fsops, publish
 from mergekit_com.io.checkpoints import LayerCheckpoints
-from mergekit_com.io.fingerprint import describe_changes, file_sha256
+from mergekit_com.io.fingerprint import describe_changes, file_sha256, retimed_files
 from mergekit_com.io.lock import OutPathLock
 
 LOG = logging.getLogger(__name__)
@@ -91,6 +91,11 @@ class WorkDir:
                     f"(changed: {', '.join(changes)}); restore that setup to resume, or delete "
                     "the directory to start over"
                 )
+            retimed = retimed_files(old["fingerprint"], stamp)
+            if retimed:
+                LOG.warning("%s: a new modification time, with the same sampled content, since the "
+                            "interrupted merge in %s began; resuming. If tensors were rewritten in "
+                            "place, delete that directory to start over", listed(retimed), self.path)
             if create and self.is_complete():
                 LOG.warning("the merge in %s is complete; publishing it to %s", self.path, self.out_path)
             elif create:
@@ -135,26 +140,34 @@ class WorkDir:
         return os.path.exists(os.path.join(self.path, COMPLETE))
 
     def _complete_record(self) -> Dict[str, Any]:
+        """``files`` (name -> [size, sha256]) and ``written_with`` (None: not recorded, as
+        by versions that wrote the files' map alone)."""
         try:
             with open(os.path.join(self.path, COMPLETE), encoding="utf-8") as fp:
                 record = json.load(fp)
         except (OSError, ValueError):
             return {}
+        if isinstance(record, dict) and "files" not in record:
+            return {"files": record, "written_with": None}
         return record if isinstance(record, dict) else {}
 
     def rewritten_options(self, written_with: Optional[Dict[str, Any]]) -> List[str]:
         """The output options (``--out-shard-size``, ...) the finished staged model was
-        written with that differ from ``written_with``."""
+        written with that differ from ``written_with`` (unrecorded ones: not known to differ)."""
         before = self._complete_record().get("written_with")
-        now = written_with or {}
         if not isinstance(before, dict):
-            return sorted(now) or ["unknown"]
+            return []
+        now = written_with or {}
         return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
 
     def is_published(self) -> bool:
-        """out_path lists (in its marker) the files of the finished staged model."""
+        """out_path holds the finished staged model's files, as published (its marker's
+        sizes and times), nothing of it removed or changed since."""
         files = self._complete_record().get("files")
-        return isinstance(files, dict) and publish.published_files(self.target) == sorted(files)
+        if not isinstance(files, dict) or not os.path.isdir(self.target):
+            return False
+        ours, _ = publish.inventory(self.target, self.ours_in_target())
+        return ours == set(files)
 
     def staged_is_intact(self) -> bool:
         """The staged model is still what ``mark_complete`` recorded."""

@@ -190,9 +190,9 @@ class LayerMerge:
         called = {k for g in groups for k in g}
         missed = [k for k in linears if k not in called]
         if missed:
-            LOG.warning("%s: the forward never calls %s on calibration tokens, so %s no inputs "
-                        "to fit; merged by the fallback rule instead", self.key, ", ".join(missed),
-                        "it has" if len(missed) == 1 else "they have")
+            LOG.warning("%s: the forward never calls %s (on a probe of the calibration's first "
+                        "tokens), so %s no inputs to fit; merged by the fallback rule instead",
+                        self.key, ", ".join(missed), "it has" if len(missed) == 1 else "they have")
         written: Written = []
         for name in (n for k in missed for n in names_of[k] if n):
             value = self.ctx.io.write_fallback(name, gathered[name])

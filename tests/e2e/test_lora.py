@@ -64,8 +64,8 @@ def test_a_lora_merge_cache_is_asked_for_and_kept_out_of_out_path(zoo2, lora, tm
     with pytest.raises(ChainConfigError, match=r"has a LoRA adapter, which mergekit merges into a "
                                                r"folder first: pass --lora-merge-cache DIR"):
         merge(com_config(models), str(out))
-    with pytest.raises(ChainConfigError, match=r"--lora-merge-cache .*cache is inside out_path .*out, "
-                                               r"where the merge is published"):
+    with pytest.raises(ChainConfigError, match=r"--lora-merge-cache .*cache is inside .*out, where the "
+                                               r"merge into out_path .*out writes"):
         merge(com_config(models), str(out), lora_merge_cache=str(out / "cache"))
     assert not out.exists()  # nothing written, the cache included
 

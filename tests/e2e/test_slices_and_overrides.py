@@ -125,6 +125,13 @@ def test_a_base_listed_under_models_without_data_of_its_own_stays_the_base(zoo2,
     assert [e["model"] for e in report["experts"]][-1] == zoo2["base"]
 
 
+def test_a_base_listed_under_another_spelling_is_named(zoo2, tmp_path):
+    listed = com_config(experts(zoo2) + [{"model": zoo2["base"] + "/"}], base=zoo2["base"])
+    with pytest.raises(ChainConfigError, match=r"model .*base/ and base_model .*base are one folder "
+                                               r"written two ways; write it the same way"):
+        merge(listed, str(tmp_path / "out"))
+
+
 def assert_same(got, want):
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)

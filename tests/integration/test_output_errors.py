@@ -37,10 +37,12 @@ def test_a_file_past_the_size_limit_says_how_to_write_smaller_ones(tmp_path, err
     assert "lower --out-shard-size or choose another filesystem" in message
 
 
-def test_an_existing_out_path_that_cannot_be_written_stops_before_any_work(tmp_path, monkeypatch):
+def test_an_existing_out_path_that_cannot_be_written_is_refused_by_the_out_path_check(tmp_path,
+                                                                                      monkeypatch):
+    """(run before the lock and the work directory: staged_merge._run_chain_merge)"""
     out = tmp_path / "merged"
     out.mkdir()
-    monkeypatch.setattr(preflight.os, "access", lambda path, mode: path != str(out))
+    monkeypatch.setattr(preflight.os, "access", lambda path, mode, **kw: path != str(out))
     with pytest.raises(OutputError, match=r"out_path merged is not writable; make it writable"):
         preflight.check_out_path("merged", [str(out), str(out) + ".com-work"], None, {})
 

@@ -263,10 +263,29 @@ def test_a_finished_merge_is_written_again_only_with_other_output_options(tmp_pa
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == expected_weights()
 
 
-def test_a_published_merge_gone_from_out_path_is_written_again(tmp_path, caplog):
+def test_a_finished_merge_recorded_without_its_output_options_is_published_as_it_is(tmp_path,
+                                                                                     caplog):
+    """A `complete` record of the files alone (as versions before the output options wrote
+    it) is read as such: the staged model is intact, so it is published, not written again."""
+    out = str(tmp_path / "merged")
+    work = WorkDir(out).open(STAMP, resume_only=False)
+    build(work)
+    work.mark_complete({"out_shard_size": 1})
+    record = os.path.join(work.path, "complete")
+    files = json.load(open(record))["files"]
+    open(record, "w").write(json.dumps(files))
+    builds = []
+    again = WorkDir(out)
+    again.complete_and_publish(lambda: (builds.append(1), build(again)), written_with={"x": 2})
+    assert builds == [] and "written again" not in caplog.text and "changed" not in caplog.text
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == expected_weights()
+
+
+@pytest.mark.parametrize("lost", ["out_path", "a file"])
+def test_a_published_merge_gone_from_out_path_is_written_again(tmp_path, caplog, lost):
     """Published, then killed before its work directory was removed; out_path deleted
-    meanwhile: the next run writes the model again from the checkpoints and publishes it,
-    instead of reporting success with nothing in out_path."""
+    meanwhile (or one of its files, the marker left): the next run writes the model again
+    from the checkpoints and publishes it, instead of reporting success without it."""
     import shutil
 
     out = str(tmp_path / "merged")
@@ -275,7 +294,10 @@ def test_a_published_merge_gone_from_out_path_is_written_again(tmp_path, caplog)
     work.mark_complete()
     work.publish()
     assert not os.path.isdir(work.staged) and work.is_published()
-    shutil.rmtree(out)
+    if lost == "out_path":
+        shutil.rmtree(out)
+    else:
+        os.unlink(os.path.join(out, "model.safetensors"))
     again = WorkDir(out)
     again.complete_and_publish(lambda: build(again))
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == expected_weights()

@@ -173,8 +173,9 @@ def test_a_linear_the_forward_never_calls_follows_the_fallback_rule(llama, monke
         torch.testing.assert_close(got[name], (experts["e0"][name] + experts["e1"][name]) / 2)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == config.num_hidden_layers
-    assert lines[0] == ("model.layers.0: the forward never calls mlp.up_proj on calibration tokens, "
-                        "so it has no inputs to fit; merged by the fallback rule instead")
+    assert lines[0] == ("model.layers.0: the forward never calls mlp.up_proj (on a probe of the "
+                        "calibration's first tokens), so it has no inputs to fit; merged by the "
+                        "fallback rule instead")
 
 
 def test_a_linear_without_a_bias_beside_biased_ones_is_fitted_without_one(tmp_path, monkeypatch):
