@@ -263,7 +263,8 @@ TORCHRUN_CHILD = textwrap.dedent("""
 def test_two_rank_merge_resumes_from_rank0_checkpoints(zoo8, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(TORCHRUN_CHILD)
-    config = write_config(com_config(experts(zoo8)), tmp_path / "com.yml")
+    # one record per batch (the budget is batch_size x max_seq_len tokens): 12 batches, 6 a rank
+    config = write_config(com_config(experts(zoo8), batch_size=1, max_seq_len=32), tmp_path / "com.yml")
 
     def torchrun(out, port, *extra, stop=None):
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -275,7 +276,8 @@ def test_two_rank_merge_resumes_from_rank0_checkpoints(zoo8, tmp_path):
                               timeout=600)
 
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    assert torchrun(full, 29611).returncode == 0
+    r = torchrun(full, 29611)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert torchrun(part, 29612, stop=3).returncode != 0
     assert not os.path.exists(part)
     assert workdir.WorkDir(part).checkpoints.completed_layers() == 4
