@@ -248,9 +248,14 @@ def load_batches(task: ChainOfMergesTask, tokenizer, report: MergeReport,
     return out
 
 
+def walk_device(options) -> torch.device:
+    """Where the walk runs (``--device``/``--cuda``; mergekit's default is the CPU)."""
+    return torch.device(options.device or "cpu")
+
+
 def run_chain(task: ChainOfMergesTask, writer, tokenizer_info=None) -> None:
     """Walk, write every tensor, and leave ``com_report.json`` in the output folder."""
-    device = torch.device(task.options.device or "cpu")
+    device = walk_device(task.options)
     malloc_tuned = allocator.tune_malloc()  # once per process: set already under mergekit-yaml
     distributed.setup(device)
     threads = distributed.cpu_threads(task.options.num_threads)

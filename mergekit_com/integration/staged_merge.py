@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from mergekit_com.errors import CalibrationError, ChainConfigError, listed
 from mergekit_com.integration import card, mergekit_internals, preflight
+from mergekit_com.integration.chain_task import walk_device
 from mergekit_com.integration.config_views import calibration_sources
 from mergekit_com.integration.output_errors import output_errors, stop_signals
 from mergekit_com.integration.validation import check_config, check_config_keys, check_options
@@ -193,10 +194,15 @@ OUTPUT_OPTIONS = ("out_shard_size", "safe_serialization", "copy_tokenizer", "wri
 
 
 def _merge_and_publish(run_merge, merge_config, work: WorkDir, options, config_source) -> None:
+    written_with = {k: getattr(options, k) for k in OUTPUT_OPTIONS}
+    if distributed.launched():  # the other ranks build with this one, or leave it to publish
+        device = walk_device(options)
+        distributed.setup(device)
+        distributed.from_writer(work.builds(written_with), device)
     try:
         work.complete_and_publish(
             lambda: _staged(run_merge, merge_config, work, work.staged, options, config_source),
-            written_with={k: getattr(options, k) for k in OUTPUT_OPTIONS})
+            written_with=written_with)
     except PublishBlocked as e:
         raise ChainConfigError(
             f"out_path {work.shown} now holds {listed(e.names)}, which mergekit-com did not "
@@ -224,6 +230,10 @@ def _run_other_rank(run_merge, merge_config, work: WorkDir, options, config_sour
     mergekit's run_merge still writes config and tokenizer on every rank;
     here into a scratch directory, so that only rank 0 touches the output.
     """
+    device = walk_device(options)
+    distributed.setup(device)
+    if not distributed.from_writer(True, device):
+        return  # rank 0 publishes a merge that is finished already
     parent = os.path.dirname(work.path)
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".com-rank-", dir=parent) as scratch:

@@ -197,6 +197,28 @@ class WorkDir:
         """An interrupted run's partial output is rewritten from the checkpoints."""
         fsops.remove_tree(self.output_root)
 
+    def builds(self, written_with: Optional[Dict[str, Any]] = None) -> bool:
+        """Whether ``complete_and_publish`` will call its ``build`` (under torchrun the other
+        ranks build with rank 0, or not at all)."""
+        return not self.is_complete() or self._rewrite_reason(written_with) is not None
+
+    def _rewrite_reason(self, written_with: Optional[Dict[str, Any]]) -> Optional[str]:
+        """Why a finished staged model must be written again, if it must."""
+        if not self.is_complete():
+            return None
+        changed = self.rewritten_options(written_with)
+        if changed:
+            return (f"the finished model in {self.path} was written with other output options "
+                    f"(changed: {', '.join(changed)})")
+        if not os.path.isdir(self.staged):
+            if self.is_published():
+                return None
+            return (f"the finished model in {self.path} was published to {self.out_path}, which "
+                    "no longer holds it")
+        if not self.staged_is_intact():
+            return f"the finished model in {self.staged} changed after it was written"
+        return None
+
     def complete_and_publish(self, build: Callable[[], None],
                              written_with: Optional[Dict[str, Any]] = None) -> None:
         """Finish the merge (``build`` writes the staged model, resuming from the
@@ -204,28 +226,17 @@ class WorkDir:
         work directory. Every step may be interrupted: the same call continues from where
         the last one stopped."""
         try:
-            changed = self.rewritten_options(written_with) if self.is_complete() else []
-            if changed:
-                LOG.warning("the finished model in %s was written with other output options "
-                            "(changed: %s); writing it again from the layer checkpoints",
-                            self.path, ", ".join(changed))
+            reason = self._rewrite_reason(written_with)
+            if reason:
+                LOG.warning("%s; writing it again from the layer checkpoints", reason)
                 self.discard_complete()
-            if self.is_complete() and not os.path.isdir(self.staged) and not self.is_published():
-                LOG.warning("the finished model in %s was published to %s, which no longer holds "
-                            "it; writing it again from the layer checkpoints", self.path,
-                            self.out_path)
-                self.discard_complete()
-            if self.is_complete() and not os.path.isdir(self.staged):
-                pass  # published by an earlier run, which stopped before removing its work
-            else:
-                if self.is_complete() and not self.staged_is_intact():
-                    LOG.warning("the finished model in %s changed after it was written; "
-                                "writing it again from the layer checkpoints", self.staged)
-                    self.discard_complete()
-                if not self.is_complete():
-                    self.discard_staged_output()
-                    build()
-                    self.mark_complete(written_with)
+            if not self.is_complete():
+                self.discard_staged_output()
+                build()
+                self.mark_complete(written_with)
+            # no staged model here: an earlier run published it, then stopped before removing
+            # its work directory
+            if os.path.isdir(self.staged):
                 self.publish()
         except publish.PublishBlocked:
             raise

@@ -106,6 +106,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor)
 
 
+def from_writer(value: bool, device: torch.device) -> bool:
+    """Rank 0's ``value`` on every rank (the others' is ignored; in one process, ``value``)."""
+    if not active():
+        return value
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def min_over_ranks(value: int, device: torch.device) -> int:
     """The smallest ``value`` any rank holds (e.g. checkpointed layers each rank can read)."""
     if not active():

@@ -254,6 +254,11 @@ TORCHRUN_CHILD = textwrap.dedent("""
             if key == int(os.environ["STOP_AFTER_LAYER"]):
                 os._exit(9)
         w.LayerCheckpoints.save = save
+    if os.environ.get("STOP_BEFORE_PUBLISH"):  # finished, not published: rank 0 dies there
+        import mergekit_com.io.workdir as w
+        def publish(self):
+            os._exit(9)
+        w.WorkDir.publish = publish
     from mergekit_com.cli import main
     main(sys.argv[1:])
 """)
@@ -266,10 +271,12 @@ def test_two_rank_merge_resumes_from_rank0_checkpoints(zoo8, tmp_path):
     # one record per batch (the budget is batch_size x max_seq_len tokens): 12 batches, 6 a rank
     config = write_config(com_config(experts(zoo8), batch_size=1, max_seq_len=32), tmp_path / "com.yml")
 
-    def torchrun(out, port, *extra, stop=None):
+    def torchrun(out, port, *extra, stop=None, unpublished=False):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if stop is not None:
             env["STOP_AFTER_LAYER"] = str(stop)
+        if unpublished:
+            env["STOP_BEFORE_PUBLISH"] = "1"
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                "2", "--master_port", str(port), str(script), config, out,
                                "--quiet", *extra], capture_output=True, text=True, env=env,
@@ -285,3 +292,11 @@ def test_two_rank_merge_resumes_from_rank0_checkpoints(zoo8, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert_identical(part, full)
     assert sorted(os.listdir(tmp_path)) == ["child.py", "com.yml", "full", "part"]
+    # finished but not published: rank 0 publishes it and the other rank leaves at once
+    # (it waited for a walk rank 0 never started, until the process group's timeout)
+    late = str(tmp_path / "late")
+    assert torchrun(late, 29614, unpublished=True).returncode != 0
+    assert workdir.WorkDir(late).is_complete() and not os.path.exists(late)
+    r = torchrun(late, 29615)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_identical(late, full)
