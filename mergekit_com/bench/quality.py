@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 from ..evaluate import evaluate_model, normalized_accuracy, normalized_accuracy_ci
 from ..zoo import build_zoo
 from ..method.parameters import PARAMETERS
-from ..zoo.build import ZooManifest, describe_weak_experts
+from ..zoo.build import ZooManifest, describe_weak_experts, weak_experts
 from ..zoo.presets import get_preset
 from .measure import run_yaml
 from .methods import (SEED, TUNED_COM_ROW, Method, ablation_grid, budget_grid, candidates,
@@ -234,6 +234,8 @@ def _header(zoo: ZooManifest, bench: QualityBench, device: str, threads: int) ->
         "tasks": zoo.tasks,
         # built with --tasks: another zoo than the preset's, kept apart by `bench verdict`
         "custom_tasks": tuple(zoo.tasks) != tuple(get_preset(zoo.preset).tasks),
+        # experts that did not learn their task (val): {task: [expert, base accuracy]}
+        "weak_experts": {t: list(v) for t, v in weak_experts(zoo).items()},
         "device": device,
         "threads": threads,
         "backend": bench.backend,

@@ -67,7 +67,9 @@ def collect(paths: Sequence[Path]) -> Dict[str, dict]:
 def collect_results(results: Sequence[dict]) -> Dict[str, dict]:
     zoos: Dict[str, dict] = {}
     for result in results:
-        zoo = zoos.setdefault(_zoo_key(result), {"ours": [], "defaults": None, "mergekit": []})
+        zoo = zoos.setdefault(_zoo_key(result), {"ours": [], "defaults": None, "mergekit": [],
+                                                  "weak": {}})
+        zoo["weak"].update(result.get("weak_experts") or {})
         for row in result.get("candidates", []):
             ev = row["eval"]
             entry = (row["name"], ev["normalized_accuracy"], ev["normalized_ci"])
@@ -142,6 +144,21 @@ def table(zoos: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def weak_notes(zoos: Dict[str, dict]) -> List[str]:
+    """A line per zoo whose experts did not all learn their task: its verdict rests on
+    their noise (each normalizes by a few lucky prompts), not only on the method."""
+    notes = []
+    for key in sorted(zoos):
+        weak = zoos[key].get("weak") or {}
+        if weak:
+            named = ", ".join(f"expert_{t} {100 * e:.1f}% (base {100 * b:.1f}%)"
+                              for t, (e, b) in sorted(weak.items()))
+            notes.append(f"note: {key}: these experts did not learn their task (val accuracy): "
+                         f"{named}; their tasks widen every interval and can decide the verdict: "
+                         "rebuild the zoo without them (--tasks) before reading it")
+    return notes
+
+
 def matrix(zoos: Dict[str, dict]) -> str:
     """Every variant of ours (rows) on every zoo (columns): eval normalized [95% CI]."""
     keys = sorted(zoos)
@@ -167,5 +184,7 @@ def main(paths: List[str]) -> None:
                          "result (bench_out/quality.json, bench_out/candidates.json, ...)")
     zoos = collect_results(results)
     print(table(zoos))
+    for note in weak_notes(zoos):
+        print(note)
     print("\nEvery variant of ours, normalized accuracy % on eval [95% CI]:\n")
     print(matrix(zoos))

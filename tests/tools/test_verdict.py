@@ -122,3 +122,28 @@ def test_the_other_benchmarks_json_in_the_same_folder_is_skipped(tmp_path, capsy
     assert "| tiny |" in out
     with pytest.raises(SystemExit, match="none of the files given is a bench quality"):
         verdict.main([str(tmp_path / "kernels.json")])
+
+
+def test_a_zoo_whose_experts_did_not_learn_their_task_is_flagged(tmp_path, capsys):
+    """bench quality records them; the verdict is printed with a note, since their tasks'
+    noise can decide it (an expert at 3.5% makes every interval ~15 points wide)."""
+    weak = _write(tmp_path, "quality.json", {"defaults": DEFAULTS, "weak_experts": {"add": [0.035, 0.025]},
+                                              "methods": [_method(DEFAULTS_ROW, "chain_of_merges", 0.9),
+                                                          _method("ties", "ties", 0.86)]})
+    sound = _write(tmp_path, "other.json", {"seed": 1, "defaults": DEFAULTS, "methods": [
+        _method(DEFAULTS_ROW, "chain_of_merges", 0.9), _method("ties", "ties", 0.8)]})
+    verdict.main([str(weak), str(sound)])
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: tiny: these experts did not learn their task (val accuracy): expert_add "
+                     "3.5% (base 2.5%); their tasks widen every interval and can decide the verdict: "
+                     "rebuild the zoo without them (--tasks) before reading it"]
+
+
+def test_regmean_candidates_name_their_objective():
+    """The default objective is blend: a row called regmean must say so, or it runs blend."""
+    from mergekit_com.bench.methods import candidates
+
+    for name, method, _ in candidates():
+        if "regmean" in name.lower():
+            assert method.params.get("objective") == "regmean", name
