@@ -327,19 +327,18 @@ def _inputs(config, model_dirs: Dict[ModelReference, str]) -> List[Tuple[str, st
     return found
 
 
-def check_lora_cache(options, out_path: str) -> None:
+def check_lora_cache(options, work: WorkDir) -> None:
     """``--lora-merge-cache``, where mergekit writes each ``model+adapter`` merged, lies
     outside out_path and its work directory: it is written before any other check."""
     if not options.lora_merge_cache:
         return
     cache = os.path.realpath(os.path.expanduser(options.lora_merge_cache))
-    work = WorkDir(out_path)
     # out_path, the work directory and the names it takes for a moment (.new, .old, .lock)
     for ours in (work.target, *(work.path + s for s in ("", ".new", ".old", ".lock"))):
         if within(cache, ours):
             raise ChainConfigError(
                 f"--lora-merge-cache {options.lora_merge_cache} is inside {ours}, where the "
-                f"merge into out_path {out_path} writes; choose a cache folder outside it")
+                f"merge into out_path {work.shown} writes; choose a cache folder outside it")
 
 
 def check_out_path(shown: str, ours: List[str], config,

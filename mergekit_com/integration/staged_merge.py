@@ -143,9 +143,9 @@ def _run_chain_merge(run_merge, merge_config, out_path: str, options, config_sou
     check_config_keys(config_source)
     check_config(merge_config)
     check_options(options)
-    preflight.check_lora_cache(options, out_path)
-    model_dirs = preflight.check_models(merge_config, options)
     work = WorkDir(out_path)
+    preflight.check_lora_cache(options, work)
+    model_dirs = preflight.check_models(merge_config, options)
     preflight.check_out_path(work.shown, [work.target, work.path], merge_config, model_dirs)
     if not distributed.is_writer():  # under torchrun: rank 0 writes
         work.open(fingerprint(merge_config, options, model_dirs), RESUME_ONLY.get(), create=False)
@@ -194,15 +194,23 @@ OUTPUT_OPTIONS = ("out_shard_size", "safe_serialization", "copy_tokenizer", "wri
 
 
 def _merge_and_publish(run_merge, merge_config, work: WorkDir, options, config_source) -> None:
-    written_with = {k: getattr(options, k) for k in OUTPUT_OPTIONS}
-    if distributed.launched():  # the other ranks build with this one, or leave it to publish
-        device = walk_device(options)
-        distributed.setup(device)
-        distributed.from_writer(work.builds(written_with), device)
+    told = []
+
+    def tell(builds: bool) -> None:
+        """Under torchrun the other ranks walk with this one, or leave it to publish."""
+        if distributed.launched() and not told:
+            told.append(builds)
+            device = walk_device(options)
+            distributed.setup(device)
+            distributed.from_writer(builds, device)
+
+    def build() -> None:
+        tell(True)
+        _staged(run_merge, merge_config, work, work.staged, options, config_source)
+
     try:
-        work.complete_and_publish(
-            lambda: _staged(run_merge, merge_config, work, work.staged, options, config_source),
-            written_with=written_with)
+        work.complete_and_publish(build, written_with={k: getattr(options, k) for k in OUTPUT_OPTIONS})
+        tell(False)  # a finished merge, published without a walk
     except PublishBlocked as e:
         raise ChainConfigError(
             f"out_path {work.shown} now holds {listed(e.names)}, which mergekit-com did not "

@@ -197,11 +197,6 @@ class WorkDir:
         """An interrupted run's partial output is rewritten from the checkpoints."""
         fsops.remove_tree(self.output_root)
 
-    def builds(self, written_with: Optional[Dict[str, Any]] = None) -> bool:
-        """Whether ``complete_and_publish`` will call its ``build`` (under torchrun the other
-        ranks build with rank 0, or not at all)."""
-        return not self.is_complete() or self._rewrite_reason(written_with) is not None
-
     def _rewrite_reason(self, written_with: Optional[Dict[str, Any]]) -> Optional[str]:
         """Why a finished staged model must be written again, if it must."""
         if not self.is_complete():

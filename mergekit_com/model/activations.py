@@ -3,10 +3,11 @@
 The chain keeps, per expert and calibration batch, the hidden states entering
 the next layer (merged prefix and/or the expert's own model). They are stored
 in ``activation_dtype`` (bfloat16 by default on GPU, float32 on CPU) and
-handed back in the compute dtype (float32, or float64 for ``dtype: float64``) for the next forward and Gram. While they fit the
-budget they stay on the compute device; past it they go to CPU memory (when
-computing on GPU) and then to disk (safetensors files in a private temporary
-directory), transparently: the engine only sees lists of tensors.
+handed back in the compute dtype (float32, or float64 for ``dtype: float64``) for
+the next forward and Gram. While they fit the budget they stay on the compute
+device; past it they go to CPU memory (when computing on GPU) and then to disk
+(safetensors files in a private temporary directory), transparently: the engine
+only sees lists of tensors.
 """
 
 from __future__ import annotations
